@@ -1,0 +1,10 @@
+"""
+aura-proxy: the single-entry gateway in front of the Aura agent platform.
+
+The request path, in order, is in L{aura_proxy.proxy}; configuration in
+L{aura_proxy.config}; the twistd service in L{aura_proxy.tap}.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,531 @@
+"""
+INI configuration: parsed once into frozen, typed values.
+
+Every mistake found is reported together, each as ``FILE: [SECTION] KEY: what is
+wrong``, so that ``python -m aura_proxy check`` and a refused start say the same
+thing and a user can fix a file in one pass.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable, Optional, TypeVar
+
+from hyperlink import URL, DecodedURL
+
+from aura_proxy.routes import PathPattern, PatternError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "CorsConfig",
+    "GatewayConfig",
+    "HeadersConfig",
+    "HistoryConfig",
+    "RouteConfig",
+    "SseConfig",
+    "DEFAULT_CONFIG_NAME",
+    "load_config",
+    "parse_config",
+    "default_config_text",
+]
+
+DEFAULT_CONFIG_NAME = "<embedded defaults>"
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """
+    A configuration that cannot be used.
+
+    @ivar problems: one line per mistake, each naming file, section and key.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Invalid(ValueError):
+    """A single value that does not parse; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The ``[gateway]`` section: listeners, timeouts and limits."""
+
+    listen: str = "tcp:8080"
+    admin_listen: str = "tcp:8081:interface=127.0.0.1"
+    connect_timeout: float = 10.0
+    response_timeout: float = 300.0
+    idle_timeout: float = 300.0
+    heartbeat_interval: float = 15.0
+    max_request_body: int = 10485760
+    max_idle_connections: int = 100
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One ``[route:NAME]`` section."""
+
+    name: str
+    pattern: PathPattern
+    upstream: DecodedURL
+    strip_prefix: int = 0
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    """The ``[headers]`` section: the header contract."""
+
+    required: tuple[str, ...] = ("X-Tenant-ID",)
+    public_paths: tuple[PathPattern, ...] = ()
+    defaults: tuple[tuple[str, str], ...] = ()
+    tenant_from: tuple[str, ...] = ("header",)
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    """The ``[cors]`` section."""
+
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    allowed_headers: tuple[str, ...] = ()
+    exposed_headers: tuple[str, ...] = ()
+    allow_credentials: bool = True
+    max_age: int = 3600
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """The ``[history]`` section: where call history goes and how it is batched."""
+
+    enabled: bool = True
+    dsn: str = "sqlite:///aura-proxy-history.db"
+    table: str = "sys_api_call_histories"
+    batch_size: int = 200
+    flush_interval: float = 1.0
+    queue_size: int = 10000
+    spool_dir: str = "aura-proxy-spool"
+    max_value_length: int = 2048
+
+
+@dataclass(frozen=True)
+class SseConfig:
+    """The ``[sse]`` section: event ids and resumable streams."""
+
+    inject_ids: bool = True
+    resume: str = "memory"
+    resume_ttl: float = 300.0
+    resume_max_events: int = 10000
+    resume_max_bytes: int = 4194304
+    on_client_disconnect: str = "detach"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, valid gateway configuration."""
+
+    source: str
+    gateway: GatewayConfig
+    routes: tuple[RouteConfig, ...]
+    headers: HeadersConfig = field(default_factory=HeadersConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    sse: SseConfig = field(default_factory=SseConfig)
+
+
+# -- value parsers -----------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Invalid(f"expected a number of seconds, got {text!r}")
+    if value < 0 or value != value or value == float("inf"):
+        raise _Invalid(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise _Invalid(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise _Invalid(f"expected a whole number, got {text!r}")
+        if value < minimum:
+            raise _Invalid(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _Invalid(f"expected true or false, got {text!r}")
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _header_name(text: str) -> str:
+    if not text or not set(text) <= _TOKEN_CHARS:
+        raise _Invalid(f"{text!r} is not a valid HTTP header name")
+    return text
+
+
+def _header_list(text: str) -> tuple[str, ...]:
+    return tuple(_header_name(item) for item in _list(text))
+
+
+def _endpoint(text: str) -> str:
+    # Parse (but do not listen) with a reactor that is never used.
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:
+        raise _Invalid(f"{text!r} is not a Twisted server endpoint description ({e})")
+    return text
+
+
+def _pattern(text: str) -> PathPattern:
+    try:
+        return PathPattern.parse(text)
+    except PatternError as e:
+        raise _Invalid(str(e))
+
+
+def _patterns(text: str) -> tuple[PathPattern, ...]:
+    return tuple(_pattern(item) for item in _list(text))
+
+
+def _upstream(text: str) -> DecodedURL:
+    try:
+        url = URL.from_text(text)
+    except Exception as e:
+        raise _Invalid(f"{text!r} is not a URL ({e})")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise _Invalid(f"expected an http:// or https:// URL with a host, got {text!r}")
+    if url.query or url.fragment:
+        raise _Invalid(f"an upstream URL takes no query or fragment, got {text!r}")
+    return DecodedURL(url)
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = _list(text)
+    for origin in origins:
+        if origin == "*":
+            continue
+        url = URL.from_text(origin)
+        if url.scheme not in ("http", "https") or not url.host or url.path not in ((), ("",)):
+            raise _Invalid(f"expected origins like https://app.example.com or *, got {origin!r}")
+    return origins
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.upper() for m in _list(text))
+    for method in methods:
+        if not set(method) <= _TOKEN_CHARS:
+            raise _Invalid(f"{method!r} is not an HTTP method")
+    return methods
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise _Invalid(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _tenant_sources(text: str) -> tuple[str, ...]:
+    sources = _list(text)
+    if not sources:
+        raise _Invalid("expected at least one source")
+    for source in sources:
+        kind, _, name = source.partition(":")
+        if source == "header" or (kind in ("query", "cookie") and name):
+            continue
+        raise _Invalid(f"expected header, query:NAME or cookie:NAME, got {source!r}")
+    return sources
+
+
+def _history_dsn(text: str) -> str:
+    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        return text
+    if text.startswith(("postgresql://", "postgres://")):
+        return text
+    raise _Invalid(
+        f"expected sqlite:///PATH or postgresql://user@host:port/db, got {text!r}"
+    )
+
+
+def _sql_identifier(text: str) -> str:
+    if not text or not (text[0].isalpha() or text[0] == "_") or not all(
+        c.isalnum() or c == "_" for c in text
+    ) or not text.isascii():
+        raise _Invalid(f"expected a plain SQL table name (letters, digits, _), got {text!r}")
+    return text
+
+
+def _resume_backend(text: str) -> str:
+    if text in ("memory", "off") or text.startswith("redis://"):
+        return text
+    raise _Invalid(f"expected memory, off or redis://host:port/db, got {text!r}")
+
+
+# -- sections ----------------------------------------------------------------
+
+_Schema = dict[str, Callable[[str], object]]
+
+_GATEWAY: _Schema = {
+    "listen": _endpoint,
+    "admin_listen": _endpoint,
+    "connect_timeout": _positive_seconds,
+    "response_timeout": _positive_seconds,
+    "idle_timeout": _positive_seconds,
+    "heartbeat_interval": _seconds,
+    "max_request_body": _count(0),
+    "max_idle_connections": _count(0),
+}
+
+_ROUTE: _Schema = {
+    "path": _pattern,
+    "upstream": _upstream,
+    "strip_prefix": _count(0),
+}
+
+_HEADERS: _Schema = {
+    "required": _header_list,
+    "public_paths": _patterns,
+    "tenant_from": _tenant_sources,
+}
+
+_CORS: _Schema = {
+    "allowed_origins": _origins,
+    "allowed_methods": _methods,
+    "allowed_headers": _header_list,
+    "exposed_headers": _header_list,
+    "allow_credentials": _boolean,
+    "max_age": _count(0),
+}
+
+_HISTORY: _Schema = {
+    "enabled": _boolean,
+    "dsn": _history_dsn,
+    "table": _sql_identifier,
+    "batch_size": _count(1),
+    "flush_interval": _positive_seconds,
+    "queue_size": _count(1),
+    "spool_dir": str,
+    "max_value_length": _count(16),
+}
+
+_SSE: _Schema = {
+    "inject_ids": _boolean,
+    "resume": _resume_backend,
+    "resume_ttl": _positive_seconds,
+    "resume_max_events": _count(1),
+    "resume_max_bytes": _count(1),
+    "on_client_disconnect": _one_of("detach", "cancel"),
+}
+
+_SECTIONS = {
+    "gateway": _GATEWAY,
+    "headers": _HEADERS,
+    "cors": _CORS,
+    "history": _HISTORY,
+    "sse": _SSE,
+}
+
+
+class _Reader:
+    """Collects every problem in one file instead of stopping at the first."""
+
+    def __init__(self, source: str, parser: configparser.ConfigParser) -> None:
+        self.source = source
+        self.parser = parser
+        self.problems: list[str] = []
+
+    def problem(self, section: str, key: Optional[str], message: str) -> None:
+        where = f"[{section}] {key}" if key else f"[{section}]"
+        self.problems.append(f"{self.source}: {where}: {message}")
+
+    def section(self, name: str, schema: _Schema, extra: Callable[[str], bool] = lambda key: False) -> dict[str, object]:
+        values: dict[str, object] = {}
+        if not self.parser.has_section(name):
+            return values
+        for key, raw in self.parser.items(name, raw=True):
+            if key not in schema:
+                if not extra(key):
+                    known = ", ".join(sorted(schema))
+                    self.problem(name, key, f"unknown key (known keys: {known})")
+                continue
+            try:
+                values[key] = schema[key](raw.strip())
+            except _Invalid as e:
+                self.problem(name, key, str(e))
+        return values
+
+
+def _make(cls: Callable[..., T], values: dict[str, object]) -> T:
+    return cls(**values)
+
+
+def parse_config(text: str, source: str) -> Config:
+    """
+    Parse the INI text of a gateway configuration.
+
+    @param source: the file name to put in error messages.
+    @raise ConfigError: naming file, section and key of every mistake.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";",),
+        comment_prefixes=(";", "#"),
+        empty_lines_in_values=False,
+        default_section="\x00no-defaults",
+        strict=True,
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError([f"{source}: {_describe_parse_error(e)}"])
+
+    reader = _Reader(source, parser)
+
+    for name in parser.sections():
+        if name not in _SECTIONS and not name.startswith("route:"):
+            reader.problem(
+                name, None,
+                "unknown section (known: gateway, route:NAME, headers, cors, history, sse)",
+            )
+
+    gateway = _make(GatewayConfig, reader.section("gateway", _GATEWAY))
+
+    defaults: list[tuple[str, str]] = []
+
+    def default_header(key: str) -> bool:
+        if not key.startswith("default."):
+            return False
+        name = key[len("default."):]
+        try:
+            _header_name(name)
+        except _Invalid as e:
+            reader.problem("headers", key, str(e))
+            return True
+        defaults.append((name, parser.get("headers", key, raw=True).strip()))
+        return True
+
+    headers_values = reader.section("headers", _HEADERS, default_header)
+    headers = _make(HeadersConfig, dict(headers_values, defaults=tuple(defaults)))
+    cors = _make(CorsConfig, reader.section("cors", _CORS))
+    history = _make(HistoryConfig, reader.section("history", _HISTORY))
+    sse = _make(SseConfig, reader.section("sse", _SSE))
+
+    routes: list[RouteConfig] = []
+    seen: dict[str, str] = {}
+    for section in parser.sections():
+        if not section.startswith("route:"):
+            continue
+        name = section[len("route:"):].strip()
+        if not name:
+            reader.problem(section, None, "a route section needs a name: [route:NAME]")
+            continue
+        values = reader.section(section, _ROUTE)
+        for key in ("path", "upstream"):
+            if key not in values and not parser.has_option(section, key):
+                reader.problem(section, key, "missing (every route needs path and upstream)")
+        if "path" not in values or "upstream" not in values:
+            continue
+        pattern = values.pop("path")
+        assert isinstance(pattern, PathPattern)
+        if pattern.text in seen:
+            reader.problem(
+                section, "path",
+                f"duplicate route: {pattern.text} is already routed by [{seen[pattern.text]}]",
+            )
+            continue
+        seen[pattern.text] = section
+        routes.append(_make(RouteConfig, dict(values, name=name, pattern=pattern)))
+        strip = values.get("strip_prefix", 0)
+        assert isinstance(strip, int)
+        if strip > len(pattern.segments) and not pattern.open_ended:
+            reader.problem(
+                section, "strip_prefix",
+                f"strips {strip} segments but {pattern.text} matches fewer",
+            )
+
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return Config(
+        source=source,
+        gateway=gateway,
+        routes=tuple(routes),
+        headers=headers,
+        cors=cors,
+        history=history,
+        sse=sse,
+    )
+
+
+def _describe_parse_error(error: configparser.Error) -> str:
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"[{error.section}]: duplicate section (line {error.lineno})"
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"[{error.section}] {error.option}: duplicate key (line {error.lineno})"
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: a key before any [section]"
+    if isinstance(error, configparser.ParsingError):
+        lines = ", ".join(str(lineno) for lineno, _ in error.errors)
+        return f"cannot parse line(s) {lines}"
+    return str(error)
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (identical to etc/aura-proxy.ini)."""
+    return resources.files("aura_proxy").joinpath("defaults.ini").read_text("utf-8")
+
+
+def load_config(path: Optional[str] = None) -> Config:
+    """
+    Load a configuration file, or the embedded defaults when C{path} is None.
+
+    @raise ConfigError: when the file cannot be read or is not valid.
+    """
+    if path is None:
+        return parse_config(default_config_text(), DEFAULT_CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read ({e})"])
+    return parse_config(text, os.fspath(path))

@@ -1,0 +1,207 @@
+"""
+The header contract: which headers go upstream, which come back, and CORS.
+
+Everything here is a pure function of headers and configuration, so that the
+rules can be tested without a network.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from twisted.web.http_headers import Headers
+
+from aura_proxy.config import CorsConfig, HeadersConfig
+
+__all__ = [
+    "HOP_BY_HOP",
+    "HeaderContract",
+    "Cors",
+    "end_to_end",
+]
+
+#: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus
+#: the ones the proxy hop recomputes itself.
+HOP_BY_HOP = frozenset(
+    name.lower()
+    for name in (
+        b"Connection",
+        b"Keep-Alive",
+        b"Proxy-Connection",
+        b"Proxy-Authenticate",
+        b"Proxy-Authorization",
+        b"TE",
+        b"Trailer",
+        b"Transfer-Encoding",
+        b"Upgrade",
+    )
+)
+
+# The proxy hop sets these itself: Host from the upstream URL, Content-Length
+# from the body it sends, Expect is answered by the gateway's own server.
+_RECOMPUTED_REQUEST = frozenset((b"host", b"content-length", b"expect"))
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", ()):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> list[tuple[bytes, list[bytes]]]:
+    """
+    The end-to-end headers of a message, in order, names lower-cased.
+
+    Removes hop-by-hop headers, headers named in C{Connection}, and C{drop}.
+    """
+    removed = HOP_BY_HOP | _connection_tokens(headers) | frozenset(drop)
+    return [
+        (name.lower(), values)
+        for name, values in headers.getAllRawHeaders()
+        if name.lower() not in removed
+    ]
+
+
+class HeaderContract:
+    """
+    The C{[headers]} rules: required headers, defaults, and what goes upstream.
+    """
+
+    def __init__(self, config: HeadersConfig) -> None:
+        self._required = tuple((name, name.lower().encode("ascii")) for name in config.required)
+        self._public = config.public_paths
+        self._defaults = tuple(
+            (name.lower().encode("ascii"), value.encode("utf-8")) for name, value in config.defaults
+        )
+
+    def default_for(self, name: bytes) -> Optional[str]:
+        """The configured default of header C{name} (lower-case), if any."""
+        for default_name, value in self._defaults:
+            if default_name == name:
+                return value.decode("utf-8")
+        return None
+
+    def is_public(self, segments: list[str]) -> bool:
+        """Whether a path needs none of the required headers."""
+        return any(p.matches(segments) for p in self._public)
+
+    def missing(self, headers: Headers, segments: list[str]) -> Optional[str]:
+        """The first required header that is missing or blank, or None."""
+        if not self._required or self.is_public(segments):
+            return None
+        for name, raw in self._required:
+            values = headers.getRawHeaders(raw)
+            if not values or not any(v.strip() for v in values):
+                return name
+        return None
+
+    def upstream_headers(
+        self,
+        incoming: Headers,
+        client_ip: Optional[str],
+        proto: bytes,
+        host: Optional[bytes],
+        extra: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Headers:
+        """
+        The headers to send upstream.
+
+        End-to-end headers pass unchanged (values and order); defaults are added
+        where the client sent none; C{X-Forwarded-For} gets the client appended,
+        C{X-Forwarded-Proto} and C{X-Forwarded-Host} describe the client's hop.
+        """
+        out = Headers()
+        for name, values in end_to_end(incoming, _RECOMPUTED_REQUEST):
+            out.setRawHeaders(name, values)
+        for name, value in self._defaults:
+            if not out.hasHeader(name):
+                out.setRawHeaders(name, [value])
+        if client_ip is not None:
+            forwarded = incoming.getRawHeaders(b"x-forwarded-for")
+            ip = client_ip.encode("ascii")
+            if forwarded:
+                out.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded + [ip])])
+            else:
+                out.setRawHeaders(b"x-forwarded-for", [ip])
+        out.setRawHeaders(b"x-forwarded-proto", [proto])
+        if host is not None:
+            out.setRawHeaders(b"x-forwarded-host", [host])
+        for name, value in extra:
+            out.setRawHeaders(name, [value])
+        return out
+
+
+_SIMPLE_VARY = b"Origin"
+
+
+class Cors:
+    """
+    The C{[cors]} rules: the gateway answers preflights and owns the
+    C{Access-Control-*} response headers (an upstream's are dropped).
+    """
+
+    def __init__(self, config: CorsConfig) -> None:
+        self._any = "*" in config.allowed_origins
+        self._origins = frozenset(o.encode("ascii") for o in config.allowed_origins if o != "*")
+        self._credentials = config.allow_credentials
+        self._methods = ", ".join(config.allowed_methods).encode("ascii")
+        self._method_names = frozenset(m.encode("ascii") for m in config.allowed_methods)
+        self._headers = ", ".join(config.allowed_headers).encode("ascii")
+        self._allowed_header_names = frozenset(h.lower() for h in config.allowed_headers)
+        self._exposed = ", ".join(config.exposed_headers).encode("ascii")
+        self._max_age = str(config.max_age).encode("ascii")
+
+    def allows(self, origin: bytes) -> bool:
+        """Whether a browser page from C{origin} may call the gateway."""
+        return self._any or origin in self._origins
+
+    @staticmethod
+    def is_preflight(method: bytes, headers: Headers) -> bool:
+        """A CORS preflight: C{OPTIONS} with C{Origin} and C{Access-Control-Request-Method}."""
+        return (
+            method == b"OPTIONS"
+            and headers.hasHeader(b"origin")
+            and headers.hasHeader(b"access-control-request-method")
+        )
+
+    def preflight(self, headers: Headers) -> Optional[list[tuple[bytes, bytes]]]:
+        """
+        The headers of a 204 answer to a preflight, or None when the origin,
+        the method or a requested header is not allowed.
+        """
+        origin = (headers.getRawHeaders(b"origin") or [b""])[0]
+        if not self.allows(origin):
+            return None
+        method = (headers.getRawHeaders(b"access-control-request-method") or [b""])[0].strip()
+        if method.upper() not in self._method_names:
+            return None
+        requested = b",".join(headers.getRawHeaders(b"access-control-request-headers") or [])
+        for name in requested.split(b","):
+            name = name.strip().lower()
+            if name and name.decode("latin-1") not in self._allowed_header_names:
+                return None
+        out = [
+            (b"Access-Control-Allow-Origin", origin),
+            (b"Access-Control-Allow-Methods", self._methods),
+            (b"Access-Control-Allow-Headers", self._headers),
+            (b"Access-Control-Max-Age", self._max_age),
+            (b"Vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+        ]
+        if self._credentials:
+            out.append((b"Access-Control-Allow-Credentials", b"true"))
+        return out
+
+    def response_headers(self, origin: Optional[bytes]) -> list[tuple[bytes, bytes]]:
+        """The CORS headers of an actual (non-preflight) response."""
+        if origin is None or not self.allows(origin):
+            return [(b"Vary", _SIMPLE_VARY)]
+        out = [(b"Access-Control-Allow-Origin", origin), (b"Vary", _SIMPLE_VARY)]
+        if self._credentials:
+            out.append((b"Access-Control-Allow-Credentials", b"true"))
+        if self._exposed:
+            out.append((b"Access-Control-Expose-Headers", self._exposed))
+        return out

@@ -1,0 +1,92 @@
+"""
+Errors the gateway answers itself: an HTTP status, a stable code, a message.
+
+The JSON body a client gets and the log line an operator reads are built from
+the same L{GatewayError}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = [
+    "GatewayError",
+    "no_route",
+    "missing_header",
+    "body_too_large",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "bad_request",
+    "cors_forbidden",
+]
+
+
+@dataclass(frozen=True)
+class GatewayError(Exception):
+    """
+    A request the gateway answers with an error instead of a proxied response.
+
+    @ivar status: the HTTP status code.
+    @ivar code: a stable, machine-readable code (documented in docs/errors.md).
+    @ivar message: what went wrong, for a person.
+    """
+
+    status: int
+    code: str
+    message: str
+
+    def body(self, request_id: Optional[str] = None) -> bytes:
+        """The JSON body: C{{"error": {"status", "code", "message", "request_id"}}}."""
+        error: dict[str, object] = {
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+        }
+        if request_id is not None:
+            error["request_id"] = request_id
+        return json.dumps({"error": error}, separators=(",", ":")).encode("utf-8")
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def no_route(path: str) -> GatewayError:
+    """No route matches the request path (404)."""
+    return GatewayError(404, "no_route", f"no route matches {path}")
+
+
+def missing_header(name: str) -> GatewayError:
+    """A required header is missing or blank (400)."""
+    return GatewayError(400, "missing_header", f"the {name} header is required")
+
+
+def body_too_large(limit: int) -> GatewayError:
+    """The request body exceeds C{max_request_body} (413)."""
+    return GatewayError(413, "body_too_large", f"the request body exceeds {limit} bytes")
+
+
+def upstream_unavailable(route: str, reason: str) -> GatewayError:
+    """The upstream refused or dropped the connection before answering (502)."""
+    return GatewayError(502, "upstream_unavailable", f"upstream of route {route} unavailable: {reason}")
+
+
+def upstream_timeout(route: str, what: str, seconds: float) -> GatewayError:
+    """The upstream did not connect or answer in time (504)."""
+    return GatewayError(
+        504, "upstream_timeout", f"upstream of route {route} did not {what} within {seconds:g} s"
+    )
+
+
+def bad_request(message: str) -> GatewayError:
+    """A request the gateway cannot forward as it is (400)."""
+    return GatewayError(400, "bad_request", message)
+
+
+def cors_forbidden() -> GatewayError:
+    """
+    A CORS preflight from an origin, or for a method or header, that is not
+    allowed (403).  The origin is not echoed back.
+    """
+    return GatewayError(403, "cors_forbidden", "this cross-origin request is not allowed")

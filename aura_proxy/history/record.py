@@ -1,0 +1,54 @@
+"""
+One row of C{sys_api_call_histories}: what the request path hands to history.
+
+The proxy fills a L{CallRecord} when a call ends (for a stream: when the stream
+ends, as one summary) and passes it to L{aura_proxy.history.HistoryService.record},
+which never blocks and never raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Optional
+
+__all__ = ["CallRecord", "END_REASONS"]
+
+#: Why a stream ended, as stored in C{end_reason}.
+END_REASONS = ("completed", "client_disconnect", "upstream_error", "idle_timeout", "shutdown")
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """
+    A finished call.
+
+    For a stream (C{is_stream}), C{query_string}, C{request_size_bytes} and
+    C{response_size_bytes} are None and C{first_event_ms}, C{event_count} and
+    C{end_reason} are set; for any other call it is the other way round.
+    Client-supplied strings arrive here unbounded: the history layer bounds
+    them before storing.
+    """
+
+    id: str
+    created_at: datetime
+    tenant_id: Optional[str]
+    user_id: Optional[str]
+    agent_id: Optional[str]
+    source: Optional[str]
+    caller_type: Optional[str]
+    method: str
+    path: str
+    route: Optional[str]
+    query_string: Optional[str]
+    status_code: int
+    latency_ms: float
+    request_size_bytes: Optional[int]
+    response_size_bytes: Optional[int]
+    client_ip: Optional[str]
+    user_agent: Optional[str]
+    trace_id: Optional[str]
+    is_stream: bool
+    first_event_ms: Optional[float] = None
+    event_count: Optional[int] = None
+    end_reason: Optional[str] = None

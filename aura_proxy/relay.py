@@ -1,0 +1,221 @@
+"""
+The response relay: bytes from the upstream socket to the client socket.
+
+This is the hot path.  Per upstream read it does: one clock read, one optional
+SSE rewrite, one C{request.write}.  Timers are not reset per read; each fires at
+its deadline and, if bytes arrived meanwhile, re-arms itself for the rest.
+
+Backpressure runs both ways through the producer chain: the relay is the
+client request's streaming producer, so a client that stops reading pauses the
+upstream socket (and a client that goes away stops it, which closes that
+upstream connection instead of returning it to the pool).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.server import Request
+from zope.interface import implementer
+
+__all__ = ["Relay", "StreamTransform", "HEARTBEAT"]
+
+#: What the client gets on a silent SSE stream: a comment line, ignored by
+#: every EventSource, which keeps proxies and browsers from timing out.
+HEARTBEAT = b": keep-alive\n\n"
+
+_BLOCK_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+log = Logger()
+
+
+class StreamTransform(TypingProtocol):
+    """Rewrites an SSE body on its way to the client (L{aura_proxy.sse})."""
+
+    def feed(self, data: bytes) -> bytes:
+        """Bytes to send now for C{data} received."""
+
+    def flush(self) -> bytes:
+        """Bytes still held back when the upstream body ends."""
+
+
+@implementer(IPushProducer)
+class Relay(Protocol):
+    """
+    Carries one upstream response body to one client request.
+
+    @ivar done: fires with the end reason (C{completed}, C{client_disconnect},
+        C{upstream_error}, C{idle_timeout} or C{shutdown}) once the client's
+        response is finished or the client is gone.
+    @ivar sent: body bytes written to the client.
+    @ivar first_write_at: clock time of the first body write, or None.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        idle_timeout: float,
+        heartbeat_interval: float = 0.0,
+        transform: Optional[StreamTransform] = None,
+        clean_end: bool = True,
+        describe: Callable[[], str] = lambda: "upstream",
+    ) -> None:
+        """
+        @param heartbeat_interval: seconds of silence before L{HEARTBEAT} is
+            written; 0 for none (only SSE responses get heartbeats).
+        @param clean_end: on an upstream error or idle timeout, end the client's
+            response normally (SSE: the client sees the stream end and may
+            resume) rather than abort its connection (a truncated body must
+            not look complete).
+        """
+        self._request = request
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._heartbeat_interval = heartbeat_interval
+        self._transform = transform
+        self._clean_end = clean_end
+        self._describe = describe
+        self.done: Deferred[str] = Deferred()
+        self.sent = 0
+        self.first_write_at: Optional[float] = None
+        self._reason: Optional[str] = None
+        self._last_read = clock.seconds()
+        self._last_beat = self._last_read
+        self._at_boundary = True
+        self._idle_call: Optional[IDelayedCall] = None
+        self._beat_call: Optional[IDelayedCall] = None
+        self._client_gone = False
+        self._finished = False
+
+    @property
+    def events(self) -> Optional[int]:
+        """SSE events relayed, when an SSE transform counts them; else None."""
+        return getattr(self._transform, "count", None)
+
+    # -- upstream side (IProtocol) -------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+        if self._heartbeat_interval > 0:
+            self._beat_call = self._clock.callLater(self._heartbeat_interval, self._check_beat)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_read = self._clock.seconds()
+        if self._transform is not None:
+            data = self._transform.feed(data)
+            if not data:
+                return
+        if self._client_gone:
+            return
+        if self.first_write_at is None:
+            self.first_write_at = self._last_read
+        self.sent += len(data)
+        self._request.write(data)
+        if self._beat_call is not None:
+            self._at_boundary = data.endswith(_BLOCK_ENDS)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        self._cancel_timers()
+        if self._reason is None:
+            if reason.check(ResponseDone, PotentialDataLoss):
+                self._reason = "completed"
+            else:
+                self._reason = "upstream_error"
+                log.warn(
+                    "{upstream} failed mid-body after {sent} bytes: {error}",
+                    upstream=self._describe(),
+                    sent=self.sent,
+                    error=reason.getErrorMessage(),
+                )
+        if self._transform is not None and not self._client_gone:
+            rest = self._transform.flush()
+            if rest:
+                self.sent += len(rest)
+                self._request.write(rest)
+        self._end_client()
+        self.done.callback(self._reason)
+
+    # -- client side (IPushProducer) ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The client's socket is full: stop reading the upstream socket."""
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        """The client's socket drained: read the upstream socket again."""
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        """The client went away: close the upstream connection."""
+        self.client_gone()
+
+    def client_gone(self) -> None:
+        """Stop relaying because the client disconnected."""
+        if self._client_gone:
+            return
+        self._client_gone = True
+        self.stop("client_disconnect")
+
+    def stop(self, reason: str) -> None:
+        """
+        End the relay early: close the upstream connection (it is not reused)
+        and record C{reason} as the end reason.
+        """
+        if self._reason is None:
+            self._reason = reason
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    # -- timers ---------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        silent = self._clock.seconds() - self._last_read
+        if silent >= self._idle_timeout:
+            self._idle_call = None
+            log.info(
+                "{upstream} silent for {seconds:g} s: closing the stream",
+                upstream=self._describe(),
+                seconds=self._idle_timeout,
+            )
+            self.stop("idle_timeout")
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout - silent, self._check_idle)
+
+    def _check_beat(self) -> None:
+        now = self._clock.seconds()
+        silent = now - max(self._last_read, self._last_beat)
+        if silent >= self._heartbeat_interval:
+            # Never inside an event the client has only part of.
+            if self._at_boundary and not self._client_gone:
+                self._request.write(HEARTBEAT)
+            self._last_beat = now
+            silent = 0.0
+        self._beat_call = self._clock.callLater(self._heartbeat_interval - silent, self._check_beat)
+
+    def _cancel_timers(self) -> None:
+        for call in (self._idle_call, self._beat_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._beat_call = None
+
+    def _end_client(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._client_gone:
+            return
+        self._request.unregisterProducer()
+        if self._reason == "completed" or self._clean_end:
+            self._request.finish()
+        else:
+            # A truncated body must not look complete to the client.
+            self._request.transport.abortConnection()  # type: ignore[union-attr]

@@ -1,0 +1,94 @@
+"""
+The twistd service: C{twistd -n aura-proxy [--config FILE] [--demo]}.
+
+L{makeService} is all the plugin calls; L{build_service} assembles the gateway
+from a configuration and a reactor, and is what the C{.tac} file and the tests
+use too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python import usage
+from twisted.web.server import Site
+
+from aura_proxy.admin import Admin
+from aura_proxy.config import Config, ConfigError, load_config
+from aura_proxy.proxy import Gateway, GatewaySite
+from aura_proxy.upstream import UpstreamClient
+
+__all__ = ["Options", "makeService", "build_service"]
+
+
+class Options(usage.Options):
+    """Command line of C{twistd aura-proxy}."""
+
+    synopsis = "[--config FILE] [--demo]"
+    optParameters = [
+        ["config", "c", None, "INI configuration file (default: the embedded defaults, "
+         "identical to etc/aura-proxy.ini)"],
+    ]
+    optFlags = [
+        ["demo", None, "also start the demo agent upstream on 127.0.0.1:9000"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["parsed"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError("invalid configuration:\n" + str(e))
+
+
+class _Drain(Service):
+    """On shutdown: end every open stream (recorded as C{shutdown}), close the pool."""
+
+    def __init__(self, gateway: Gateway, client: UpstreamClient) -> None:
+        self._gateway = gateway
+        self._client = client
+
+    def stopService(self) -> "Deferred[object]":
+        Service.stopService(self)
+        self._gateway.shutdown()
+        return maybeDeferred(self._client.close)
+
+
+def build_service(config: Config, reactor: Any, demo: bool = False) -> MultiService:
+    """
+    The whole gateway as one service.
+
+    Children stop in reverse order: listeners first, then open streams are
+    ended, then call history is flushed.
+    """
+    from aura_proxy.history import make_history
+
+    top = MultiService()
+    history = make_history(config.history, reactor)
+    if history is not None:
+        history.setServiceParent(top)
+    g = config.gateway
+    client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections)
+    gateway = Gateway(config, reactor, client, history)
+    _Drain(gateway, client).setServiceParent(top)
+    if demo:
+        from aura_proxy.demo import demo_service
+
+        demo_service(reactor).setServiceParent(top)
+    site = GatewaySite(gateway, reactor=reactor)
+    strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
+    admin = Site(Admin(gateway, history).resource(), reactor=reactor)
+    admin.noisy = False
+    strports.service(g.admin_listen, admin, reactor=reactor).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> IService:
+    """Build the service twistd runs (the plugin's entry point)."""
+    from twisted.internet import reactor  # twistd has installed the reactor by now
+
+    parsed: Optional[Config] = options["parsed"]
+    assert parsed is not None
+    return build_service(parsed, reactor, demo=bool(options["demo"]))

@@ -1,0 +1,112 @@
+"""
+The proxy hop: one pooled HTTP/1.1 client shared by every request.
+
+treq's L{treq.client.HTTPClient.request} always wraps its agent in a
+C{CookieAgent} (one jar for every user: the cookie leak) and a
+C{ContentDecoderAgent} (adds C{Accept-Encoding: gzip} and decodes the body).
+A proxy must do neither, so the hop speaks to the same L{IAgent} that treq
+would use, directly: a persistent L{HTTPConnectionPool}, no jar, no decoding,
+no redirects, no buffering.  Tests swap the agent for treq's in-memory
+L{treq.testing.RequestTraversalAgent}.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+__all__ = ["UpstreamClient", "BytesProducer", "body_producer"]
+
+# Bodies up to this size are sent in one write; larger ones are read from the
+# request's temporary file in pieces, with backpressure.
+_IN_MEMORY_BODY = 65536
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one piece."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def body_producer(
+    content: IO[bytes], length: int, method: bytes, cooperator: Cooperator
+) -> Optional[IBodyProducer]:
+    """
+    The body producer for a client's request body, or None for none at all.
+
+    A C{GET}, C{HEAD}, C{DELETE} or C{OPTIONS} without a body sends no
+    C{Content-Length}; any other method sends C{Content-Length: 0} for an
+    empty body, as the client did.
+    """
+    if length == 0:
+        if method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
+            return None
+        return BytesProducer(b"")
+    content.seek(0)
+    if length <= _IN_MEMORY_BODY:
+        return BytesProducer(content.read())
+    return FileBodyProducer(content, cooperator=cooperator)
+
+
+class UpstreamClient:
+    """
+    Sends proxied requests upstream over persistent connections.
+
+    @ivar agent: the L{IAgent} used; any agent works (tests use treq's
+        in-memory one).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        connect_timeout: float,
+        max_idle_connections: int,
+        agent: Optional[IAgent] = None,
+    ) -> None:
+        self.pool: Optional[HTTPConnectionPool] = None
+        if agent is None:
+            self.pool = HTTPConnectionPool(reactor, persistent=max_idle_connections > 0)
+            self.pool.maxPersistentPerHost = max(max_idle_connections, 1)
+            # Close idle upstream connections before a typical upstream
+            # keep-alive (uvicorn: 5 s) would, so a reused one is rarely stale.
+            self.pool.cachedConnectionTimeout = 4
+            agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self.agent = agent
+        self.cooperator = Cooperator(
+            scheduler=lambda f: reactor.callLater(0, f)  # type: ignore[arg-type,return-value]
+        )
+
+    def request(
+        self, method: bytes, url: bytes, headers: Headers, body: Optional[IBodyProducer]
+    ) -> "Deferred[IResponse]":
+        """Send one request; the Deferred fires with the response headers."""
+        return self.agent.request(method, url, headers, body)
+
+    def close(self) -> "Deferred[object]":
+        """Close the idle pooled connections (on shutdown)."""
+        if self.pool is None:
+            return succeed(None)
+        return self.pool.closeCachedConnections()

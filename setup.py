@@ -1,0 +1,54 @@
+"""
+aura-proxy: the single-entry gateway for AI agent platforms.
+
+The twistd plugin lives in twisted/plugins/ (no __init__.py there: it is a
+portion of Twisted's plugin namespace).  It is installed as package data of
+"twisted" so that `twistd aura-proxy` finds it after `pip install .`; for
+`pip install -e .` the flat layout makes setuptools put the source tree itself on
+sys.path, where Twisted's plugin search finds twisted/plugins/ as well
+(tests/integration/test_install.py checks both).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="aura-proxy",
+    version="0.1.0",
+    description="Single-entry gateway for AI agent platforms, with production-grade SSE",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    package_dir={"": "."},
+    packages=find_packages(include=["aura_proxy", "aura_proxy.*"]) + ["twisted.plugins"],
+    package_data={
+        "aura_proxy": ["defaults.ini", "py.typed", "history/*.sql"],
+        "twisted": ["plugins/aura_proxy_plugin.py"],
+    },
+    include_package_data=False,
+    install_requires=[
+        "Twisted>=24.3",
+        "treq>=23.11",
+        "klein>=23.12",
+        "txpostgres>=1.7",
+        "psycopg2-binary>=2.9",
+        "pyOpenSSL>=24",
+        "service_identity>=24",
+        "txredisapi>=1.4.10",
+    ],
+    extras_require={
+        "test": [
+            "hypothesis>=6.100",
+            "fastapi>=0.110",
+            "sse-starlette>=2.0",
+            "uvicorn>=0.29",
+            "httpx>=0.27",
+            "httpx-sse>=0.4",
+            "mypy>=1.10",
+        ],
+    },
+    entry_points={"console_scripts": ["aura-proxy-check=aura_proxy.__main__:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)

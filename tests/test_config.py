@@ -1,0 +1,152 @@
+"""Tests for L{aura_proxy.config} and the C{python -m aura_proxy check} command."""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.trial.unittest import TestCase
+
+from aura_proxy.__main__ import main
+from aura_proxy.config import ConfigError, default_config_text, load_config, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "etc", "aura-proxy.ini")
+
+MINIMAL = """
+[route:aura]
+path = /api/aura/**
+upstream = http://127.0.0.1:9000
+"""
+
+
+def problems(text: str) -> list[str]:
+    try:
+        parse_config(text, "gw.ini")
+    except ConfigError as e:
+        return e.problems
+    raise AssertionError("configuration was accepted")
+
+
+class DefaultsTests(TestCase):
+    """The embedded defaults and the shipped file."""
+
+    def test_embedded_defaults_equal_shipped_file(self) -> None:
+        """The embedded defaults are byte for byte etc/aura-proxy.ini."""
+        with open(SHIPPED, encoding="utf-8") as f:
+            self.assertEqual(default_config_text(), f.read())
+
+    def test_defaults_values(self) -> None:
+        """The defaults carry the documented values: ports, timeouts, the Aura route, the contract."""
+        config = load_config(None)
+        g = config.gateway
+        self.assertEqual(
+            (g.listen, g.admin_listen, g.connect_timeout, g.response_timeout, g.idle_timeout,
+             g.heartbeat_interval, g.max_request_body),
+            ("tcp:8080", "tcp:8081:interface=127.0.0.1", 10.0, 300.0, 300.0, 15.0, 10485760),
+        )
+        self.assertEqual([(r.name, r.pattern.text, str(r.upstream)) for r in config.routes],
+                         [("aura", "/api/aura/**", "http://127.0.0.1:9000")])
+        self.assertEqual(config.headers.required, ("X-Tenant-ID",))
+        self.assertEqual(
+            dict(config.headers.defaults),
+            {"X-DWP-Source": "FRONTEND", "X-DWP-Caller-Type": "USER"},
+        )
+        self.assertEqual([p.text for p in config.headers.public_paths],
+                         ["/api/auth/login", "/api/monitoring/**"])
+        self.assertEqual(config.cors.allowed_origins, ("http://localhost:3000",))
+        self.assertIn("Last-Event-ID", config.cors.allowed_headers)
+        self.assertTrue(config.cors.allow_credentials)
+        self.assertEqual(config.cors.max_age, 3600)
+
+    def test_shipped_file_checks(self) -> None:
+        """C{python -m aura_proxy check etc/aura-proxy.ini} accepts the shipped file."""
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(main(["check", SHIPPED]), 0)
+        self.assertIn("OK", out.getvalue())
+
+
+class ProblemTests(TestCase):
+    """Every mistake is reported, naming file, section and key."""
+
+    def test_unknown_key(self) -> None:
+        """An unknown key names file, section and key."""
+        found = problems(MINIMAL + "[gateway]\nlisten_port = 8080\n")
+        self.assertEqual(len(found), 1)
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen_port: unknown key"), found)
+
+    def test_bad_values(self) -> None:
+        """Bad numbers, booleans, endpoints and URLs are each reported."""
+        found = problems(
+            "[gateway]\nconnect_timeout = soon\nmax_request_body = -1\nlisten = nonsense:1\n"
+            "[cors]\nallow_credentials = maybe\n"
+            "[route:x]\npath = api/x\nupstream = ftp://host\n"
+        )
+        keys = sorted(line.split(": ")[1] for line in found)
+        self.assertEqual(
+            keys,
+            sorted([
+                "[gateway] connect_timeout", "[gateway] max_request_body", "[gateway] listen",
+                "[cors] allow_credentials", "[route:x] path", "[route:x] upstream",
+            ]),
+        )
+
+    def test_duplicate_route(self) -> None:
+        """Two routes with the same path are refused, naming both sections."""
+        found = problems(MINIMAL + "[route:again]\npath = /api/aura/**\nupstream = http://h:1\n")
+        self.assertEqual(len(found), 1)
+        self.assertIn("[route:again] path: duplicate route", found[0])
+        self.assertIn("[route:aura]", found[0])
+
+    def test_route_without_upstream(self) -> None:
+        """A route with no upstream names the missing key."""
+        found = problems("[route:x]\npath = /x/**\n")
+        self.assertEqual(found, ["gw.ini: [route:x] upstream: missing (every route needs path and upstream)"])
+
+    def test_unknown_section(self) -> None:
+        """A misspelt section is an error, not silently ignored."""
+        found = problems(MINIMAL + "[cros]\nallowed_origins = *\n")
+        self.assertEqual(len(found), 1)
+        self.assertIn("[cros]: unknown section", found[0])
+
+    def test_duplicate_key(self) -> None:
+        """A key given twice in a section names the section, key and line."""
+        found = problems("[gateway]\nlisten = tcp:1\nlisten = tcp:2\n")
+        self.assertEqual(len(found), 1)
+        self.assertIn("gw.ini: [gateway] listen: duplicate key (line 3)", found[0])
+
+    def test_bad_default_header_name(self) -> None:
+        """A default header with an invalid name is reported under its key."""
+        found = problems(MINIMAL + "[headers]\ndefault.Bad Name = x\n")
+        self.assertEqual(len(found), 1)
+        self.assertIn("[headers] default.Bad Name", found[0])
+
+    def test_double_star_only_at_end(self) -> None:
+        """C{**} before the end of a pattern is refused."""
+        found = problems("[route:x]\npath = /a/**/b\nupstream = http://h:1\n")
+        self.assertIn("'**' may only end a pattern", found[0])
+
+    def test_check_command_reports_and_fails(self) -> None:
+        """C{check} prints every problem to stderr and exits 1."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[gateway]\nidle_timeout = 0\nbogus = 1\n")
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.assertEqual(main(["check", path]), 1)
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(all(line.startswith(path + ": [gateway] ") for line in lines), lines)
+
+    def test_unreadable_file(self) -> None:
+        """A file that cannot be read is a configuration error naming it."""
+        with self.assertRaises(ConfigError) as caught:
+            load_config("/nonexistent/aura.ini")
+        self.assertIn("/nonexistent/aura.ini: cannot read", str(caught.exception))
+
+    def test_check_usage(self) -> None:
+        """Without a subcommand the command prints its usage and exits 2."""
+        with redirect_stderr(io.StringIO()):
+            self.assertEqual(main([]), 2)

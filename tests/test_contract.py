@@ -1,0 +1,160 @@
+"""Tests for L{aura_proxy.contract}: the header contract and CORS."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import TestCase
+from twisted.web.http_headers import Headers
+
+from aura_proxy.config import CorsConfig, HeadersConfig
+from aura_proxy.contract import Cors, HeaderContract, end_to_end
+from aura_proxy.routes import PathPattern, split_path
+
+CONTRACT = HeaderContract(
+    HeadersConfig(
+        required=("X-Tenant-ID",),
+        public_paths=(PathPattern.parse("/api/auth/login"), PathPattern.parse("/api/monitoring/**")),
+        defaults=(("X-DWP-Source", "FRONTEND"), ("X-DWP-Caller-Type", "USER")),
+    )
+)
+CORS = Cors(
+    CorsConfig(
+        allowed_origins=("http://localhost:3000",),
+        allowed_headers=("Authorization", "Content-Type", "Last-Event-ID", "X-Tenant-ID"),
+        exposed_headers=("X-Request-ID",),
+    )
+)
+
+
+def headers(*pairs: tuple[bytes, bytes]) -> Headers:
+    h = Headers()
+    for name, value in pairs:
+        h.addRawHeader(name, value)
+    return h
+
+
+class RequiredHeaderTests(TestCase):
+    """C{required} and C{public_paths}."""
+
+    def test_missing_tenant(self) -> None:
+        """A request without X-Tenant-ID is missing it."""
+        self.assertEqual(CONTRACT.missing(headers(), split_path(b"/api/aura/x")), "X-Tenant-ID")
+
+    def test_blank_tenant(self) -> None:
+        """A blank X-Tenant-ID counts as missing."""
+        self.assertEqual(
+            CONTRACT.missing(headers((b"X-Tenant-ID", b"  ")), split_path(b"/api/aura/x")), "X-Tenant-ID"
+        )
+
+    def test_present_tenant(self) -> None:
+        """A non-blank X-Tenant-ID satisfies the contract."""
+        self.assertIsNone(CONTRACT.missing(headers((b"x-tenant-id", b"t1")), split_path(b"/api/aura/x")))
+
+    def test_public_paths(self) -> None:
+        """Public paths need no tenant; their neighbours do."""
+        self.assertIsNone(CONTRACT.missing(headers(), split_path(b"/api/auth/login")))
+        self.assertIsNone(CONTRACT.missing(headers(), split_path(b"/api/monitoring/health/x")))
+        self.assertEqual(CONTRACT.missing(headers(), split_path(b"/api/auth/logout")), "X-Tenant-ID")
+
+
+class UpstreamHeaderTests(TestCase):
+    """What goes upstream."""
+
+    def test_end_to_end_headers_unchanged(self) -> None:
+        """Identity, resume and tracing headers pass unchanged, duplicates and order kept."""
+        incoming = headers(
+            (b"Authorization", b"Bearer abc"), (b"X-Tenant-ID", b"t1"), (b"X-User-ID", b"u1"),
+            (b"X-Agent-ID", b"a1"), (b"Last-Event-ID", b"41"), (b"traceparent", b"00-aa-bb-01"),
+            (b"X-Custom", b"1"), (b"X-Custom", b"2"),
+        )
+        out = CONTRACT.upstream_headers(incoming, "10.0.0.1", b"http", b"gw:8080")
+        for name, values in incoming.getAllRawHeaders():
+            self.assertEqual(out.getRawHeaders(name), values, name)
+
+    def test_hop_by_hop_removed(self) -> None:
+        """Hop-by-hop headers and headers named in Connection do not go upstream."""
+        incoming = headers(
+            (b"Connection", b"keep-alive, X-Private"), (b"X-Private", b"secret"),
+            (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"Upgrade", b"h2c"),
+            (b"Proxy-Authorization", b"Basic x"), (b"Transfer-Encoding", b"chunked"),
+            (b"Host", b"gw"), (b"Content-Length", b"5"), (b"X-Tenant-ID", b"t"),
+        )
+        out = CONTRACT.upstream_headers(incoming, None, b"http", None)
+        names = {name.lower() for name, _ in out.getAllRawHeaders()}
+        for gone in (b"connection", b"x-private", b"keep-alive", b"te", b"upgrade",
+                     b"proxy-authorization", b"transfer-encoding", b"host", b"content-length"):
+            self.assertNotIn(gone, names)
+        self.assertIn(b"x-tenant-id", names)
+
+    def test_defaults_only_when_absent(self) -> None:
+        """Defaults fill in missing headers and never override the client's."""
+        out = CONTRACT.upstream_headers(headers((b"X-DWP-Source", b"MOBILE")), None, b"http", None)
+        self.assertEqual(out.getRawHeaders(b"x-dwp-source"), [b"MOBILE"])
+        self.assertEqual(out.getRawHeaders(b"x-dwp-caller-type"), [b"USER"])
+
+    def test_forwarded_headers(self) -> None:
+        """X-Forwarded-For is appended to; -Proto and -Host describe the client hop."""
+        out = CONTRACT.upstream_headers(
+            headers((b"X-Forwarded-For", b"1.2.3.4")), "10.0.0.9", b"https", b"api.example.com"
+        )
+        self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"1.2.3.4, 10.0.0.9"])
+        self.assertEqual(out.getRawHeaders(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(out.getRawHeaders(b"x-forwarded-host"), [b"api.example.com"])
+
+    def test_end_to_end_response(self) -> None:
+        """Response hop-by-hop headers are dropped with the extra names given."""
+        out = dict(end_to_end(
+            headers((b"Connection", b"close"), (b"Transfer-Encoding", b"chunked"),
+                    (b"Content-Type", b"text/plain"), (b"Access-Control-Allow-Origin", b"*")),
+            drop=(b"access-control-allow-origin",),
+        ))
+        self.assertEqual(out, {b"content-type": [b"text/plain"]})
+
+
+class CorsTests(TestCase):
+    """The gateway answers preflights and owns Access-Control-* headers."""
+
+    def test_is_preflight(self) -> None:
+        """Only OPTIONS with Origin and Access-Control-Request-Method is a preflight."""
+        h = headers((b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"POST"))
+        self.assertTrue(Cors.is_preflight(b"OPTIONS", h))
+        self.assertFalse(Cors.is_preflight(b"GET", h))
+        self.assertFalse(Cors.is_preflight(b"OPTIONS", headers((b"Origin", b"x"))))
+
+    def test_allowed_preflight(self) -> None:
+        """An allowed origin gets its own origin, the methods, headers, credentials and max age."""
+        answer = dict(CORS.preflight(headers(
+            (b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"POST"),
+            (b"Access-Control-Request-Headers", b"x-tenant-id, last-event-id, content-type"),
+        )) or [])
+        self.assertEqual(answer[b"Access-Control-Allow-Origin"], b"http://localhost:3000")
+        self.assertEqual(answer[b"Access-Control-Allow-Credentials"], b"true")
+        self.assertEqual(answer[b"Access-Control-Max-Age"], b"3600")
+        self.assertIn(b"X-Tenant-ID", answer[b"Access-Control-Allow-Headers"])
+        self.assertIn(b"POST", answer[b"Access-Control-Allow-Methods"])
+
+    def test_disallowed_origin_never_reflected(self) -> None:
+        """An origin not listed gets no preflight answer and no Allow-Origin."""
+        self.assertIsNone(CORS.preflight(headers(
+            (b"Origin", b"http://evil.example"), (b"Access-Control-Request-Method", b"GET"))))
+        for name, value in CORS.response_headers(b"http://evil.example"):
+            self.assertNotIn(b"evil", value)
+
+    def test_disallowed_method_or_header(self) -> None:
+        """A preflight asking for a method or header not allowed is refused."""
+        self.assertIsNone(CORS.preflight(headers(
+            (b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"TRACE"))))
+        self.assertIsNone(CORS.preflight(headers(
+            (b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"GET"),
+            (b"Access-Control-Request-Headers", b"X-Evil"))))
+
+    def test_actual_response(self) -> None:
+        """An actual response to an allowed origin carries the CORS headers and Vary: Origin."""
+        out = dict(CORS.response_headers(b"http://localhost:3000"))
+        self.assertEqual(out[b"Access-Control-Allow-Origin"], b"http://localhost:3000")
+        self.assertEqual(out[b"Access-Control-Expose-Headers"], b"X-Request-ID")
+        self.assertEqual(out[b"Vary"], b"Origin")
+
+    def test_wildcard(self) -> None:
+        """With C{*} any origin is allowed (and echoed, as credentials need)."""
+        cors = Cors(CorsConfig(allowed_origins=("*",)))
+        self.assertTrue(cors.allows(b"https://anything.example"))

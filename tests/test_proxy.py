@@ -1,0 +1,366 @@
+"""
+Tests for L{aura_proxy.proxy}: the request path end to end in memory.
+
+The client is treq's L{StubTreq} over the gateway's Klein resource; the
+upstream is either a twisted.web resource behind treq's
+L{RequestTraversalAgent} or a fake agent whose answers the test controls.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from twisted.web.iweb import IAgent
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.test.requesthelper import DummyChannel
+from treq.testing import RequestTraversalAgent, StubTreq
+from zope.interface import implementer
+
+from aura_proxy.config import parse_config
+from aura_proxy.history.record import CallRecord
+from aura_proxy.proxy import Gateway
+from aura_proxy.upstream import UpstreamClient
+
+CONFIG = """
+[gateway]
+response_timeout = 30
+connect_timeout = 5
+heartbeat_interval = 15
+[route:aura]
+path = /api/aura/**
+upstream = http://aura.internal:9000
+[route:svc]
+path = /api/svc/**
+upstream = http://svc.internal:9100/base
+strip_prefix = 2
+[headers]
+required = X-Tenant-ID
+public_paths = /api/aura/public/**
+default.X-DWP-Source = FRONTEND
+default.X-DWP-Caller-Type = USER
+[cors]
+allowed_origins = http://localhost:3000
+allowed_headers = X-Tenant-ID, Content-Type
+"""
+
+TENANT = {"X-Tenant-ID": "t1"}
+
+
+class Echo(Resource):
+    """An upstream that answers every request with what it received, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> bytes:
+        self.requests.append(request)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"access-control-allow-origin", b"*")
+        return json.dumps({
+            "method": request.method.decode(),
+            "uri": request.uri.decode(),
+            "headers": [[k.decode(), v.decode()] for k, vs in request.requestHeaders.getAllRawHeaders()
+                        for v in vs],
+            "body": request.content.read().decode(),
+        }).encode()
+
+
+class Stream(Resource):
+    """An upstream SSE endpoint the test writes events to."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.request: Optional[Request] = None
+
+    def render(self, request: Request) -> object:
+        self.request = request
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"")
+        return NOT_DONE_YET
+
+
+class History:
+    """Collects records like the history service would."""
+
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+
+    def record(self, record: CallRecord) -> None:
+        self.records.append(record)
+
+
+@implementer(IAgent)
+class ControlledAgent:
+    """An agent whose requests the test answers (or never answers)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, bytes, Deferred[Any]]] = []
+        self.cancelled = 0
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
+        def cancel(d: Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[Any] = Deferred(cancel)
+        self.requests.append((method, uri, d))
+        return d
+
+
+class Harness:
+    """A gateway over an in-memory upstream, with a fake clock and history."""
+
+    def __init__(self, upstream: Any, config: str = CONFIG) -> None:
+        self.clock = Clock()
+        self.history = History()
+        self.agent = upstream if IAgent.providedBy(upstream) else RequestTraversalAgent(upstream)
+        client = UpstreamClient(self.clock, 5, 10, agent=self.agent)
+        self.gateway = Gateway(parse_config(config, "test.ini"), self.clock, client, self.history)  # type: ignore[arg-type]
+        self.client = StubTreq(self.gateway.resource())
+
+    def flush(self) -> None:
+        for _ in range(5):
+            if isinstance(self.agent, RequestTraversalAgent):
+                self.agent.flush()
+            self.client.flush()
+
+    def request(self, method: str, url: str, **kw: Any) -> Any:
+        d = self.client.request(method, "http://gw.example" + url, **kw)
+        self.flush()
+        return self.successResultOf(d)
+
+    def successResultOf(self, d: Deferred[Any]) -> Any:
+        result: list[Any] = []
+        d.addBoth(result.append)
+        self.flush()
+        assert result, "no result"
+        if hasattr(result[0], "raiseException"):
+            result[0].raiseException()
+        return result[0]
+
+    def json(self, response: Any) -> Any:
+        return json.loads(self.successResultOf(self.client.content(response)))
+
+
+class ErrorTests(TestCase):
+    """Requests the gateway answers itself, as JSON with stable codes."""
+
+    def test_no_route(self) -> None:
+        """An unrouted path is a 404 no_route with a request id, recorded in history."""
+        h = Harness(Echo())
+        response = h.request("GET", "/nowhere", headers=TENANT)
+        self.assertEqual(response.code, 404)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        body = h.json(response)
+        self.assertEqual(body["error"]["code"], "no_route")
+        self.assertEqual(body["error"]["request_id"], response.headers.getRawHeaders("x-request-id")[0])
+        self.assertEqual([r.status_code for r in h.history.records], [404])
+
+    def test_missing_tenant(self) -> None:
+        """A routed request without X-Tenant-ID is a 400 missing_header and never reaches upstream."""
+        upstream = Echo()
+        h = Harness(upstream)
+        response = h.request("GET", "/api/aura/chat")
+        self.assertEqual(response.code, 400)
+        self.assertEqual(h.json(response)["error"]["code"], "missing_header")
+        self.assertEqual(upstream.requests, [])
+
+    def test_public_path_without_tenant(self) -> None:
+        """A public path is forwarded without a tenant."""
+        h = Harness(Echo())
+        self.assertEqual(h.request("GET", "/api/aura/public/info").code, 200)
+
+    def test_malformed_path(self) -> None:
+        """A path with a dot-dot segment is a 400 bad_request."""
+        h = Harness(Echo())
+        response = h.request("GET", "/api/aura/x/%2e%2e/y", headers=TENANT)
+        self.assertEqual(response.code, 400)
+        self.assertEqual(h.json(response)["error"]["code"], "bad_request")
+
+    def test_upstream_refused(self) -> None:
+        """A refused upstream connection is a 502 upstream_unavailable."""
+        agent = ControlledAgent()
+        h = Harness(agent)
+        d = h.client.get("http://gw.example/api/aura/x", headers=TENANT)
+        agent.requests[0][2].errback(ConnectionRefusedError())
+        response = h.successResultOf(d)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(h.json(response)["error"]["code"], "upstream_unavailable")
+
+    def test_connect_timeout(self) -> None:
+        """An upstream that does not accept the connection in time is a 504."""
+        agent = ControlledAgent()
+        h = Harness(agent)
+        d = h.client.get("http://gw.example/api/aura/x", headers=TENANT)
+        agent.requests[0][2].errback(TimeoutError())
+        response = h.successResultOf(d)
+        self.assertEqual(response.code, 504)
+        self.assertIn("accept the connection", h.json(response)["error"]["message"])
+
+    def test_response_timeout(self) -> None:
+        """Upstream headers later than response_timeout give a 504 and cancel the upstream request."""
+        agent = ControlledAgent()
+        h = Harness(agent)
+        d = h.client.get("http://gw.example/api/aura/x", headers=TENANT)
+        h.flush()
+        h.clock.advance(29.9)
+        self.assertNoResult(d)
+        h.clock.advance(0.1)
+        response = h.successResultOf(d)
+        self.assertEqual(response.code, 504)
+        self.assertEqual(h.json(response)["error"]["code"], "upstream_timeout")
+        self.assertEqual(agent.cancelled, 1)
+
+
+class ForwardTests(TestCase):
+    """Requests that go upstream."""
+
+    def test_forwarded_request(self) -> None:
+        """Method, path, query, body and end-to-end headers reach the upstream; defaults are added."""
+        h = Harness(Echo())
+        response = h.request(
+            "POST", "/api/aura/chat/stream?x=1&y=%20", data=b'{"message":"hi"}',
+            headers={"X-Tenant-ID": "t1", "X-User-ID": "u1", "Last-Event-ID": "7",
+                     "Content-Type": "application/json"},
+        )
+        self.assertEqual(response.code, 200)
+        seen = h.json(response)
+        self.assertEqual(seen["method"], "POST")
+        self.assertEqual(seen["uri"], "/api/aura/chat/stream?x=1&y=%20")
+        self.assertEqual(seen["body"], '{"message":"hi"}')
+        headers = {k.lower(): v for k, v in seen["headers"]}
+        self.assertEqual(headers["x-user-id"], "u1")
+        self.assertEqual(headers["last-event-id"], "7")
+        self.assertEqual(headers["x-dwp-source"], "FRONTEND")
+        self.assertEqual(headers["x-dwp-caller-type"], "USER")
+        self.assertEqual(headers["host"], "aura.internal:9000")
+        self.assertEqual(headers["x-forwarded-host"], "gw.example")
+        self.assertEqual(headers["content-length"], "16")
+
+    def test_strip_prefix_and_base_path(self) -> None:
+        """strip_prefix drops leading segments; the upstream's base path goes in front."""
+        agent = ControlledAgent()
+        h = Harness(agent)
+        h.client.get("http://gw.example/api/svc/items/42?full=1", headers=TENANT)
+        self.assertEqual(agent.requests[0][1], b"http://svc.internal:9100/base/items/42?full=1")
+
+    def test_gateway_owns_cors(self) -> None:
+        """An upstream's own Access-Control-* headers are replaced by the gateway's."""
+        h = Harness(Echo())
+        response = h.request("GET", "/api/aura/x",
+                             headers={"X-Tenant-ID": "t", "Origin": "http://localhost:3000"})
+        self.assertEqual(response.headers.getRawHeaders("access-control-allow-origin"),
+                         ["http://localhost:3000"])
+
+    def test_preflight_answered_by_gateway(self) -> None:
+        """A preflight is answered 204 without a tenant and never reaches upstream."""
+        upstream = Echo()
+        h = Harness(upstream)
+        response = h.request("OPTIONS", "/api/aura/x", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-tenant-id"})
+        self.assertEqual(response.code, 204)
+        self.assertEqual(upstream.requests, [])
+
+    def test_preflight_denied(self) -> None:
+        """A preflight from another origin is a 403 that does not echo the origin."""
+        h = Harness(Echo())
+        response = h.request("OPTIONS", "/api/aura/x", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
+        self.assertEqual(response.code, 403)
+        for _, values in response.headers.getAllRawHeaders():
+            for value in values:
+                self.assertNotIn(b"evil", value)
+
+    def test_plain_call_recorded(self) -> None:
+        """A plain call is one history row with sizes, query and identity."""
+        h = Harness(Echo())
+        h.request("POST", "/api/aura/x?q=1", data=b"abc", headers={
+            "X-Tenant-ID": "t1", "X-User-ID": "u1", "X-Agent-ID": "a1", "User-Agent": "ua",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+        [row] = h.history.records
+        self.assertEqual(
+            (row.tenant_id, row.user_id, row.agent_id, row.source, row.caller_type, row.method,
+             row.path, row.route, row.query_string, row.status_code, row.request_size_bytes,
+             row.user_agent, row.trace_id, row.is_stream, row.end_reason),
+            ("t1", "u1", "a1", "FRONTEND", "USER", "POST", "/api/aura/x", "aura", "q=1", 200, 3,
+             "ua", "0af7651916cd43dd8448eb211c80319c", False, None),
+        )
+        self.assertGreater(row.response_size_bytes or 0, 0)
+
+
+class StreamTests(TestCase):
+    """SSE responses through the in-memory path."""
+
+    def open(self) -> tuple[Harness, Stream, Any, list[bytes]]:
+        upstream = Stream()
+        h = Harness(upstream)
+        response = h.request("GET", "/api/aura/stream?q=1", headers=TENANT, unbuffered=True)
+        received: list[bytes] = []
+        h.client.collect(response, received.append)
+        return h, upstream, response, received
+
+    def test_sse_headers(self) -> None:
+        """An SSE response carries the SSE headers and no Content-Length."""
+        h, upstream, response, _ = self.open()
+        headers = response.headers
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/event-stream"])
+        self.assertEqual(headers.getRawHeaders("cache-control"), ["no-cache"])
+        self.assertEqual(headers.getRawHeaders("x-accel-buffering"), ["no"])
+        self.assertIsNone(headers.getRawHeaders("content-length"))
+
+    def test_events_flow_at_once(self) -> None:
+        """Each event reaches the client as soon as the upstream writes it."""
+        h, upstream, _, received = self.open()
+        assert upstream.request is not None
+        upstream.request.write(b"data: one\n\n")
+        h.flush()
+        self.assertEqual(b"".join(received), b"data: one\n\n")
+        upstream.request.write(b"data: two\n\n")
+        h.flush()
+        self.assertEqual(b"".join(received), b"data: one\n\ndata: two\n\n")
+
+    def test_stream_summary_row(self) -> None:
+        """A stream is one history row when it ends, with NULL sizes and query."""
+        h, upstream, _, _ = self.open()
+        assert upstream.request is not None
+        upstream.request.write(b"data: one\n\n")
+        h.flush()
+        self.assertEqual(h.history.records, [])
+        upstream.request.finish()
+        h.flush()
+        [row] = h.history.records
+        self.assertTrue(row.is_stream)
+        self.assertEqual((row.query_string, row.request_size_bytes, row.response_size_bytes),
+                         (None, None, None))
+        self.assertEqual(row.end_reason, "completed")
+
+    def test_cancel_before_headers(self) -> None:
+        """
+        Cancelling the request (client gone) before upstream headers cancels
+        the upstream request; the call is recorded as 499 (nginx's "client
+        closed request").
+        """
+        agent = ControlledAgent()
+        h = Harness(agent)
+        request = Request(DummyChannel())
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        request.uri = request.path = b"/api/aura/x"
+        request.content = BytesIO()
+        request.requestHeaders.addRawHeader(b"x-tenant-id", b"t")
+        d = h.gateway.handle(request)  # type: ignore[arg-type]
+        d.cancel()
+        self.assertEqual(agent.cancelled, 1)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual([r.status_code for r in h.history.records], [499])
