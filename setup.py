@@ -44,6 +44,7 @@ setup(
             "httpx>=0.27",
             "httpx-sse>=0.4",
             "mypy>=1.10",
+            "mypy-zope>=1.0",
         ],
     },
     entry_points={"console_scripts": ["aura-proxy-check=aura_proxy.__main__:main"]},

@@ -7,7 +7,7 @@ rules can be tested without a network.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -52,7 +52,7 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> list[tuple[bytes, list[bytes]]]:
+def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> list[tuple[bytes, Sequence[bytes]]]:
     """
     The end-to-end headers of a message, in order, names lower-cased.
 
@@ -124,7 +124,7 @@ class HeaderContract:
             forwarded = incoming.getRawHeaders(b"x-forwarded-for")
             ip = client_ip.encode("ascii")
             if forwarded:
-                out.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded + [ip])])
+                out.setRawHeaders(b"x-forwarded-for", [b", ".join([*forwarded, ip])])
             else:
                 out.setRawHeaders(b"x-forwarded-for", [ip])
         out.setRawHeaders(b"x-forwarded-proto", [proto])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Optional
+from typing import IO, TYPE_CHECKING, Any, Optional
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -71,7 +71,7 @@ class GatewayRequest(Request):
     body_length = 0
 
     def _limit(self) -> int:
-        return getattr(self.channel.site, "max_request_body", 0) or 0  # type: ignore[union-attr]
+        return getattr(getattr(self.channel, "site", None), "max_request_body", 0) or 0
 
     def gotLength(self, length: Optional[int]) -> None:
         limit = self._limit()
@@ -108,6 +108,7 @@ class GatewayRequest(Request):
         error = errors.body_too_large(self._limit())
         body = error.body()
         transport = self.channel.transport  # type: ignore[union-attr]
+        assert transport is not None
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\n"
             b"Content-Type: application/json\r\n"
@@ -187,7 +188,7 @@ class Gateway:
     def _route(self, request: Request) -> "Deferred[None]":
         return self.handle(request)
 
-    @app.handle_errors(NotFound)
+    @app.handle_errors(NotFound)  # type: ignore[arg-type]
     def _unroutable_by_klein(self, request: Request, failure: Failure) -> "Deferred[None]":
         # werkzeug's path converter refuses paths such as "//x"; the gateway's
         # own router decides about those too.
@@ -235,7 +236,8 @@ class Gateway:
             extra=() if request.requestHeaders.hasHeader(b"x-request-id")
             else ((b"x-request-id", call.id.encode("ascii")),),
         )
-        body = body_producer(request.content, call.request_size, request.method, self._client.cooperator)
+        content: IO[bytes] = request.content  # type: ignore[assignment]
+        body = body_producer(content, call.request_size, request.method, self._client.cooperator)
 
         finished: Deferred[None] = Deferred(lambda d: self._cancel(call))
         timeout: list[Optional[IDelayedCall]] = [None]
