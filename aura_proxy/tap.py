@@ -81,6 +81,7 @@ def build_service(config: Config, reactor: Any, demo: bool = False) -> MultiServ
     strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
     admin = Site(Admin(gateway, history).resource(), reactor=reactor)
     admin.noisy = False
+    admin.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
     strports.service(g.admin_listen, admin, reactor=reactor).setServiceParent(top)
     return top
 

@@ -17,7 +17,7 @@ from typing import IO, Optional
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import Cooperator
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -27,6 +27,11 @@ __all__ = ["UpstreamClient", "BytesProducer", "body_producer"]
 # Bodies up to this size are sent in one write; larger ones are read from the
 # request's temporary file in pieces, with backpressure.
 _IN_MEMORY_BODY = 65536
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    # One "Starting factory" log line per upstream connection is noise.
+    noisy = False
 
 
 @implementer(IBodyProducer)
@@ -89,6 +94,7 @@ class UpstreamClient:
         self.pool: Optional[HTTPConnectionPool] = None
         if agent is None:
             self.pool = HTTPConnectionPool(reactor, persistent=max_idle_connections > 0)
+            self.pool._factory = _QuietFactory
             self.pool.maxPersistentPerHost = max(max_idle_connections, 1)
             # Close idle upstream connections before a typical upstream
             # keep-alive (uvicorn: 5 s) would, so a reused one is rarely stale.

@@ -1,0 +1,38 @@
+-- aura-proxy API call history: PostgreSQL schema.
+--
+-- {table} is replaced by the configured table name (validated by the config
+-- loader as a plain identifier).  Each "-- migration N: ..." line starts a
+-- migration.  Migrations run in order, each once, in its own transaction, and
+-- are recorded in {table}_schema_version.  NEVER edit an applied migration:
+-- append a new one (e.g. "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS ...").
+
+-- migration 1: call history table and its indexes
+CREATE TABLE IF NOT EXISTS {table} (
+    id                  text PRIMARY KEY,
+    created_at          timestamptz NOT NULL,
+    tenant_id           text,
+    user_id             text,
+    agent_id            text,
+    source              text,
+    caller_type         text,
+    method              text NOT NULL,
+    path                text NOT NULL,
+    route               text,
+    query_string        text,
+    status_code         integer NOT NULL,
+    latency_ms          double precision NOT NULL,
+    request_size_bytes  bigint,
+    response_size_bytes bigint,
+    client_ip           text,
+    user_agent          text,
+    trace_id            text,
+    is_stream           boolean NOT NULL,
+    first_event_ms      double precision,
+    event_count         bigint,
+    end_reason          text
+);
+CREATE INDEX IF NOT EXISTS {table}_created_at_idx ON {table} (created_at);
+CREATE INDEX IF NOT EXISTS {table}_tenant_created_idx ON {table} (tenant_id, created_at);
+CREATE INDEX IF NOT EXISTS {table}_path_created_idx ON {table} (path, created_at);
+CREATE INDEX IF NOT EXISTS {table}_status_created_idx ON {table} (status_code, created_at);
+CREATE INDEX IF NOT EXISTS {table}_trace_idx ON {table} (trace_id);

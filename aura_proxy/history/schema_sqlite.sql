@@ -1,0 +1,41 @@
+-- aura-proxy API call history: SQLite schema.
+--
+-- {table} is replaced by the configured table name (validated by the config
+-- loader as a plain identifier).  Each "-- migration N: ..." line starts a
+-- migration.  Migrations run in order, each once, in its own transaction, and
+-- are recorded in {table}_schema_version.  NEVER edit an applied migration:
+-- append a new one (e.g. "ALTER TABLE {table} ADD COLUMN ...").
+--
+-- created_at is ISO-8601 UTC text ("2026-01-31T12:00:00.123456+00:00"), which
+-- sorts chronologically and is understood by SQLite's date functions.
+
+-- migration 1: call history table and its indexes
+CREATE TABLE IF NOT EXISTS {table} (
+    id                  TEXT PRIMARY KEY NOT NULL,
+    created_at          TEXT NOT NULL,
+    tenant_id           TEXT,
+    user_id             TEXT,
+    agent_id            TEXT,
+    source              TEXT,
+    caller_type         TEXT,
+    method              TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    route               TEXT,
+    query_string        TEXT,
+    status_code         INTEGER NOT NULL,
+    latency_ms          REAL NOT NULL,
+    request_size_bytes  INTEGER,
+    response_size_bytes INTEGER,
+    client_ip           TEXT,
+    user_agent          TEXT,
+    trace_id            TEXT,
+    is_stream           INTEGER NOT NULL CHECK (is_stream IN (0, 1)),
+    first_event_ms      REAL,
+    event_count         INTEGER,
+    end_reason          TEXT
+);
+CREATE INDEX IF NOT EXISTS {table}_created_at_idx ON {table} (created_at);
+CREATE INDEX IF NOT EXISTS {table}_tenant_created_idx ON {table} (tenant_id, created_at);
+CREATE INDEX IF NOT EXISTS {table}_path_created_idx ON {table} (path, created_at);
+CREATE INDEX IF NOT EXISTS {table}_status_created_idx ON {table} (status_code, created_at);
+CREATE INDEX IF NOT EXISTS {table}_trace_idx ON {table} (trace_id);

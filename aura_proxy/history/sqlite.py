@@ -1,0 +1,152 @@
+"""
+SQLite history backend: the stdlib C{sqlite3} in one dedicated worker thread.
+
+SQLite calls block (disk, locks), so every call runs in a private
+L{ThreadPool} of exactly one thread: never in the reactor thread, and never two
+at once on the one connection.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from aura_proxy.history.schema import COLUMNS, Row, insert_sql, load_migrations, version_table
+
+__all__ = ["SQLiteBackend", "sqlite_path"]
+
+T = TypeVar("T")
+
+_ROW_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,  # a value of a type SQLite cannot bind
+    OverflowError,  # an integer wider than 64 bits
+    ValueError,
+    TypeError,
+    UnicodeError,
+)
+
+
+def sqlite_path(dsn: str) -> str:
+    """C{sqlite:///rel/path} -> C{rel/path}; C{sqlite:////abs/path} -> C{/abs/path}."""
+    return dsn[len("sqlite:///"):]
+
+
+class SQLiteBackend:
+    """L{aura_proxy.history.backend.Backend} over one SQLite file."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str, table: str, reactor: Any) -> None:
+        self.path = path
+        self.table = table
+        self._reactor = reactor
+        self._pool: Optional[ThreadPool] = None
+        self._conn: Optional[sqlite3.Connection] = None  # touched only in the worker thread
+        self._insert = insert_sql(table, "qmark", 1)
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="aura-history-sqlite")
+            self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def connect(self) -> "Deferred[None]":
+        """Open the file (creating its directory) and apply pending migrations."""
+        return self._run(self._connect)
+
+    def insert(self, rows: Sequence[Row]) -> "Deferred[int]":
+        """Insert C{rows} in one transaction; fire with how many were new."""
+        params = [tuple(row.get(c) for c in COLUMNS) for row in rows]
+        return self._run(self._insert_rows, params)
+
+    def is_row_error(self, failure: Failure) -> bool:
+        """Constraint, range, type or encoding problems are the row's fault."""
+        return failure.check(*_ROW_ERRORS) is not None
+
+    def close(self) -> "Deferred[None]":
+        """Close the connection in its thread, then stop the thread."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return succeed(None)
+        d = deferToThreadPool(self._reactor, pool, self._close)
+
+        def stop(result: object) -> object:
+            # The pool is idle once _close has run: joining is immediate.
+            pool.stop()
+            return result
+
+        d.addBoth(stop)
+        d.addErrback(lambda f: None)
+        return d
+
+    # -- worker thread ---------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._close()
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        # Explicit transactions (isolation_level=None); the worker thread is
+        # the only user, but the pool may swap its thread: no same-thread check.
+        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        try:
+            # WAL lets a DBA read while we write; FULL keeps acked commits on power loss.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        versions = version_table(self.table)
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {versions} ("
+            "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        for migration in load_migrations("sqlite", self.table):
+            # IMMEDIATE: take the write lock before checking, so two processes
+            # opening the same file cannot both apply a migration.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                done = conn.execute(
+                    f"SELECT 1 FROM {versions} WHERE version = ?", (migration.version,)
+                ).fetchone()
+                if not done:
+                    for statement in migration.statements:
+                        conn.execute(statement)
+                    conn.execute(
+                        f"INSERT INTO {versions} (version, description, applied_at) "
+                        "VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                        (migration.version, migration.description),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _insert_rows(self, params: Sequence[tuple[Any, ...]]) -> int:
+        if self._conn is None:
+            raise sqlite3.OperationalError("history database is not open")
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = conn.executemany(self._insert, params)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return max(cursor.rowcount, 0)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,94 @@
+"""Unit tests of L{aura_proxy.history.spool.Spool}: segments, order, sealing, torn tails."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import TestCase
+
+from aura_proxy.history.spool import Spool
+from tests.history_helpers import segments
+
+
+def rows(*ids: str) -> list[dict[str, str]]:
+    """Minimal rows with the given ids."""
+    return [{"id": i} for i in ids]
+
+
+class SpoolTests(TestCase):
+    """The on-disk spool, used directly (it is synchronous)."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        self.spool = Spool(self.dir)
+        self.assertEqual(self.spool.open(), 0)
+
+    def drain(self, spool: Spool, size: int = 2) -> list[str]:
+        """Read and ack everything, returning ids in read order."""
+        out: list[str] = []
+        while (chunk := spool.read(size)) is not None:
+            out.extend(r["id"] for r in chunk.rows)
+            spool.ack(chunk)
+        return out
+
+    def test_fifo_across_appends(self) -> None:
+        """Rows come back in append order, in chunks of at most the asked size."""
+        self.spool.append(rows("a", "b", "c"))
+        self.spool.append(rows("d"))
+        chunk = self.spool.read(2)
+        assert chunk is not None
+        self.assertEqual([r["id"] for r in chunk.rows], ["a", "b"])
+        self.assertFalse(chunk.last)
+        self.spool.ack(chunk)
+        self.assertEqual(self.drain(self.spool), ["c", "d"])
+        self.assertEqual(segments(self.dir), [])
+
+    def test_reading_seals_segment(self) -> None:
+        """Appends made while a segment is replayed go to a new segment, read after it."""
+        self.spool.append(rows("a", "b"))
+        chunk = self.spool.read(1)
+        assert chunk is not None
+        self.spool.append(rows("c"))
+        self.assertEqual(len(segments(self.dir)), 2)
+        self.spool.ack(chunk)
+        self.assertEqual(self.drain(self.spool), ["b", "c"])
+
+    def test_segment_kept_until_acked(self) -> None:
+        """A segment read but not acked stays on disk and is read again by a new instance."""
+        self.spool.append(rows("a", "b"))
+        self.assertIsNotNone(self.spool.read(10))
+        again = Spool(self.dir)
+        self.assertEqual(again.open(), 2)
+        self.assertEqual(self.drain(again), ["a", "b"])
+
+    def test_new_instance_never_appends_to_old_segment(self) -> None:
+        """After a restart, new rows go to a new segment, after the old ones."""
+        self.spool.append(rows("a"))
+        again = Spool(self.dir)
+        again.append(rows("b"))
+        self.assertEqual(len(segments(self.dir)), 2)
+        self.assertEqual(self.drain(again), ["a", "b"])
+
+    def test_torn_tail_skipped(self) -> None:
+        """A torn last line (kill -9 mid-write) and garbage lines are skipped and counted."""
+        self.spool.append(rows("a"))
+        name = os.path.join(self.dir, segments(self.dir)[0])
+        with open(name, "a") as f:
+            f.write('not json\n{"id": "b"}\n{"id": "c"')
+        again = Spool(self.dir)
+        chunk = again.read(10)
+        assert chunk is not None
+        self.assertEqual([r["id"] for r in chunk.rows], ["a", "b"])
+        self.assertEqual(chunk.bad, 2)
+        self.assertTrue(chunk.last)
+        again.ack(chunk)
+        self.assertEqual(segments(self.dir), [])
+
+    def test_big_segment_rotates(self) -> None:
+        """A segment over max_segment_bytes is sealed: the next append starts a new file."""
+        spool = Spool(self.mktemp(), max_segment_bytes=10)
+        spool.append(rows("a"))
+        spool.append(rows("b"))
+        self.assertEqual(len(segments(spool.directory)), 2)
+        self.assertEqual(self.drain(spool), ["a", "b"])
+        self.assertEqual(spool.open(), 0)
