@@ -7,7 +7,8 @@ rules can be tested without a network.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
@@ -18,6 +19,7 @@ __all__ = [
     "HeaderContract",
     "Cors",
     "end_to_end",
+    "TenantSources",
 ]
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1), plus
@@ -205,3 +207,59 @@ class Cors:
         if self._exposed:
             out.append((b"Access-Control-Expose-Headers", self._exposed))
         return out
+
+
+_TENANT = b"x-tenant-id"
+
+
+class TenantSources:
+    """
+    C{[headers] tenant_from}: where a request's tenant may come from.
+
+    A browser C{EventSource} cannot set headers, so a GET stream may carry its
+    tenant in a query parameter or a cookie instead.  The first source found
+    wins and becomes the request's C{X-Tenant-ID}; every query parameter named
+    as a source is removed from the request before it goes anywhere (upstream,
+    logs, history).
+    """
+
+    def __init__(self, sources: Sequence[str]) -> None:
+        self._sources: list[tuple[str, bytes]] = []
+        for source in sources:
+            kind, _, name = source.partition(":")
+            self._sources.append((kind, name.encode("utf-8")))
+        self._query_names = frozenset(name for kind, name in self._sources if kind == "query")
+        self._only_header = all(kind == "header" for kind, _ in self._sources)
+
+    def apply(self, request: Any) -> None:
+        """Resolve the tenant of C{request} in place (its headers and URI)."""
+        if self._only_header:
+            return
+        found: dict[bytes, bytes] = {}
+        if self._query_names:
+            path, sep, query = request.uri.partition(b"?")
+            if sep:
+                kept = []
+                for pair in query.split(b"&"):
+                    raw_name, _, raw_value = pair.partition(b"=")
+                    name = unquote_to_bytes(raw_name.replace(b"+", b" "))
+                    if name in self._query_names:
+                        found.setdefault(name, unquote_to_bytes(raw_value.replace(b"+", b" ")))
+                    else:
+                        kept.append(pair)
+                request.uri = path + (b"?" + b"&".join(kept) if kept else b"")
+                if request.args:
+                    for name in self._query_names:
+                        request.args.pop(name, None)
+        headers = request.requestHeaders
+        for kind, name in self._sources:
+            if kind == "header":
+                values = headers.getRawHeaders(_TENANT)
+                value: Optional[bytes] = values[0] if values and values[0].strip() else None
+            elif kind == "query":
+                value = found.get(name)
+            else:
+                value = request.getCookie(name)
+            if value is not None and value.strip() and b"\r" not in value and b"\n" not in value:
+                headers.setRawHeaders(_TENANT, [value.strip()])
+                return

@@ -32,9 +32,12 @@ from werkzeug.exceptions import NotFound
 
 from aura_proxy import errors
 from aura_proxy.config import Config, RouteConfig
-from aura_proxy.contract import Cors, HeaderContract, end_to_end
+from aura_proxy.contract import Cors, HeaderContract, TenantSources, end_to_end
 from aura_proxy.errors import GatewayError
-from aura_proxy.relay import Relay
+from aura_proxy.relay import Relay, StreamTransform
+from aura_proxy.resume.log import Attachment, ResumeLog
+from aura_proxy.resume.replay import Replay
+from aura_proxy.sse import SseRewriter, format_event_id, make_stream_id, parse_event_id
 from aura_proxy.routes import MalformedPath, Router, split_path, strip_segments
 from aura_proxy.upstream import UpstreamClient, body_producer
 
@@ -136,7 +139,9 @@ class GatewaySite(Site):
 class _Call:
     """What one request has gathered on its way through the path."""
 
-    __slots__ = ("id", "started", "segments", "route", "relay", "upstream_call", "request_size")
+    __slots__ = (
+        "id", "started", "segments", "route", "relay", "replay", "upstream_call", "request_size",
+    )
 
     def __init__(self, started: float) -> None:
         self.id = str(uuid.uuid4())
@@ -144,6 +149,7 @@ class _Call:
         self.segments: list[str] = []
         self.route: Optional[RouteConfig] = None
         self.relay: Optional[Relay] = None
+        self.replay: Optional[Replay] = None
         self.upstream_call: Optional[Deferred[IResponse]] = None
         self.request_size = 0
 
@@ -164,7 +170,12 @@ class Gateway:
         reactor: IReactorTime,
         client: UpstreamClient,
         history: Optional["HistoryService"] = None,
+        resume: Optional[ResumeLog] = None,
     ) -> None:
+        """
+        @param resume: where streams are logged for C{Last-Event-ID} replay;
+            None when C{[sse] resume = off}.
+        """
         self.config = config
         self._clock = reactor
         self._client = client
@@ -172,6 +183,10 @@ class Gateway:
         self._router: Router[RouteConfig] = Router((r.pattern, r) for r in config.routes)
         self._contract = HeaderContract(config.headers)
         self._cors = Cors(config.cors)
+        self._tenants = TenantSources(config.headers.tenant_from)
+        self._inject_ids = config.sse.inject_ids
+        self._resume = resume if config.sse.inject_ids else None
+        self._detach = config.sse.resume_ttl if config.sse.on_client_disconnect == "detach" else 0.0
         g = config.gateway
         self._response_timeout = g.response_timeout
         self._connect_timeout = g.connect_timeout
@@ -219,11 +234,52 @@ class Gateway:
         if route is None:
             return self._fail(request, call, errors.no_route(_text(path)))
 
+        self._tenants.apply(request)
         missing = self._contract.missing(headers, call.segments)
         if missing is not None:
             return self._fail(request, call, errors.missing_header(missing))
 
+        last_id = headers.getRawHeaders(b"last-event-id")
+        if last_id and self._inject_ids:
+            resumed = parse_event_id(_text(last_id[0]))
+            if resumed is not None:
+                return self._resume_or_forward(request, call, route, resumed)
+
         return self._forward(request, call, route)
+
+    def _resume_or_forward(
+        self, request: Request, call: _Call, route: RouteConfig, resumed: tuple[str, int]
+    ) -> "Deferred[None]":
+        """
+        Answer a C{Last-Event-ID} of the gateway's own from the stream's log;
+        if the log cannot (expired, evicted, unknown, another tenant's), the
+        request goes upstream as a fresh one, without the gateway's id.
+        """
+        stream_id, seq = resumed[0], resumed[1]
+        if self._resume is None:
+            request.requestHeaders.removeHeader(b"last-event-id")
+            return self._forward(request, call, route)
+        finished: Deferred[None] = Deferred(lambda d: self._cancel(call))
+        replay = call.replay = Replay(
+            request, self._clock, self._heartbeat, lambda: self._open_sse(request, call, None)
+        )
+
+        def attached(attachment: Optional[Attachment]) -> None:
+            if attachment is None:
+                call.replay = None
+                request.requestHeaders.removeHeader(b"last-event-id")
+                self._forward(request, call, route).chainDeferred(finished)
+                return
+            replay.attached(attachment)
+
+        def ended(reason: str) -> None:
+            self._record(request, call, 200, replay=replay, end_reason=reason)
+            if not finished.called:
+                finished.callback(None)
+
+        replay.done.addCallback(ended)
+        self._resume.attach(stream_id, _owner(request), seq, replay).addCallback(attached)
+        return finished
 
     def _forward(self, request: Request, call: _Call, route: RouteConfig) -> "Deferred[None]":
         url = _upstream_url(route, request.uri)
@@ -282,27 +338,33 @@ class Gateway:
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         is_sse = content_type.lower().startswith(b"text/event-stream")
         request.setResponseCode(response.code, response.phrase)
-        out = request.responseHeaders
-        for name, values in end_to_end(response.headers, _SSE_DROP if is_sse else _RESPONSE_DROP):
-            out.setRawHeaders(name, values)
         if is_sse:
-            out.setRawHeaders(b"cache-control", [b"no-cache"])
-            out.setRawHeaders(b"x-accel-buffering", [b"no"])
-            if request.clientproto == b"HTTP/1.1":
-                out.setRawHeaders(b"connection", [b"keep-alive"])
-        elif response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-            # The client parser keeps Content-Length to itself; pass it on so
-            # the client gets the same framing (no chunking) as from upstream.
-            out.setRawHeaders(b"content-length", [b"%d" % response.length])
-        self._add_cors(request)
-        out.setRawHeaders(b"x-request-id", [call.id.encode("ascii")])
+            self._open_sse(request, call, response)
+        else:
+            out = request.responseHeaders
+            for name, values in end_to_end(response.headers, _RESPONSE_DROP):
+                out.setRawHeaders(name, values)
+            if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+                # The client parser keeps Content-Length to itself; pass it on
+                # so the client gets the same framing as from upstream.
+                out.setRawHeaders(b"content-length", [b"%d" % response.length])
+            self._add_cors(request)
+            out.setRawHeaders(b"x-request-id", [call.id.encode("ascii")])
+
+        transform: Optional[StreamTransform] = None
+        stream_id: Optional[str] = None
+        if is_sse and self._inject_ids:
+            stream_id = make_stream_id()
+            transform = self._stamper(stream_id, request)
 
         relay = call.relay = Relay(
             request,
             self._clock,
             idle_timeout=self._idle_timeout,
             heartbeat_interval=self._heartbeat if is_sse else 0.0,
+            transform=transform,
             clean_end=is_sse,
+            detach_seconds=self._detach if stream_id is not None and self._resume is not None else 0.0,
             describe=lambda: f"route {route.name} ({_text(request.uri)})",
         )
         self._active.add(relay)
@@ -314,16 +376,44 @@ class Gateway:
 
         def ended(reason: str) -> None:
             self._active.discard(relay)
+            if stream_id is not None and self._resume is not None:
+                self._resume.close(stream_id)
             self._record(request, call, response.code, relay=relay, is_sse=is_sse, end_reason=reason)
             if not finished.called:
                 finished.callback(None)
 
         relay.done.addCallback(ended)
 
+    def _stamper(self, stream_id: str, request: Request) -> StreamTransform:
+        """The SSE rewriter of a new stream, logging each event when resume is on."""
+        make_id = lambda seq: format_event_id(stream_id, seq)  # noqa: E731
+        if self._resume is None:
+            return _Counted(SseRewriter(make_id))
+        self._resume.open(stream_id, _owner(request))
+        return _Logged(SseRewriter(make_id, record=True), self._resume, stream_id)
+
+    def _open_sse(self, request: Request, call: _Call, response: Optional[IResponse]) -> None:
+        """Status and headers of an SSE response, relayed or replayed."""
+        out = request.responseHeaders
+        if response is None:
+            request.setResponseCode(200)
+            out.setRawHeaders(b"content-type", [b"text/event-stream"])
+        else:
+            for name, values in end_to_end(response.headers, _SSE_DROP):
+                out.setRawHeaders(name, values)
+        out.setRawHeaders(b"cache-control", [b"no-cache"])
+        out.setRawHeaders(b"x-accel-buffering", [b"no"])
+        if request.clientproto == b"HTTP/1.1":
+            out.setRawHeaders(b"connection", [b"keep-alive"])
+        self._add_cors(request)
+        out.setRawHeaders(b"x-request-id", [call.id.encode("ascii")])
+
     def _cancel(self, call: _Call) -> None:
         # Klein cancels the handler's Deferred when the client disconnects.
         if call.relay is not None:
             call.relay.client_gone()
+        elif call.replay is not None:
+            call.replay.client_gone()
         elif call.upstream_call is not None and not call.upstream_call.called:
             call.upstream_call.cancel()
 
@@ -400,6 +490,7 @@ class Gateway:
         call: _Call,
         status: int,
         relay: Optional[Relay] = None,
+        replay: Optional[Replay] = None,
         is_sse: bool = False,
         end_reason: Optional[str] = None,
         response_size: Optional[int] = None,
@@ -413,6 +504,12 @@ class Gateway:
         path, _, query = (request.uri or b"").partition(b"?")
         if relay is not None and not is_sse:
             response_size = relay.sent
+        first_write_at: Optional[float] = None
+        events: Optional[int] = None
+        if replay is not None:
+            is_sse, first_write_at, events = True, replay.first_write_at, replay.events
+        elif relay is not None and is_sse:
+            first_write_at, events = relay.first_write_at, relay.events
         record: CallRecord = CallRecord(
             id=call.id,
             created_at=datetime.fromtimestamp(call.started, timezone.utc),
@@ -435,11 +532,11 @@ class Gateway:
             trace_id=_trace_id(headers),
             is_stream=is_sse,
             first_event_ms=(
-                round((relay.first_write_at - call.started) * 1000.0, 3)
-                if is_sse and relay is not None and relay.first_write_at is not None
+                round((first_write_at - call.started) * 1000.0, 3)
+                if first_write_at is not None
                 else None
             ),
-            event_count=relay.events if is_sse and relay is not None else None,
+            event_count=events,
             end_reason=end_reason if is_sse else None,
         )
         self._history.record(record)
@@ -454,6 +551,47 @@ class Gateway:
         """End every relayed response (on SIGTERM): each is recorded as C{shutdown}."""
         for relay in list(self._active):
             relay.stop("shutdown")
+
+
+class _Counted:
+    """An SSE rewriter whose stamped-event count the relay reports."""
+
+    __slots__ = ("_rewriter", "feed", "flush")
+
+    def __init__(self, rewriter: SseRewriter) -> None:
+        self._rewriter = rewriter
+        self.feed = rewriter.feed
+        self.flush = rewriter.flush
+
+    @property
+    def count(self) -> int:
+        return self._rewriter.seq
+
+
+class _Logged(_Counted):
+    """An SSE rewriter that also appends every stamped event to the stream log."""
+
+    __slots__ = ("_log", "_stream_id")
+
+    def __init__(self, rewriter: SseRewriter, log: ResumeLog, stream_id: str) -> None:
+        super().__init__(rewriter)
+        self._log = log
+        self._stream_id = stream_id
+        self.feed = self._feed  # type: ignore[method-assign]
+
+    def _feed(self, data: bytes) -> bytes:
+        out = self._rewriter.feed(data)
+        if self._rewriter.events:
+            append, stream_id = self._log.append, self._stream_id
+            for event in self._rewriter.take_events():
+                append(stream_id, event.seq, event.block)
+        return out
+
+
+def _owner(request: Request) -> str:
+    # Who may resume a stream: its tenant (the header contract guarantees
+    # one outside public paths; public streams share the empty owner).
+    return _header(request.requestHeaders, b"x-tenant-id") or ""
 
 
 def _upstream_url(route: RouteConfig, uri: bytes) -> bytes:

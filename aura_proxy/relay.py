@@ -66,6 +66,7 @@ class Relay(Protocol):
         heartbeat_interval: float = 0.0,
         transform: Optional[StreamTransform] = None,
         clean_end: bool = True,
+        detach_seconds: float = 0.0,
         describe: Callable[[], str] = lambda: "upstream",
     ) -> None:
         """
@@ -75,6 +76,9 @@ class Relay(Protocol):
             response normally (SSE: the client sees the stream end and may
             resume) rather than abort its connection (a truncated body must
             not look complete).
+        @param detach_seconds: when the client goes away, keep reading the
+            upstream for up to this long (its events go to the stream log, for
+            a client that resumes); 0 closes the upstream at once.
         """
         self._request = request
         self._clock = clock
@@ -82,6 +86,8 @@ class Relay(Protocol):
         self._heartbeat_interval = heartbeat_interval
         self._transform = transform
         self._clean_end = clean_end
+        self._detach_seconds = detach_seconds
+        self._orphan_call: Optional[IDelayedCall] = None
         self._describe = describe
         self.done: Deferred[str] = Deferred()
         self.sent = 0
@@ -99,6 +105,11 @@ class Relay(Protocol):
     def events(self) -> Optional[int]:
         """SSE events relayed, when an SSE transform counts them; else None."""
         return getattr(self._transform, "count", None)
+
+    @property
+    def detached(self) -> bool:
+        """Whether the client is gone while the upstream is still read."""
+        return self._client_gone and self._orphan_call is not None
 
     # -- upstream side (IProtocol) -------------------------------------------
 
@@ -163,6 +174,14 @@ class Relay(Protocol):
         if self._client_gone:
             return
         self._client_gone = True
+        if self._detach_seconds > 0 and self.transport is not None and self._reason is None:
+            # Detached: the upstream goes on into the stream log, unpaused.
+            self._reason = "client_disconnect"
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self._orphan_call = self._clock.callLater(
+                self._detach_seconds, self.stop, "client_disconnect"
+            )
+            return
         self.stop("client_disconnect")
 
     def stop(self, reason: str) -> None:
@@ -203,10 +222,10 @@ class Relay(Protocol):
         self._beat_call = self._clock.callLater(self._heartbeat_interval - silent, self._check_beat)
 
     def _cancel_timers(self) -> None:
-        for call in (self._idle_call, self._beat_call):
+        for call in (self._idle_call, self._beat_call, self._orphan_call):
             if call is not None and call.active():
                 call.cancel()
-        self._idle_call = self._beat_call = None
+        self._idle_call = self._beat_call = self._orphan_call = None
 
     def _end_client(self) -> None:
         if self._finished:

@@ -12,13 +12,14 @@ from typing import Any, Optional
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.python import usage
 from twisted.web.server import Site
 
 from aura_proxy.admin import Admin
-from aura_proxy.config import Config, ConfigError, load_config
+from aura_proxy.config import Config, ConfigError, SseConfig, load_config
 from aura_proxy.proxy import Gateway, GatewaySite
+from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.upstream import UpstreamClient
 
 __all__ = ["Options", "makeService", "build_service"]
@@ -46,14 +47,37 @@ class Options(usage.Options):
 class _Drain(Service):
     """On shutdown: end every open stream (recorded as C{shutdown}), close the pool."""
 
-    def __init__(self, gateway: Gateway, client: UpstreamClient) -> None:
+    def __init__(self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog]) -> None:
         self._gateway = gateway
         self._client = client
+        self._resume = resume
+
+    def startService(self) -> None:
+        Service.startService(self)
+        start = getattr(self._resume, "start", None)
+        if start is not None:
+            start()
 
     def stopService(self) -> "Deferred[object]":
         Service.stopService(self)
         self._gateway.shutdown()
-        return maybeDeferred(self._client.close)
+        done = [maybeDeferred(self._client.close)]
+        if self._resume is not None:
+            done.append(maybeDeferred(self._resume.stop))
+        return gatherResults(done).addCallback(lambda _: None)
+
+
+def make_resume_log(config: SseConfig, reactor: Any) -> Optional[ResumeLog]:
+    """The stream log C{[sse] resume} names, or None for C{off}."""
+    if config.resume == "off" or not config.inject_ids:
+        return None
+    if config.resume == "memory":
+        return MemoryResumeLog(reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes)
+    from aura_proxy.resume.redis import RedisResumeLog
+
+    return RedisResumeLog(
+        reactor, config.resume, config.resume_ttl, config.resume_max_events, config.resume_max_bytes
+    )
 
 
 def build_service(config: Config, reactor: Any, demo: bool = False) -> MultiService:
@@ -71,8 +95,9 @@ def build_service(config: Config, reactor: Any, demo: bool = False) -> MultiServ
         history.setServiceParent(top)
     g = config.gateway
     client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections)
-    gateway = Gateway(config, reactor, client, history)
-    _Drain(gateway, client).setServiceParent(top)
+    resume = make_resume_log(config.sse, reactor)
+    gateway = Gateway(config, reactor, client, history, resume)
+    _Drain(gateway, client, resume).setServiceParent(top)
     if demo:
         from aura_proxy.demo import demo_service
 

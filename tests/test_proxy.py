@@ -12,7 +12,7 @@ import json
 from io import BytesIO
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -89,6 +89,14 @@ class Stream(Resource):
         request.setHeader(b"content-type", b"text/event-stream")
         request.write(b"")
         return NOT_DONE_YET
+
+
+def without_ids(data: bytes) -> bytes:
+    return b"".join(line for line in data.splitlines(True) if not line.startswith(b"id:"))
+
+
+def ids(data: bytes) -> list[str]:
+    return [line[4:].strip().decode() for line in data.splitlines() if line.startswith(b"id:")]
 
 
 class History:
@@ -321,15 +329,15 @@ class StreamTests(TestCase):
         self.assertIsNone(headers.getRawHeaders("content-length"))
 
     def test_events_flow_at_once(self) -> None:
-        """Each event reaches the client as soon as the upstream writes it."""
+        """Each event reaches the client as soon as the upstream writes it, stamped with an id."""
         h, upstream, _, received = self.open()
         assert upstream.request is not None
         upstream.request.write(b"data: one\n\n")
         h.flush()
-        self.assertEqual(b"".join(received), b"data: one\n\n")
+        self.assertEqual(without_ids(b"".join(received)), b"data: one\n\n")
         upstream.request.write(b"data: two\n\n")
         h.flush()
-        self.assertEqual(b"".join(received), b"data: one\n\ndata: two\n\n")
+        self.assertEqual(without_ids(b"".join(received)), b"data: one\n\ndata: two\n\n")
 
     def test_stream_summary_row(self) -> None:
         """A stream is one history row when it ends, with NULL sizes and query."""
@@ -364,3 +372,125 @@ class StreamTests(TestCase):
         self.assertEqual(agent.cancelled, 1)
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual([r.status_code for r in h.history.records], [499])
+
+
+class Streams(Resource):
+    """An upstream SSE endpoint that keeps every request, for several streams."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> object:
+        self.requests.append(request)
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"")
+        return NOT_DONE_YET
+
+
+class ResumeTests(TestCase):
+    """Last-Event-ID replay from the gateway's stream log (memory)."""
+
+    def setUp(self) -> None:
+        self.upstream = Streams()
+        self.h = Harness(self.upstream, CONFIG + "[sse]\nresume = memory\nresume_ttl = 60\n")
+        from aura_proxy.resume.log import MemoryResumeLog
+
+        self.log = MemoryResumeLog(self.h.clock, 60, 100, 100000)
+        self.h.gateway._resume = self.log
+
+    def get(self, headers: dict[str, str], url: str = "/api/aura/stream") -> tuple[Any, list[bytes]]:
+        response = self.h.request("GET", url, headers=headers, unbuffered=True)
+        received: list[bytes] = []
+        response.done = self.h.client.collect(response, received.append)
+        self.h.flush()
+        return response, received
+
+    def emit(self, data: bytes, index: int = 0) -> None:
+        self.upstream.requests[index].write(data)
+        self.h.flush()
+
+    def test_resume_replays_then_tails_then_ends(self) -> None:
+        """
+        A reconnect with the id of event 1 gets events 2 and 3 from the log,
+        then the live event 4, then the end, and the upstream is asked once.
+        """
+        _, first = self.get(TENANT)
+        for n in (1, 2, 3):
+            self.emit(b"data: %d\n\n" % n)
+        seen = ids(b"".join(first))
+        self.assertEqual(len(seen), 3)
+        self.assertEqual(len(set(seen)), 3)
+        response, second = self.get({"X-Tenant-ID": "t1", "Last-Event-ID": seen[0]})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
+        self.assertEqual(without_ids(b"".join(second)), b"data: 2\n\ndata: 3\n\n")
+        self.assertEqual(ids(b"".join(second)), seen[1:])
+        self.emit(b"data: 4\n\n")
+        self.assertEqual(without_ids(b"".join(second)), b"data: 2\n\ndata: 3\n\ndata: 4\n\n")
+        self.upstream.requests[0].finish()
+        self.h.flush()
+        self.assertEqual(len(self.upstream.requests), 1)
+        self.assertIsNone(self.h.successResultOf(response.done))
+        rows = [r for r in self.h.history.records if r.is_stream]
+        self.assertEqual(sorted(r.event_count or 0 for r in rows), [3, 4])
+
+    def test_other_tenant_gets_a_fresh_stream(self) -> None:
+        """Another tenant's Last-Event-ID is not replayed: the request goes upstream, without the gateway id."""
+        _, first = self.get(TENANT)
+        self.emit(b"data: 1\n\n")
+        stolen = ids(b"".join(first))[0]
+        self.get({"X-Tenant-ID": "t2", "Last-Event-ID": stolen})
+        self.assertEqual(len(self.upstream.requests), 2)
+        self.assertIsNone(self.upstream.requests[1].requestHeaders.getRawHeaders(b"last-event-id"))
+
+    def test_unknown_id_goes_upstream(self) -> None:
+        """A well-formed gateway id the log does not know is a fresh request upstream."""
+        self.get({"X-Tenant-ID": "t1", "Last-Event-ID": "AAAAAAAAAAAAAAAAAAAAAA.5"})
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_upstream_ids_pass_through(self) -> None:
+        """A Last-Event-ID that is not the gateway's goes upstream unchanged."""
+        self.get({"X-Tenant-ID": "t1", "Last-Event-ID": "41"})
+        self.assertEqual(self.upstream.requests[0].requestHeaders.getRawHeaders(b"last-event-id"), [b"41"])
+
+    def test_detached_stream_keeps_reading(self) -> None:
+        """
+        With on_client_disconnect = detach, a client that leaves does not stop
+        the upstream: what it sends meanwhile is replayed on reconnect.
+        """
+        request = Request(DummyChannel())
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        request.uri = request.path = b"/api/aura/stream"
+        request.content = BytesIO()
+        request.requestHeaders.addRawHeader(b"x-tenant-id", b"t1")
+        d = self.h.gateway.handle(request)
+        self.h.flush()
+        self.emit(b"data: 1\n\n")
+        written = request.channel.transport.written.getvalue()  # type: ignore[union-attr]
+        [first_id] = ids(written.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n"))
+        d.cancel()  # what Klein does when the client disconnects
+        self.failureResultOf(d, CancelledError)
+        self.emit(b"data: 2\n\n")
+        self.emit(b"data: 3\n\n")
+        self.assertFalse(self.upstream.requests[0]._disconnected)
+        _, second = self.get({"X-Tenant-ID": "t1", "Last-Event-ID": first_id})
+        self.assertEqual(without_ids(b"".join(second)), b"data: 2\n\ndata: 3\n\n")
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_tenant_from_query(self) -> None:
+        """
+        With tenant_from = header, query:tenant_id, an EventSource's tenant
+        query parameter meets the contract and never reaches upstream or history.
+        """
+        harness = Harness(Echo(), CONFIG.replace(
+            "required = X-Tenant-ID", "required = X-Tenant-ID\ntenant_from = header, query:tenant_id"))
+        response = harness.request("GET", "/api/aura/x?a=1&tenant_id=t9&b=2")
+        self.assertEqual(response.code, 200)
+        seen = harness.json(response)
+        self.assertEqual(seen["uri"], "/api/aura/x?a=1&b=2")
+        self.assertIn(["X-Tenant-Id", "t9"], seen["headers"])
+        [row] = harness.history.records
+        self.assertEqual((row.tenant_id, row.query_string), ("t9", "a=1&b=2"))

@@ -1,0 +1,166 @@
+"""
+Stream logs: what lets a client that lost its connection get exactly the
+events it missed.
+
+A relayed SSE stream writes each event it stamped (its sequence number and the
+exact bytes the client was sent) to a L{ResumeLog}.  A client that comes back
+with the gateway id of the last event it saw is attached to the log: it gets
+every later event, in order, then the live rest, then the end.
+
+Two implementations share this contract: L{MemoryResumeLog} (one process) and
+L{aura_proxy.resume.redis.RedisResumeLog} (Redis Streams, shared by every
+gateway process and host).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+__all__ = ["Subscriber", "Attachment", "ResumeLog", "MemoryResumeLog"]
+
+
+class Subscriber(Protocol):
+    """Receives a stream's events from a log."""
+
+    def replay_event(self, seq: int, block: bytes) -> None:
+        """One event, exactly as the original client was sent it."""
+
+    def replay_end(self) -> None:
+        """The stream has ended and every event was delivered."""
+
+
+class Attachment(Protocol):
+    """A subscriber's hold on a stream."""
+
+    def detach(self) -> None:
+        """Deliver nothing more (the resumed client went away)."""
+
+
+class ResumeLog(Protocol):
+    """Where relayed streams are kept for resumption."""
+
+    def open(self, stream_id: str, owner: str) -> None:
+        """A new stream, resumable only by C{owner}."""
+
+    def append(self, stream_id: str, seq: int, block: bytes) -> None:
+        """Event C{seq} (1, 2, ...) of an open stream."""
+
+    def close(self, stream_id: str) -> None:
+        """The stream ended; it stays replayable for the log's TTL."""
+
+    def attach(
+        self, stream_id: str, owner: str, after_seq: int, subscriber: Subscriber
+    ) -> "Deferred[Optional[Attachment]]":
+        """
+        Deliver the events after C{after_seq}, then the live rest, then the end.
+
+        Fires with None, delivering nothing, when the stream is unknown,
+        expired, owned by someone else, or no longer holds every event after
+        C{after_seq}: the caller then treats the request as a fresh one.
+        """
+
+    def stop(self) -> "Deferred[None]":
+        """Release connections and timers (on shutdown)."""
+
+
+class _Stream:
+    __slots__ = ("owner", "events", "size", "first_seq", "last_seq", "ended", "subscribers", "expiry")
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.events: deque[tuple[int, bytes]] = deque()
+        self.size = 0
+        self.first_seq = 1
+        self.last_seq = 0
+        self.ended = False
+        self.subscribers: set["_MemoryAttachment"] = set()
+        self.expiry: Optional[IDelayedCall] = None
+
+
+class _MemoryAttachment:
+    def __init__(self, stream: _Stream, subscriber: Subscriber) -> None:
+        self.stream = stream
+        self.subscriber = subscriber
+
+    def detach(self) -> None:
+        self.stream.subscribers.discard(self)
+
+
+class MemoryResumeLog:
+    """
+    Stream logs in this process's memory.
+
+    Each stream keeps at most C{max_events} events and C{max_bytes} bytes
+    (the oldest go first) and is forgotten C{ttl} seconds after it ends.
+    """
+
+    def __init__(self, clock: IReactorTime, ttl: float, max_events: int, max_bytes: int) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._streams: dict[str, _Stream] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def open(self, stream_id: str, owner: str) -> None:
+        self._streams[stream_id] = _Stream(owner)
+
+    def append(self, stream_id: str, seq: int, block: bytes) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended:
+            return
+        stream.events.append((seq, block))
+        stream.size += len(block)
+        stream.last_seq = seq
+        while len(stream.events) > self._max_events or (
+            stream.size > self._max_bytes and len(stream.events) > 1
+        ):
+            old_seq, old = stream.events.popleft()
+            stream.size -= len(old)
+            stream.first_seq = old_seq + 1
+        for attachment in list(stream.subscribers):
+            attachment.subscriber.replay_event(seq, block)
+
+    def close(self, stream_id: str) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended:
+            return
+        stream.ended = True
+        for attachment in list(stream.subscribers):
+            attachment.subscriber.replay_end()
+        stream.subscribers.clear()
+        stream.expiry = self._clock.callLater(self._ttl, self._streams.pop, stream_id, None)
+
+    def attach(
+        self, stream_id: str, owner: str, after_seq: int, subscriber: Subscriber
+    ) -> "Deferred[Optional[Attachment]]":
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or stream.owner != owner
+            or after_seq < stream.first_seq - 1
+            or after_seq > stream.last_seq
+        ):
+            return succeed(None)
+        attachment = _MemoryAttachment(stream, subscriber)
+        for seq, block in stream.events:
+            if seq > after_seq:
+                subscriber.replay_event(seq, block)
+        if stream.ended:
+            subscriber.replay_end()
+        else:
+            stream.subscribers.add(attachment)
+        return succeed(attachment)
+
+    def stop(self) -> "Deferred[None]":
+        for stream in self._streams.values():
+            if stream.expiry is not None and stream.expiry.active():
+                stream.expiry.cancel()
+        self._streams.clear()
+        return succeed(None)
