@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Optional
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -37,7 +37,7 @@ from aura_proxy.errors import GatewayError
 from aura_proxy.relay import Relay, StreamTransform
 from aura_proxy.resume.log import Attachment, ResumeLog
 from aura_proxy.resume.replay import Replay
-from aura_proxy.sse import SseRewriter, format_event_id, make_stream_id, parse_event_id
+from aura_proxy.sse import SseRewriter, event_id_factory, make_stream_id, parse_gateway_id
 from aura_proxy.routes import MalformedPath, Router, split_path, strip_segments
 from aura_proxy.upstream import UpstreamClient, body_producer
 
@@ -241,24 +241,36 @@ class Gateway:
 
         last_id = headers.getRawHeaders(b"last-event-id")
         if last_id and self._inject_ids:
-            resumed = parse_event_id(_text(last_id[0]))
+            resumed = parse_gateway_id(_text(last_id[0]))
             if resumed is not None:
                 return self._resume_or_forward(request, call, route, resumed)
 
         return self._forward(request, call, route)
 
     def _resume_or_forward(
-        self, request: Request, call: _Call, route: RouteConfig, resumed: tuple[str, int]
+        self,
+        request: Request,
+        call: _Call,
+        route: RouteConfig,
+        resumed: tuple[str, int, Optional[bytes]],
     ) -> "Deferred[None]":
         """
         Answer a C{Last-Event-ID} of the gateway's own from the stream's log;
         if the log cannot (expired, evicted, unknown, another tenant's), the
-        request goes upstream as a fresh one, without the gateway's id.
+        request goes upstream as a fresh one, with the upstream's own last id
+        (which the gateway id carries) or none.
         """
-        stream_id, seq = resumed[0], resumed[1]
-        if self._resume is None:
-            request.requestHeaders.removeHeader(b"last-event-id")
+        stream_id, seq, upstream_id = resumed
+
+        def upstream_again() -> "Deferred[None]":
+            if upstream_id is None:
+                request.requestHeaders.removeHeader(b"last-event-id")
+            else:
+                request.requestHeaders.setRawHeaders(b"last-event-id", [upstream_id])
             return self._forward(request, call, route)
+
+        if self._resume is None:
+            return upstream_again()
         finished: Deferred[None] = Deferred(lambda d: self._cancel(call))
         replay = call.replay = Replay(
             request, self._clock, self._heartbeat, lambda: self._open_sse(request, call, None)
@@ -267,8 +279,7 @@ class Gateway:
         def attached(attachment: Optional[Attachment]) -> None:
             if attachment is None:
                 call.replay = None
-                request.requestHeaders.removeHeader(b"last-event-id")
-                self._forward(request, call, route).chainDeferred(finished)
+                upstream_again().chainDeferred(finished)
                 return
             replay.attached(attachment)
 
@@ -386,11 +397,14 @@ class Gateway:
 
     def _stamper(self, stream_id: str, request: Request) -> StreamTransform:
         """The SSE rewriter of a new stream, logging each event when resume is on."""
-        make_id = lambda seq: format_event_id(stream_id, seq)  # noqa: E731
+        rewriter: Optional[SseRewriter] = None
+        make_id = event_id_factory(stream_id, lambda: rewriter.upstream_id_bytes if rewriter else None)
         if self._resume is None:
-            return _Counted(SseRewriter(make_id))
+            rewriter = SseRewriter(make_id)
+            return _Counted(rewriter)
         self._resume.open(stream_id, _owner(request))
-        return _Logged(SseRewriter(make_id, record=True), self._resume, stream_id)
+        rewriter = SseRewriter(make_id, record=True)
+        return _Logged(rewriter, self._resume, stream_id)
 
     def _open_sse(self, request: Request, call: _Call, response: Optional[IResponse]) -> None:
         """Status and headers of an SSE response, relayed or replayed."""
@@ -414,7 +428,9 @@ class Gateway:
             call.relay.client_gone()
         elif call.replay is not None:
             call.replay.client_gone()
-        elif call.upstream_call is not None and not call.upstream_call.called:
+        elif call.upstream_call is not None:
+            # Also once connected: the Agent's Deferred then waits on the
+            # request in flight, and cancelling it aborts that connection.
             call.upstream_call.cancel()
 
     def _upstream_error(
@@ -547,10 +563,39 @@ class Gateway:
         """How many responses are being relayed now."""
         return len(self._active)
 
-    def shutdown(self) -> None:
-        """End every relayed response (on SIGTERM): each is recorded as C{shutdown}."""
-        for relay in list(self._active):
+    def shutdown(self, grace: float = 2.0) -> "Deferred[None]":
+        """
+        End every relayed response (on SIGTERM), each recorded as C{shutdown}.
+
+        SSE clients get a clean end of stream.  The Deferred fires once every
+        relay has ended and the clients' connections have drained (or after
+        C{grace} seconds), so that the reactor does not cut the last bytes.
+        """
+        relays = list(self._active)
+        transports = [relay.client_transport() for relay in relays]
+        for relay in relays:
             relay.stop("shutdown")
+        ended = gatherResults([relay.done for relay in relays])
+
+        def drain(_: object) -> "Deferred[None]":
+            open_transports = [t for t in transports if t is not None]
+            for transport in open_transports:
+                transport.loseConnection()
+            deadline = self._clock.seconds() + grace
+            done: Deferred[None] = Deferred()
+
+            def check() -> None:
+                if self._clock.seconds() >= deadline or all(
+                    getattr(t, "disconnected", True) for t in open_transports
+                ):
+                    done.callback(None)
+                else:
+                    self._clock.callLater(0.05, check)
+
+            check()
+            return done
+
+        return ended.addCallback(drain)
 
 
 class _Counted:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -105,6 +105,12 @@ class Relay(Protocol):
     def events(self) -> Optional[int]:
         """SSE events relayed, when an SSE transform counts them; else None."""
         return getattr(self._transform, "count", None)
+
+    def client_transport(self) -> Optional[ITransport]:
+        """The client's connection, or None once the client is gone."""
+        if self._client_gone or self._finished:
+            return None
+        return self._request.transport  # type: ignore[no-any-return]
 
     @property
     def detached(self) -> bool:

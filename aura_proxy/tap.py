@@ -60,8 +60,7 @@ class _Drain(Service):
 
     def stopService(self) -> "Deferred[object]":
         Service.stopService(self)
-        self._gateway.shutdown()
-        done = [maybeDeferred(self._client.close)]
+        done: list[Deferred[Any]] = [self._gateway.shutdown(), maybeDeferred(self._client.close)]
         if self._resume is not None:
             done.append(maybeDeferred(self._resume.stop))
         return gatherResults(done).addCallback(lambda _: None)
