@@ -141,6 +141,7 @@ class _Call:
 
     __slots__ = (
         "id", "started", "segments", "route", "relay", "replay", "upstream_call", "request_size",
+        "client_gone",
     )
 
     def __init__(self, started: float) -> None:
@@ -152,6 +153,7 @@ class _Call:
         self.replay: Optional[Replay] = None
         self.upstream_call: Optional[Deferred[IResponse]] = None
         self.request_size = 0
+        self.client_gone = False
 
 
 class Gateway:
@@ -328,7 +330,7 @@ class Gateway:
                 timeout[0].cancel()
             if finished.called:
                 return
-            error = self._upstream_error(route, failure, timed_out[0])
+            error = None if call.client_gone else self._upstream_error(route, failure, timed_out[0])
             if error is None:  # the client went away first
                 self._record(request, call, 499)
                 finished.callback(None)
@@ -424,6 +426,7 @@ class Gateway:
 
     def _cancel(self, call: _Call) -> None:
         # Klein cancels the handler's Deferred when the client disconnects.
+        call.client_gone = True
         if call.relay is not None:
             call.relay.client_gone()
         elif call.replay is not None:
@@ -471,6 +474,10 @@ class Gateway:
             log.warn("{method} {path}: {error}", method=_text(request.method),
                      path=_text(request.path), error=str(error))
         body = error.body(call.id)
+        if getattr(request, "_disconnected", False):
+            # Nobody to answer: the client left while the gateway waited.
+            self._record(request, call, 499)
+            return succeed(None)
         request.setResponseCode(error.status)
         out = request.responseHeaders
         out.setRawHeaders(b"content-type", [b"application/json"])
