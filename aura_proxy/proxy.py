@@ -390,7 +390,10 @@ class Gateway:
         def ended(reason: str) -> None:
             self._active.discard(relay)
             if stream_id is not None and self._resume is not None:
-                self._resume.close(stream_id)
+                if relay.upstream_complete:
+                    self._resume.close(stream_id)
+                else:
+                    self._resume.abandon(stream_id)
             self._record(request, call, response.code, relay=relay, is_sse=is_sse, end_reason=reason)
             if not finished.called:
                 finished.callback(None)

@@ -100,6 +100,9 @@ class Relay(Protocol):
         self._beat_call: Optional[IDelayedCall] = None
         self._client_gone = False
         self._finished = False
+        #: Whether the upstream sent its whole body (even if the client left).
+        self.upstream_complete = False
+        self._stopped = False
 
     @property
     def events(self) -> Optional[int]:
@@ -142,6 +145,9 @@ class Relay(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         self._cancel_timers()
+        self.upstream_complete = not self._stopped and bool(
+            reason.check(ResponseDone, PotentialDataLoss)
+        )
         if self._reason is None:
             if reason.check(ResponseDone, PotentialDataLoss):
                 self._reason = "completed"
@@ -197,6 +203,7 @@ class Relay(Protocol):
         """
         if self._reason is None:
             self._reason = reason
+        self._stopped = True
         self._cancel_timers()
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]

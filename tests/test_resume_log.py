@@ -280,6 +280,23 @@ class ResumeLogContract:
         att.detach()
 
     @inlineCallbacks
+    def test_abandon_forgets_and_ends_followers(self) -> Generator[Any, Any, None]:
+        """
+        An abandoned stream (ended early) ends its live subscribers and is no
+        longer attachable, so a resume goes upstream instead.
+        """
+        log = yield self._stream(2)
+        sub = Collector()
+        yield log.attach("s1", "t1", 0, sub)
+        log.abandon("s1")
+        yield self.until(lambda: sub.ends == 1, "the follower's end")
+        yield self.settle(log)
+        late = Collector()
+        result = yield log.attach("s1", "t1", 0, late)
+        self.assertIsNone(result)
+        self.assertEqual(late.seqs, [])
+
+    @inlineCallbacks
     def test_detach_stops_delivery(self) -> Generator[Any, Any, None]:
         """After detach() the subscriber gets no more events and no end, while other subscribers do."""
         log = yield self._stream(2)

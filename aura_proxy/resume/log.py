@@ -50,7 +50,15 @@ class ResumeLog(Protocol):
         """Event C{seq} (1, 2, ...) of an open stream."""
 
     def close(self, stream_id: str) -> None:
-        """The stream ended; it stays replayable for the log's TTL."""
+        """The stream ended complete; it stays replayable for the log's TTL."""
+
+    def abandon(self, stream_id: str) -> None:
+        """
+        The stream ended early (upstream error, idle timeout, cancelled,
+        shutdown): forget it, ending any live subscriber, so that a resume goes
+        upstream with the upstream's own id instead of getting a cut stream
+        replayed as if it were whole.
+        """
 
     def attach(
         self, stream_id: str, owner: str, after_seq: int, subscriber: Subscriber
@@ -136,6 +144,16 @@ class MemoryResumeLog:
             attachment.subscriber.replay_end()
         stream.subscribers.clear()
         stream.expiry = self._clock.callLater(self._ttl, self._streams.pop, stream_id, None)
+
+    def abandon(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        if stream.expiry is not None and stream.expiry.active():
+            stream.expiry.cancel()
+        for attachment in list(stream.subscribers):
+            attachment.subscriber.replay_end()
+        stream.subscribers.clear()
 
     def attach(
         self, stream_id: str, owner: str, after_seq: int, subscriber: Subscriber

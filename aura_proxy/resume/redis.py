@@ -416,6 +416,24 @@ class RedisResumeLog:
         group.end_id = b"%d-2" % writer.last_seq
         del self._batch[stream_id]  # anything later (a reopening) goes after
 
+    def abandon(self, stream_id: str) -> None:
+        writer = self._writers.pop(stream_id, None)
+        if writer is None:
+            return
+        self._batch.pop(stream_id, None)
+        key = self._prefix + stream_id.encode("utf-8")
+
+        def forget(_: object) -> None:
+            # Followers on any gateway see the owner key gone at their next
+            # blocking-read timeout and end their clients' streams.
+            conn = self._connection()
+            if conn is not None:
+                conn.execute_command(b"DEL", key, key + b":owner").addErrback(
+                    lambda f: log.failure("resume: forgetting an abandoned stream failed", f)
+                )
+
+        self.flushed().addCallback(forget)
+
     def _group(self, stream_id: str, writer: _Writer, new: bool = False) -> _Group:
         group = None if new else self._batch.get(stream_id)
         if group is None:
