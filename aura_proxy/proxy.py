@@ -35,7 +35,7 @@ from aura_proxy.config import Config, RouteConfig
 from aura_proxy.contract import Cors, HeaderContract, TenantSources, end_to_end
 from aura_proxy.errors import GatewayError
 from aura_proxy.relay import Relay, StreamTransform
-from aura_proxy.resume.log import Attachment, ResumeLog
+from aura_proxy.resume.log import FOREIGN, Attachment, ResumeLog
 from aura_proxy.resume.replay import Replay
 from aura_proxy.sse import SseRewriter, event_id_factory, make_stream_id, parse_gateway_id
 from aura_proxy.routes import MalformedPath, Router, split_path, strip_segments
@@ -264,8 +264,10 @@ class Gateway:
         """
         stream_id, seq, upstream_id = resumed
 
-        def upstream_again() -> "Deferred[None]":
-            if upstream_id is None:
+        def upstream_again(foreign: bool = False) -> "Deferred[None]":
+            # Another tenant's stream: nothing of it, not even its upstream
+            # id, goes with this request.
+            if upstream_id is None or foreign:
                 request.requestHeaders.removeHeader(b"last-event-id")
             else:
                 request.requestHeaders.setRawHeaders(b"last-event-id", [upstream_id])
@@ -279,9 +281,9 @@ class Gateway:
         )
 
         def attached(attachment: Optional[Attachment]) -> None:
-            if attachment is None:
+            if attachment is None or attachment is FOREIGN:
                 call.replay = None
-                upstream_again().chainDeferred(finished)
+                upstream_again(foreign=attachment is FOREIGN).chainDeferred(finished)
                 return
             replay.attached(attachment)
 

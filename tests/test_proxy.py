@@ -453,16 +453,25 @@ class ResumeTests(TestCase):
 
     def test_unreplayable_id_hands_upstream_its_own_id(self) -> None:
         """
-        When the log cannot replay (here: another tenant), the upstream gets
-        its own last id, which the gateway id carries.
+        When the log cannot replay (here: the stream was forgotten), the
+        upstream gets its own last id, which the gateway id carries.
         """
         _, first = self.get(TENANT)
         self.emit(b"id: up-7\ndata: 1\n\n")
         gateway_id = ids(b"".join(first))[0]
         self.assertNotIn("up-7", gateway_id)
-        self.get({"X-Tenant-ID": "t2", "Last-Event-ID": gateway_id})
+        self.log.abandon(gateway_id.split(".")[0])
+        self.get({"X-Tenant-ID": "t1", "Last-Event-ID": gateway_id})
         self.assertEqual(
             self.upstream.requests[1].requestHeaders.getRawHeaders(b"last-event-id"), [b"up-7"])
+
+    def test_foreign_stream_leaks_nothing(self) -> None:
+        """Another tenant's gateway id is dropped entirely, carried upstream id included."""
+        _, first = self.get(TENANT)
+        self.emit(b"id: up-7\ndata: 1\n\n")
+        gateway_id = ids(b"".join(first))[0]
+        self.get({"X-Tenant-ID": "t2", "Last-Event-ID": gateway_id})
+        self.assertIsNone(self.upstream.requests[1].requestHeaders.getRawHeaders(b"last-event-id"))
 
     def test_upstream_ids_pass_through(self) -> None:
         """A Last-Event-ID that is not the gateway's goes upstream unchanged."""

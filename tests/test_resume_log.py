@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
-from aura_proxy.resume.log import MemoryResumeLog
+from aura_proxy.resume.log import FOREIGN, MemoryResumeLog
 from aura_proxy.resume.redis import RedisResumeLog
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -197,11 +197,11 @@ class ResumeLogContract:
 
     @inlineCallbacks
     def test_owner_mismatch(self) -> Generator[Any, Any, None]:
-        """Another owner's attach fires None and delivers nothing."""
+        """Another owner's attach fires FOREIGN and delivers nothing."""
         log = yield self._stream(3)
         sub = Collector()
         att = yield log.attach("s1", "intruder", 0, sub)
-        self.assertIsNone(att)
+        self.assertIs(att, FOREIGN)
         self.assertEqual((sub.events, sub.ends), ([], 0))
 
     @inlineCallbacks
@@ -320,7 +320,7 @@ class ResumeLogContract:
         log.open("s1", "t2")
         log.append("s1", 1, b"new\n\n")
         yield self.settle(log)
-        self.assertIsNone((yield log.attach("s1", "t1", 0, Collector())))
+        self.assertIs((yield log.attach("s1", "t1", 0, Collector())), FOREIGN)
         sub = Collector()
         att = yield log.attach("s1", "t2", 0, sub)
         self.assertEqual(sub.events, [(1, b"new\n\n")])

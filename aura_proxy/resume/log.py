@@ -20,7 +20,7 @@ from typing import Optional, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["Subscriber", "Attachment", "ResumeLog", "MemoryResumeLog"]
+__all__ = ["Subscriber", "Attachment", "ResumeLog", "MemoryResumeLog", "FOREIGN"]
 
 
 class Subscriber(Protocol):
@@ -38,6 +38,21 @@ class Attachment(Protocol):
 
     def detach(self) -> None:
         """Deliver nothing more (the resumed client went away)."""
+
+
+class _Foreign:
+    """What L{ResumeLog.attach} answers for a stream someone else owns."""
+
+    def detach(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "FOREIGN"
+
+
+#: L{ResumeLog.attach}'s answer for a stream another tenant owns: nothing is
+#: delivered, and the request must not learn anything of that stream.
+FOREIGN: Attachment = _Foreign()
 
 
 class ResumeLog(Protocol):
@@ -67,8 +82,9 @@ class ResumeLog(Protocol):
         Deliver the events after C{after_seq}, then the live rest, then the end.
 
         Fires with None, delivering nothing, when the stream is unknown,
-        expired, owned by someone else, or no longer holds every event after
-        C{after_seq}: the caller then treats the request as a fresh one.
+        expired, or no longer holds every event after C{after_seq}: the
+        caller then treats the request as a fresh one.  Fires with L{FOREIGN},
+        delivering nothing, when another owner's stream has that id.
         """
 
     def stop(self) -> "Deferred[None]":
@@ -159,9 +175,10 @@ class MemoryResumeLog:
         self, stream_id: str, owner: str, after_seq: int, subscriber: Subscriber
     ) -> "Deferred[Optional[Attachment]]":
         stream = self._streams.get(stream_id)
+        if stream is not None and stream.owner != owner:
+            return succeed(FOREIGN)
         if (
             stream is None
-            or stream.owner != owner
             or after_seq < stream.first_seq - 1
             or after_seq > stream.last_seq
         ):

@@ -57,7 +57,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aura_proxy.resume.log import Attachment, Subscriber
+from aura_proxy.resume.log import FOREIGN, Attachment, Subscriber
 
 __all__ = ["RedisResumeLog"]
 
@@ -96,10 +96,12 @@ return 1
 """
 
 # One attachment's snapshot.  KEYS: stream key, owner key.  ARGV: owner,
-# after_seq, first entry id wanted.  Returns {"none"} or {"open"|"ended",
-# entries after after_seq}.
+# after_seq, first entry id wanted.  Returns {"none"}, {"foreign"} (another
+# owner's stream) or {"open"|"ended", entries after after_seq}.
 _READ = b"""
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {'none'} end
+local holder = redis.call('GET', KEYS[2])
+if not holder then return {'none'} end
+if holder ~= ARGV[1] then return {'foreign'} end
 local after = tonumber(ARGV[2])
 local first, last, ended = 1, 0, false
 local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
@@ -596,6 +598,8 @@ class RedisResumeLog:
             state = reply[0]
             if state == b"none":
                 return succeed(None)
+            if state == b"foreign":
+                return succeed(FOREIGN)
             entries: list[Any] = reply[1]
             if state == b"ended":
                 return succeed(self._replay(key, subscriber, after_seq, entries))

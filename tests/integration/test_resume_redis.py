@@ -17,6 +17,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from aura_proxy.resume.log import MemoryResumeLog
+from aura_proxy.resume.log import FOREIGN
 from aura_proxy.resume.redis import RedisResumeLog
 from tests.test_resume_log import (
     REDIS_HOST,
@@ -68,7 +69,7 @@ class TwoGatewaysTests(TestCase):
             a.append("s1", seq, block(seq))
         yield a.flushed()
 
-        self.assertIsNone((yield b.attach("s1", "other-tenant", 2, Collector())))
+        self.assertIs((yield b.attach("s1", "other-tenant", 2, Collector())), FOREIGN)
         sub = Collector()
         att = yield b.attach("s1", "tenant", 2, sub)
         self.assertIsNotNone(att)
