@@ -135,6 +135,24 @@ class GatewaySite(Site):
         self.gateway = gateway
         self.max_request_body = gateway.config.gateway.max_request_body
 
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = Site.buildProtocol(self, addr)
+        make_connection = protocol.makeConnection
+
+        def no_delay_first(transport: Any) -> None:
+            # Responses are written in pieces (headers, then body or events):
+            # Nagle would hold each small piece back for the client's ACK.
+            set_no_delay = getattr(transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                try:
+                    set_no_delay(True)
+                except OSError:
+                    pass
+            make_connection(transport)
+
+        protocol.makeConnection = no_delay_first
+        return protocol
+
 
 class _Call:
     """What one request has gathered on its way through the path."""

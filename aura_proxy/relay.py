@@ -18,6 +18,7 @@ from typing import Callable, Optional, Protocol as TypingProtocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
+from twisted.internet.tcp import Connection as TCPConnection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -100,6 +101,10 @@ class Relay(Protocol):
         self._beat_call: Optional[IDelayedCall] = None
         self._client_gone = False
         self._finished = False
+        # The client's plain TCP connection, when body bytes may go straight
+        # to its socket (see _write); None: go through request.write.
+        self._tcp: Optional[TCPConnection] = None
+        self._chunked = False
         #: Whether the upstream sent its whole body (even if the client left).
         self.upstream_complete = False
         self._stopped = False
@@ -124,6 +129,8 @@ class Relay(Protocol):
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
+        self._tcp = _direct_transport(self._request)
+        self._chunked = bool(getattr(self._request, "chunked", False))
         self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
         if self._heartbeat_interval > 0:
             self._beat_call = self._clock.callLater(self._heartbeat_interval, self._check_beat)
@@ -139,7 +146,10 @@ class Relay(Protocol):
         if self.first_write_at is None:
             self.first_write_at = self._last_read
         self.sent += len(data)
-        self._request.write(data)
+        if self._tcp is None:
+            self._request.write(data)
+        else:
+            self._write(data)
         if self._beat_call is not None:
             self._at_boundary = data.endswith(_BLOCK_ENDS)
 
@@ -166,6 +176,33 @@ class Relay(Protocol):
                 self._request.write(rest)
         self._end_client()
         self.done.callback(self._reason)
+
+    def _write(self, data: bytes) -> None:
+        """
+        Write body bytes straight to the client's socket when nothing is
+        queued before them, else queue them as Request.write would.
+
+        Twisted's transports queue every write and send it on the next loop
+        turn, registering and unregistering the socket with epoll each time:
+        per SSE event, two epoll_ctl calls and a turn of latency.  The kernel
+        usually takes the whole event at once; only the rest is queued.
+        """
+        request = self._request
+        request.sentLength += len(data)
+        frame = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
+        t = self._tcp
+        assert t is not None
+        if not t.dataBuffer and not t._tempDataBuffer and t.connected and not t._writeDisconnected:
+            try:
+                sent = t.socket.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # the transport's own write finds and reports the error
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        t.write(frame)
 
     # -- client side (IPushProducer) ----------------------------------------
 
@@ -252,3 +289,21 @@ class Relay(Protocol):
         else:
             # A truncated body must not look complete to the client.
             self._request.transport.abortConnection()  # type: ignore[union-attr]
+
+
+def _direct_transport(request: Request) -> Optional[TCPConnection]:
+    """
+    The client's TCP connection if body bytes may be written to its socket
+    directly: plain TCP (not TLS), headers already sent, a body expected.
+    Also turns Nagle off on it: events are small and must not wait for ACKs.
+    """
+    transport = request.transport
+    if not isinstance(transport, TCPConnection) or transport.TLS:
+        return None
+    try:
+        transport.setTcpNoDelay(True)
+    except OSError:
+        return None
+    if not request.startedWriting or request.method == b"HEAD" or request.code in (204, 304):
+        return None
+    return transport

@@ -148,8 +148,9 @@ class MemoryResumeLog:
             old_seq, old = stream.events.popleft()
             stream.size -= len(old)
             stream.first_seq = old_seq + 1
-        for attachment in list(stream.subscribers):
-            attachment.subscriber.replay_event(seq, block)
+        if stream.subscribers:
+            for attachment in list(stream.subscribers):
+                attachment.subscriber.replay_event(seq, block)
 
     def close(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)
