@@ -66,6 +66,9 @@ class GatewayConfig:
     heartbeat_interval: float = 15.0
     max_request_body: int = 10485760
     max_idle_connections: int = 100
+    #: Processes sharing the listening socket (C{auto} is resolved to
+    #: C{os.cpu_count()} when the file is parsed); see L{aura_proxy.workers}.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,28 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise _Invalid(f"expected a whole number >= 1 or auto, got {text!r}")
+    return value
+
+
+def _is_plain_tcp(text: str) -> bool:
+    from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        return type(serverFromString(MemoryReactor(), text)) is TCP4ServerEndpoint
+    except Exception:
+        return False
+
+
 def _pattern(text: str) -> PathPattern:
     try:
         return PathPattern.parse(text)
@@ -314,6 +339,7 @@ _GATEWAY: _Schema = {
     "heartbeat_interval": _seconds,
     "max_request_body": _count(0),
     "max_idle_connections": _count(0),
+    "workers": _workers,
 }
 
 _ROUTE: _Schema = {
@@ -484,6 +510,9 @@ def parse_config(text: str, source: str) -> Config:
                 f"strips {strip} segments but {pattern.text} matches fewer",
             )
 
+    if gateway.workers > 1:
+        _check_workers(reader, gateway, sse)
+
     if reader.problems:
         raise ConfigError(reader.problems)
     return Config(
@@ -495,6 +524,31 @@ def parse_config(text: str, source: str) -> Config:
         history=history,
         sse=sse,
     )
+
+
+def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> None:
+    """What several worker processes (C{workers > 1}) cannot share."""
+    raw = reader.parser.get("gateway", "workers", raw=True, fallback="").strip()
+    if raw == "auto":
+        workers = (
+            f"workers = auto ({gateway.workers} processes: os.cpu_count() on this machine, "
+            "decided when the configuration is checked)"
+        )
+    else:
+        workers = f"workers = {gateway.workers}"
+    if sse.resume == "memory":
+        reader.problem(
+            "gateway", "workers",
+            f"{workers} cannot be used with [sse] resume = memory: a client resuming a "
+            "stream may reconnect to another worker process; set [sse] resume = "
+            "redis://host:port/db (or off), or workers = 1",
+        )
+    if not _is_plain_tcp(gateway.listen):
+        reader.problem(
+            "gateway", "listen",
+            f"{workers} needs a plain tcp: endpoint (tcp:PORT[:interface=ADDRESS]"
+            f"[:backlog=N]) that the parent process binds and shares, got {gateway.listen!r}",
+        )
 
 
 def _describe_parse_error(error: configparser.Error) -> str:

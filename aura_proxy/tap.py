@@ -8,7 +8,7 @@ use too.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
@@ -79,12 +79,24 @@ def make_resume_log(config: SseConfig, reactor: Any) -> Optional[ResumeLog]:
     )
 
 
-def build_service(config: Config, reactor: Any, demo: bool = False) -> MultiService:
+def build_service(
+    config: Config,
+    reactor: Any,
+    demo: bool = False,
+    listener: Optional[Callable[[Site], IService]] = None,
+    admin: bool = True,
+) -> MultiService:
     """
     The whole gateway as one service.
 
     Children stop in reverse order: listeners first, then open streams are
     ended, then call history is flushed.
+
+    @param listener: makes the public listener's service for the site
+        (default: C{[gateway] listen} through strports); a worker process
+        adopts its parent's socket instead (L{aura_proxy.workers}).
+    @param admin: whether to serve C{admin_listen} (worker processes do not:
+        their parent does).
     """
     from aura_proxy.history import make_history
 
@@ -102,11 +114,16 @@ def build_service(config: Config, reactor: Any, demo: bool = False) -> MultiServ
 
         demo_service(reactor).setServiceParent(top)
     site = GatewaySite(gateway, reactor=reactor)
-    strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
-    admin = Site(Admin(gateway, history).resource(), reactor=reactor)
-    admin.noisy = False
-    admin.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
-    strports.service(g.admin_listen, admin, reactor=reactor).setServiceParent(top)
+    if listener is None:
+        strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
+    else:
+        listener(site).setServiceParent(top)
+    if not admin:
+        return top
+    admin_site = Site(Admin(gateway, history).resource(), reactor=reactor)
+    admin_site.noisy = False
+    admin_site.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
+    strports.service(g.admin_listen, admin_site, reactor=reactor).setServiceParent(top)
     return top
 
 
@@ -116,4 +133,8 @@ def makeService(options: Options) -> IService:
 
     parsed: Optional[Config] = options["parsed"]
     assert parsed is not None
+    if parsed.gateway.workers > 1:
+        from aura_proxy.workers import WorkerSupervisor
+
+        return WorkerSupervisor.from_file(options["config"], reactor, demo=bool(options["demo"]))
     return build_service(parsed, reactor, demo=bool(options["demo"]))

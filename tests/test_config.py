@@ -150,3 +150,41 @@ class ProblemTests(TestCase):
         """Without a subcommand the command prints its usage and exits 2."""
         with redirect_stderr(io.StringIO()):
             self.assertEqual(main([]), 2)
+
+
+class WorkersKeyTests(TestCase):
+    """C{[gateway] workers}: parsed here, refused with what it cannot share (more in test_workers)."""
+
+    def test_default_one(self) -> None:
+        """The shipped defaults run one process."""
+        self.assertEqual(load_config(None).gateway.workers, 1)
+
+    def test_bad_value_named(self) -> None:
+        """A value that is neither a whole number >= 1 nor auto names file, section and key."""
+        found = problems(MINIMAL + "[gateway]\nworkers = zero\n")
+        self.assertEqual(found, ["gw.ini: [gateway] workers: expected a whole number >= 1 or auto, got 'zero'"])
+
+    def test_memory_resume_refused(self) -> None:
+        """workers > 1 with the default [sse] resume = memory is refused, naming the key."""
+        found = problems(MINIMAL + "[gateway]\nworkers = 2\n")
+        self.assertEqual(len(found), 1)
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] workers: workers = 2 cannot be used "
+                                            "with [sse] resume = memory"), found)
+
+    def test_plain_tcp_required(self) -> None:
+        """workers > 1 with a unix: listen is refused, naming [gateway] listen."""
+        found = problems(MINIMAL + "[gateway]\nworkers = 2\nlisten = unix:/tmp/gw.sock\n[sse]\nresume = off\n")
+        self.assertEqual(len(found), 1)
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs a plain tcp: endpoint"),
+                        found)
+
+    def test_check_command_reports_workers(self) -> None:
+        """C{python -m aura_proxy check} reports the refusal like any other mistake."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(MINIMAL + "[gateway]\nworkers = 3\n")
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.assertEqual(main(["check", path]), 1)
+        self.assertIn(f"{path}: [gateway] workers: workers = 3 cannot be used with [sse] resume = memory",
+                      err.getvalue())

@@ -1,0 +1,402 @@
+"""
+Unit tests for L{aura_proxy.workers}: the configuration checks of
+C{[gateway] workers}, the shared socket, and the supervisor's start, restart
+(with backoff), health report and drain, against a fake reactor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from contextlib import redirect_stderr
+from typing import Any, Optional
+from unittest import mock
+
+from twisted.internet import reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IProcessProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from aura_proxy.config import ConfigError, parse_config
+from tests.integration.gateway import sleep
+from aura_proxy.workers import (
+    CONFIG_FD,
+    LISTEN_FD,
+    WorkerSupervisor,
+    _AdoptedPort,
+    _Health,
+    bind_socket,
+    listen_address,
+    main,
+    worker_config,
+)
+
+ROUTE = """
+[route:aura]
+path = /api/aura/**
+upstream = http://127.0.0.1:9000
+"""
+
+
+def ini(gateway: str = "", sse: str = "resume = off", history: str = "enabled = false") -> str:
+    """A small configuration with the given [gateway], [sse] and [history] bodies."""
+    return (
+        "[gateway]\nlisten = tcp:0:interface=127.0.0.1\nadmin_listen = tcp:0:interface=127.0.0.1\n"
+        f"{gateway}\n{ROUTE}\n[sse]\n{sse}\n[history]\n{history}\n"
+    )
+
+
+def problems(text: str) -> list[str]:
+    """The problems of C{text} as gw.ini (fails if it is accepted)."""
+    try:
+        parse_config(text, "gw.ini")
+    except ConfigError as e:
+        return e.problems
+    raise AssertionError("configuration was accepted")
+
+
+class ConfigTests(TestCase):
+    """C{[gateway] workers} and what it refuses."""
+
+    def test_default_is_one(self) -> None:
+        """Without the key, one process (as before workers existed)."""
+        self.assertEqual(parse_config(ini(), "gw.ini").gateway.workers, 1)
+
+    def test_number(self) -> None:
+        """A whole number >= 1 is taken as it is."""
+        self.assertEqual(parse_config(ini("workers = 3"), "gw.ini").gateway.workers, 3)
+
+    def test_auto_is_cpu_count(self) -> None:
+        """C{auto} is os.cpu_count(), resolved when the file is parsed."""
+        with mock.patch("os.cpu_count", return_value=6):
+            self.assertEqual(parse_config(ini("workers = auto"), "gw.ini").gateway.workers, 6)
+        with mock.patch("os.cpu_count", return_value=None):
+            self.assertEqual(parse_config(ini("workers = auto"), "gw.ini").gateway.workers, 1)
+
+    def test_bad_values(self) -> None:
+        """0, negatives, decimals and words are refused, naming file, section and key."""
+        for value in ("0", "-2", "1.5", "many"):
+            found = problems(ini(f"workers = {value}"))
+            self.assertEqual(len(found), 1, found)
+            self.assertTrue(found[0].startswith("gw.ini: [gateway] workers: "), found)
+            self.assertIn("or auto", found[0])
+
+    def test_memory_resume_refused(self) -> None:
+        """workers > 1 with [sse] resume = memory is refused (a resume may land on another worker)."""
+        found = problems(ini("workers = 2", sse="resume = memory"))
+        self.assertEqual(len(found), 1, found)
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] workers: workers = 2 "), found)
+        self.assertIn("[sse] resume = memory", found[0])
+        self.assertIn("redis://", found[0])
+
+    def test_memory_resume_is_the_default(self) -> None:
+        """The default resume (memory) is refused too: a bare workers = 2 needs [sse] resume set."""
+        text = ini("workers = 2").replace("[sse]\nresume = off\n", "")
+        self.assertIn("[sse] resume = memory", problems(text)[0])
+
+    def test_auto_resolving_to_many_refused_with_memory(self) -> None:
+        """auto on a multi-core machine is refused with memory resume, and the message says why."""
+        with mock.patch("os.cpu_count", return_value=8):
+            found = problems(ini("workers = auto", sse="resume = memory"))
+        self.assertEqual(len(found), 1, found)
+        self.assertIn("workers = auto (8 processes: os.cpu_count()", found[0])
+        self.assertIn("decided when the configuration is checked", found[0])
+
+    def test_auto_resolving_to_one_accepted_with_memory(self) -> None:
+        """auto on a single core is one process, where memory resume is fine."""
+        with mock.patch("os.cpu_count", return_value=1):
+            config = parse_config(ini("workers = auto", sse="resume = memory"), "gw.ini")
+        self.assertEqual((config.gateway.workers, config.sse.resume), (1, "memory"))
+
+    def test_shared_resume_accepted(self) -> None:
+        """workers > 1 is fine with resume off or in Redis."""
+        for resume in ("off", "redis://127.0.0.1:6379/0"):
+            config = parse_config(ini("workers = 4", sse=f"resume = {resume}"), "gw.ini")
+            self.assertEqual(config.gateway.workers, 4)
+
+    def test_listen_must_be_plain_tcp(self) -> None:
+        """workers > 1 refuses a listen that is not a plain tcp: endpoint (unix, tcp6)."""
+        for listen in ("unix:/tmp/aura.sock", "tcp6:8080"):
+            text = ini("workers = 2").replace("listen = tcp:0:interface=127.0.0.1\nadmin", f"listen = {listen}\nadmin")
+            found = [p for p in problems(text) if "[gateway] listen:" in p]
+            self.assertEqual(len(found), 1, (listen, problems(text)))
+            self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs a plain tcp:"))
+
+    def test_listen_anything_with_one_worker(self) -> None:
+        """With one worker, listen may be any endpoint, as before."""
+        text = ini().replace("listen = tcp:0:interface=127.0.0.1\nadmin", "listen = unix:/tmp/aura.sock\nadmin")
+        self.assertEqual(parse_config(text, "gw.ini").gateway.listen, "unix:/tmp/aura.sock")
+
+
+class SocketTests(TestCase):
+    """The listening socket the parent binds and the workers adopt."""
+
+    def test_listen_address(self) -> None:
+        """A tcp: description gives port, interface, backlog and family, with Twisted's defaults."""
+        a = listen_address("tcp:8080")
+        self.assertEqual((a.port, a.interface, a.backlog, a.family), (8080, "", 50, socket.AF_INET))
+        b = listen_address("tcp:0:interface=127.0.0.1:backlog=7")
+        self.assertEqual((b.port, b.interface, b.backlog), (0, "127.0.0.1", 7))
+        self.assertEqual(listen_address(r"tcp:8080:interface=\:\:1").family, socket.AF_INET6)
+
+    def test_listen_address_refuses_others(self) -> None:
+        """Anything but tcp: is a ValueError."""
+        for description in ("unix:/tmp/x.sock", "tcp6:8080"):
+            self.assertRaises(ValueError, listen_address, description)
+
+    def test_bind_socket(self) -> None:
+        """The socket listens (a client can connect) and is non-blocking."""
+        sock = bind_socket(listen_address("tcp:0:interface=127.0.0.1"))
+        self.addCleanup(sock.close)
+        self.assertFalse(sock.getblocking())
+        with socket.create_connection(sock.getsockname(), timeout=2):
+            pass
+
+    async def test_adopted_port(self) -> None:
+        """A worker's listener accepts on an inherited descriptor and stops accepting on stop."""
+        sock = bind_socket(listen_address("tcp:0:interface=127.0.0.1"))
+        self.addCleanup(sock.close)
+        accepted: list[object] = []
+
+        class Count(Protocol):
+            def connectionMade(self) -> None:
+                accepted.append(self)
+                assert self.transport is not None
+                self.transport.loseConnection()
+
+        service = _AdoptedPort(reactor, os.dup(sock.fileno()), Factory.forProtocol(Count))  # type: ignore[arg-type]
+        service.startService()
+        client = socket.create_connection(sock.getsockname(), timeout=2)
+        self.addCleanup(client.close)
+        for _ in range(100):
+            if accepted:
+                break
+            await sleep(0.02)
+        self.assertEqual(len(accepted), 1)
+        await service.stopService()  # type: ignore[misc]
+
+
+class ConfigForWorkerTests(TestCase):
+    """What each worker changes in the configuration."""
+
+    def test_own_spool_directory(self) -> None:
+        """Each worker spools to spool_dir/worker-INDEX; everything else is the same."""
+        config = parse_config(ini(history="spool_dir = /var/spool/aura"), "gw.ini")
+        mine = worker_config(config, 2)
+        self.assertEqual(mine.history.spool_dir, os.path.join("/var/spool/aura", "worker-2"))
+        self.assertEqual(mine.history.dsn, config.history.dsn)
+        self.assertEqual((mine.gateway, mine.routes, mine.sse), (config.gateway, config.routes, config.sse))
+
+    def test_worker_main_refuses_bad_config(self) -> None:
+        """A worker given an invalid configuration exits 2 with the usual messages."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[gateway]\nbogus = 1\n")
+        err = io.StringIO()
+        with redirect_stderr(err):
+            status = main(["--index", "1", "--config", path])
+        self.assertEqual(status, 2)
+        self.assertIn(f"{path}: [gateway] bogus: unknown key", err.getvalue())
+
+
+# -- the supervisor, against a fake reactor ------------------------------------
+
+
+class FakeProcess:
+    """The parts of a process transport the supervisor uses."""
+
+    def __init__(self, protocol: IProcessProtocol, pid: int) -> None:
+        self.protocol = protocol
+        self.pid = pid
+        self.signals: list[str] = []
+        self.written: dict[int, bytes] = {}
+        self.closed: set[int] = set()
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written[fd] = self.written.get(fd, b"") + data
+
+    def closeChildFD(self, fd: int) -> None:
+        self.closed.add(fd)
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def end(self, code: Optional[int] = 0, signal: Optional[int] = None) -> None:
+        reason = ProcessDone(0) if code == 0 and signal is None else ProcessTerminated(code, signal)
+        self.protocol.processEnded(Failure(reason))
+
+
+class FakeReactor(MemoryReactorClock):
+    """A memory reactor whose spawnProcess records fake processes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[FakeProcess, list[str], dict[int, Any]]] = []
+        self.fail_spawn = False
+        self._next_pid = 1000
+
+    def spawnProcess(self, protocol: Any, executable: Any, args: Any = (), env: Any = None,
+                     path: Any = None, uid: Any = None, gid: Any = None, usePTY: Any = False,
+                     childFDs: Any = None) -> FakeProcess:
+        if self.fail_spawn:
+            raise OSError("too many processes")
+        self._next_pid += 1
+        process = FakeProcess(protocol, self._next_pid)
+        self.spawned.append((process, list(args), dict(childFDs)))
+        protocol.makeConnection(process)
+        return process
+
+
+class SupervisorTests(TestCase):
+    """L{WorkerSupervisor} with a fake reactor: no real process is started."""
+
+    def make(self, workers: int = 2, **kwargs: Any) -> tuple[WorkerSupervisor, FakeReactor]:
+        """A started supervisor of C{workers} fake workers."""
+        fake = FakeReactor()
+        text = ini(f"workers = {workers}")
+        supervisor = WorkerSupervisor(parse_config(text, "gw.ini"), text, fake, **kwargs)
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        self.addCleanup(lambda: supervisor._socket.close() if supervisor._socket is not None else None)
+        return supervisor, fake
+
+    def process(self, supervisor: WorkerSupervisor, index: int) -> FakeProcess:
+        """The fake process currently running worker C{index}."""
+        process = supervisor.workers[index - 1].process
+        assert isinstance(process, FakeProcess)
+        return process
+
+    def test_start_spawns_every_worker(self) -> None:
+        """Start spawns N workers, each given the socket as fd 3, the config on fd 4, its index."""
+        supervisor, fake = self.make(3)
+        self.assertEqual(len(fake.spawned), 3)
+        assert supervisor._socket is not None
+        for i, (process, argv, fds) in enumerate(fake.spawned, start=1):
+            self.assertEqual(argv[1:3], ["-m", "aura_proxy.workers"])
+            self.assertEqual(argv[argv.index("--index") + 1], str(i))
+            self.assertIn("--watch-parent", argv)
+            self.assertEqual(fds[LISTEN_FD], supervisor._socket.fileno())
+            self.assertEqual((fds[0], fds[1], fds[2], fds[CONFIG_FD]), ("w", 1, 2, "w"))
+            self.assertEqual(process.written[CONFIG_FD].decode(), supervisor.config_text)
+            self.assertIn(CONFIG_FD, process.closed)
+        self.assertEqual([w.pid for w in supervisor.workers], [p.pid for p, _, _ in fake.spawned])
+
+    def test_parent_serves_admin_only(self) -> None:
+        """The parent listens on admin_listen (through the reactor); the public socket is its own."""
+        supervisor, fake = self.make()
+        self.assertEqual(len(fake.tcpServers), 1)
+        self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
+
+    def test_crashed_worker_restarts(self) -> None:
+        """A worker that ends while running restarts after min_delay, with a new pid and restarts 1."""
+        supervisor, fake = self.make(min_delay=0.5)
+        old = self.process(supervisor, 1)
+        fake.advance(60)
+        old.end(signal=9)
+        self.assertFalse(supervisor.workers[0].alive)
+        fake.advance(0.4)
+        self.assertEqual(len(fake.spawned), 2)
+        fake.advance(0.1)
+        self.assertEqual(len(fake.spawned), 3)
+        worker = supervisor.workers[0]
+        self.assertTrue(worker.alive)
+        self.assertEqual(worker.restarts, 1)
+        self.assertNotEqual(worker.pid, old.pid)
+        self.assertEqual(supervisor.workers[1].restarts, 0)
+
+    def test_backoff_when_crashing_at_start(self) -> None:
+        """Quick deaths in a row double the delay up to max_delay; a stable run resets it."""
+        supervisor, fake = self.make(1, min_delay=0.5, max_delay=4.0, stable_after=10.0)
+        delays = []
+        for _ in range(6):
+            self.process(supervisor, 1).end(code=1)
+            call = supervisor.workers[0].restart_call
+            assert call is not None
+            delays.append(call.getTime() - fake.seconds())
+            fake.advance(delays[-1])
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 4.0, 4.0, 4.0])
+        fake.advance(10)
+        self.process(supervisor, 1).end(code=1)
+        call = supervisor.workers[0].restart_call
+        assert call is not None
+        self.assertEqual(call.getTime() - fake.seconds(), 0.5)
+        self.assertEqual(supervisor.workers[0].restarts, 6)
+
+    def test_spawn_failure_retries(self) -> None:
+        """When a worker cannot even be spawned, the supervisor tries again later."""
+        supervisor, fake = self.make(1, min_delay=1.0)
+        fake.fail_spawn = True
+        self.process(supervisor, 1).end(signal=9)
+        fake.advance(1.0)
+        self.assertFalse(supervisor.workers[0].alive)
+        self.assertIsNotNone(supervisor.workers[0].restart_call)
+        fake.fail_spawn = False
+        fake.advance(2.0)
+        self.assertTrue(supervisor.workers[0].alive)
+        self.flushLoggedErrors(OSError)
+
+    def test_health(self) -> None:
+        """/healthz lists index, pid, restarts and liveness of every worker; 503 when none runs."""
+        supervisor, fake = self.make()
+        health = _Health(supervisor)
+        request = DummyRequest([b""])
+        body = json.loads(health.render_GET(request))  # type: ignore[arg-type]
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(
+            body["workers"],
+            [{"index": 1, "pid": self.process(supervisor, 1).pid, "restarts": 0, "alive": True},
+             {"index": 2, "pid": self.process(supervisor, 2).pid, "restarts": 0, "alive": True}],
+        )
+        self.process(supervisor, 1).end(signal=9)
+        self.process(supervisor, 2).end(signal=9)
+        request = DummyRequest([b""])
+        body = json.loads(health.render_GET(request))  # type: ignore[arg-type]
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(body["status"], "unavailable")
+        self.assertEqual([w["alive"] for w in body["workers"]], [False, False])
+
+    def test_stop_drains(self) -> None:
+        """Stop sends SIGTERM to every worker and finishes once all have ended, without restarts."""
+        supervisor, fake = self.make()
+        first, second = self.process(supervisor, 1), self.process(supervisor, 2)
+        stopped = supervisor.stopService()
+        self.assertEqual((first.signals, second.signals), (["TERM"], ["TERM"]))
+        self.assertNoResult(stopped)
+        first.end()
+        self.assertNoResult(stopped)
+        second.end()
+        self.successResultOf(stopped)
+        fake.advance(100)
+        self.assertEqual(len(fake.spawned), 2)
+        self.assertEqual((first.signals, second.signals), (["TERM"], ["TERM"]))
+        self.assertIsNone(supervisor._socket)
+
+    def test_stop_kills_after_timeout(self) -> None:
+        """A worker still running stop_timeout seconds after SIGTERM gets SIGKILL."""
+        supervisor, fake = self.make(stop_timeout=30.0)
+        first, second = self.process(supervisor, 1), self.process(supervisor, 2)
+        stopped = supervisor.stopService()
+        first.end()
+        fake.advance(29.9)
+        self.assertEqual(second.signals, ["TERM"])
+        fake.advance(0.1)
+        self.assertEqual(second.signals, ["TERM", "KILL"])
+        self.assertNoResult(stopped)
+        second.end(signal=9)
+        self.successResultOf(stopped)
+
+    def test_stop_cancels_pending_restart(self) -> None:
+        """A worker waiting for its restart is not restarted once the supervisor stops."""
+        supervisor, fake = self.make(min_delay=1.0)
+        self.process(supervisor, 1).end(signal=9)
+        stopped = supervisor.stopService()
+        self.process(supervisor, 2).end()
+        self.successResultOf(stopped)
+        fake.advance(60)
+        self.assertEqual(len(fake.spawned), 2)
