@@ -37,6 +37,10 @@ DEFAULT_CONFIG_NAME = "<embedded defaults>"
 
 T = TypeVar("T")
 
+#: The listen queue of a tcp: listener that names none: Twisted's default (50)
+#: overflows when thousands of SSE clients (re)connect at once.
+DEFAULT_BACKLOG = 4096
+
 
 class ConfigError(Exception):
     """
@@ -58,7 +62,7 @@ class _Invalid(ValueError):
 class GatewayConfig:
     """The ``[gateway]`` section: listeners, timeouts and limits."""
 
-    listen: str = "tcp:8080"
+    listen: str = f"tcp:8080:backlog={DEFAULT_BACKLOG}"
     admin_listen: str = "tcp:8081:interface=127.0.0.1"
     connect_timeout: float = 10.0
     response_timeout: float = 300.0
@@ -124,8 +128,8 @@ class SseConfig:
     inject_ids: bool = True
     resume: str = "memory"
     resume_ttl: float = 300.0
-    resume_max_events: int = 10000
-    resume_max_bytes: int = 4194304
+    resume_max_events: int = 2000
+    resume_max_bytes: int = 262144
     on_client_disconnect: str = "detach"
 
 
@@ -239,6 +243,14 @@ def _is_plain_tcp(text: str) -> bool:
         return False
 
 
+def _listen(text: str) -> str:
+    _endpoint(text)
+    kind = text.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in text:
+        return f"{text}:backlog={DEFAULT_BACKLOG}"
+    return text
+
+
 def _pattern(text: str) -> PathPattern:
     try:
         return PathPattern.parse(text)
@@ -331,7 +343,7 @@ def _resume_backend(text: str) -> str:
 _Schema = dict[str, Callable[[str], object]]
 
 _GATEWAY: _Schema = {
-    "listen": _endpoint,
+    "listen": _listen,
     "admin_listen": _endpoint,
     "connect_timeout": _positive_seconds,
     "response_timeout": _positive_seconds,

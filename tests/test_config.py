@@ -44,7 +44,8 @@ class DefaultsTests(TestCase):
         self.assertEqual(
             (g.listen, g.admin_listen, g.connect_timeout, g.response_timeout, g.idle_timeout,
              g.heartbeat_interval, g.max_request_body),
-            ("tcp:8080", "tcp:8081:interface=127.0.0.1", 10.0, 300.0, 300.0, 15.0, 10485760),
+            ("tcp:8080:backlog=4096", "tcp:8081:interface=127.0.0.1", 10.0, 300.0, 300.0, 15.0,
+             10485760),
         )
         self.assertEqual([(r.name, r.pattern.text, str(r.upstream)) for r in config.routes],
                          [("aura", "/api/aura/**", "http://127.0.0.1:9000")])
@@ -59,6 +60,13 @@ class DefaultsTests(TestCase):
         self.assertIn("Last-Event-ID", config.cors.allowed_headers)
         self.assertTrue(config.cors.allow_credentials)
         self.assertEqual(config.cors.max_age, 3600)
+
+    def test_listen_backlog(self) -> None:
+        """A tcp: listener gets a deep listen queue unless it names its own backlog."""
+        self.assertEqual(parse_config("[gateway]\nlisten = tcp:1\n", "x").gateway.listen, "tcp:1:backlog=4096")
+        self.assertEqual(
+            parse_config("[gateway]\nlisten = tcp:1:backlog=10\n", "x").gateway.listen, "tcp:1:backlog=10")
+        self.assertEqual(parse_config("[gateway]\nlisten = unix:/tmp/s\n", "x").gateway.listen, "unix:/tmp/s")
 
     def test_shipped_file_checks(self) -> None:
         """C{python -m aura_proxy check etc/aura-proxy.ini} accepts the shipped file."""
