@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from typing import Callable, Optional, TypeVar
 
@@ -70,6 +71,7 @@ class GatewayConfig:
     heartbeat_interval: float = 15.0
     max_request_body: int = 10485760
     max_idle_connections: int = 100
+    access_log: bool = True
     #: Processes sharing the listening socket (C{auto} is resolved to
     #: C{os.cpu_count()} when the file is parsed); see L{aura_proxy.workers}.
     workers: int = 1
@@ -83,6 +85,21 @@ class RouteConfig:
     pattern: PathPattern
     upstream: DecodedURL
     strip_prefix: int = 0
+
+    @cached_property
+    def upstream_base(self) -> bytes:
+        """
+        The upstream's origin and base path as request-URL bytes, e.g.
+        C{b"http://127.0.0.1:9000/base"} (computed once, used per request).
+        """
+        uri = self.upstream.to_uri()
+        origin = f"{uri.scheme}://{uri.host}"
+        if uri.port is not None and uri.port != {"http": 80, "https": 443}.get(uri.scheme):
+            origin += f":{uri.port}"
+        prefix = "/".join(uri.path).rstrip("/")
+        if prefix:
+            origin += "/" + prefix
+        return origin.encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -351,6 +368,7 @@ _GATEWAY: _Schema = {
     "heartbeat_interval": _seconds,
     "max_request_body": _count(0),
     "max_idle_connections": _count(0),
+    "access_log": _boolean,
     "workers": _workers,
 }
 

@@ -134,6 +134,8 @@ class GatewaySite(Site):
         Site.__init__(self, gateway.resource(), **kwargs)
         self.gateway = gateway
         self.max_request_body = gateway.config.gateway.max_request_body
+        if not gateway.config.gateway.access_log:
+            self.log = lambda request: None  # type: ignore[method-assign]
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = Site.buildProtocol(self, addr)
@@ -671,15 +673,7 @@ def _owner(request: Request) -> str:
 
 def _upstream_url(route: RouteConfig, uri: bytes) -> bytes:
     path, sep, query = uri.partition(b"?")
-    path = strip_segments(path, route.strip_prefix)
-    base = route.upstream
-    origin = f"{base.scheme}://{base.to_uri().host}"
-    if base.port is not None and base.port != {"http": 80, "https": 443}.get(base.scheme):
-        origin += f":{base.port}"
-    prefix = "/".join(base.to_uri().path).rstrip("/")
-    if prefix:
-        origin += "/" + prefix
-    return origin.encode("ascii") + path + sep + query
+    return route.upstream_base + strip_segments(path, route.strip_prefix) + sep + query
 
 
 def _body_length(request: Request) -> int:

@@ -295,14 +295,10 @@ def _direct_transport(request: Request) -> Optional[TCPConnection]:
     """
     The client's TCP connection if body bytes may be written to its socket
     directly: plain TCP (not TLS), headers already sent, a body expected.
-    Also turns Nagle off on it: events are small and must not wait for ACKs.
+    (L{aura_proxy.proxy.GatewaySite} has turned Nagle off on it.)
     """
     transport = request.transport
     if not isinstance(transport, TCPConnection) or transport.TLS:
-        return None
-    try:
-        transport.setTcpNoDelay(True)
-    except OSError:
         return None
     if not request.startedWriting or request.method == b"HEAD" or request.code in (204, 304):
         return None
