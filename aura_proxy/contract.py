@@ -248,9 +248,10 @@ class TenantSources:
                     else:
                         kept.append(pair)
                 request.uri = path + (b"?" + b"&".join(kept) if kept else b"")
-                if request.args:
+                args = getattr(request, "args", None)
+                if args:
                     for name in self._query_names:
-                        request.args.pop(name, None)
+                        args.pop(name, None)
         headers = request.requestHeaders
         for kind, name in self._sources:
             if kind == "header":
@@ -259,7 +260,8 @@ class TenantSources:
             elif kind == "query":
                 value = found.get(name)
             else:
-                value = request.getCookie(name)
+                cookies = getattr(request, "received_cookies", None)
+                value = cookies.get(name) if cookies else None
             if value is not None and value.strip() and b"\r" not in value and b"\n" not in value:
                 headers.setRawHeaders(_TENANT, [value.strip()])
                 return

@@ -242,6 +242,9 @@ class Gateway:
         call = _Call(self._clock.seconds())
         call.request_size = _body_length(request)
         request.defaultContentType = None
+        # First of all: a tenant query parameter must not reach logs or
+        # history, whatever answer the request gets.
+        self._tenants.apply(request)
         headers = request.requestHeaders
         try:
             path = request.path
@@ -256,7 +259,6 @@ class Gateway:
         if route is None:
             return self._fail(request, call, errors.no_route(_text(path)))
 
-        self._tenants.apply(request)
         missing = self._contract.missing(headers, call.segments)
         if missing is not None:
             return self._fail(request, call, errors.missing_header(missing))
@@ -517,6 +519,7 @@ class Gateway:
 
     def rejected_body(self, request: Request, error: GatewayError) -> None:
         """Record a request refused for its body size before it was routed."""
+        self._tenants.apply(request)
         call = _Call(self._clock.seconds())
         try:
             call.segments = split_path(request.path)

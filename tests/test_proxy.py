@@ -516,3 +516,32 @@ class ResumeTests(TestCase):
         self.assertIn(["X-Tenant-Id", "t9"], seen["headers"])
         [row] = harness.history.records
         self.assertEqual((row.tenant_id, row.query_string), ("t9", "a=1&b=2"))
+
+
+class TenantSourceTests(TestCase):
+    """[headers] tenant_from beyond the header."""
+
+    CONFIG = CONFIG.replace(
+        "required = X-Tenant-ID", "required = X-Tenant-ID\ntenant_from = header, query:tenant_id, cookie:dwp_tenant")
+
+    def test_query_tenant_never_recorded_even_on_errors(self) -> None:
+        """A tenant query parameter is removed even when the gateway answers itself (404)."""
+        h = Harness(Echo(), self.CONFIG)
+        self.assertEqual(h.request("GET", "/nowhere?tenant_id=secret&x=1").code, 404)
+        [row] = h.history.records
+        self.assertEqual(row.query_string, "x=1")
+
+    def test_cookie_tenant(self) -> None:
+        """A dwp_tenant cookie meets the contract when no header is sent."""
+        h = Harness(Echo(), self.CONFIG)
+        response = h.request("GET", "/api/aura/x", headers={"Cookie": "a=1; dwp_tenant=t7"})
+        self.assertEqual(response.code, 200)
+        self.assertIn(["X-Tenant-Id", "t7"], h.json(response)["headers"])
+
+    def test_header_wins_when_listed_first(self) -> None:
+        """The first source found wins: the header before the query parameter."""
+        h = Harness(Echo(), self.CONFIG)
+        response = h.request("GET", "/api/aura/x?tenant_id=q", headers={"X-Tenant-ID": "h"})
+        seen = h.json(response)
+        self.assertIn(["X-Tenant-Id", "h"], seen["headers"])
+        self.assertEqual(seen["uri"], "/api/aura/x")
