@@ -13,6 +13,7 @@ with a L{GatewayError}, answered as JSON and recorded like any other call.
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Optional
 
@@ -427,13 +428,13 @@ class Gateway:
     def _stamper(self, stream_id: str, request: Request) -> StreamTransform:
         """The SSE rewriter of a new stream, logging each event when resume is on."""
         rewriter: Optional[SseRewriter] = None
-        make_id = event_id_factory(stream_id, lambda: rewriter.upstream_id_bytes if rewriter else None)
+        make_id = event_id_factory(stream_id, lambda: rewriter._upstream if rewriter else None)
         if self._resume is None:
             rewriter = SseRewriter(make_id)
-            return _Counted(rewriter)
-        self._resume.open(stream_id, _owner(request))
-        rewriter = SseRewriter(make_id, record=True)
-        return _Logged(rewriter, self._resume, stream_id)
+        else:
+            self._resume.open(stream_id, _owner(request))
+            rewriter = SseRewriter(make_id, on_event=partial(self._resume.append, stream_id))
+        return _Counted(rewriter)
 
     def _open_sse(self, request: Request, call: _Call, response: Optional[IResponse]) -> None:
         """Status and headers of an SSE response, relayed or replayed."""
@@ -634,7 +635,7 @@ class Gateway:
 
 
 class _Counted:
-    """An SSE rewriter whose stamped-event count the relay reports."""
+    """An SSE rewriter, with its stamped-event count for the relay to report."""
 
     __slots__ = ("_rewriter", "feed", "flush")
 
@@ -646,26 +647,6 @@ class _Counted:
     @property
     def count(self) -> int:
         return self._rewriter.seq
-
-
-class _Logged(_Counted):
-    """An SSE rewriter that also appends every stamped event to the stream log."""
-
-    __slots__ = ("_log", "_stream_id")
-
-    def __init__(self, rewriter: SseRewriter, log: ResumeLog, stream_id: str) -> None:
-        super().__init__(rewriter)
-        self._log = log
-        self._stream_id = stream_id
-        self.feed = self._feed  # type: ignore[method-assign]
-
-    def _feed(self, data: bytes) -> bytes:
-        out = self._rewriter.feed(data)
-        if self._rewriter.events:
-            append, stream_id = self._log.append, self._stream_id
-            for event in self._rewriter.take_events():
-                append(stream_id, event.seq, event.block)
-        return out
 
 
 def _owner(request: Request) -> str:

@@ -391,6 +391,7 @@ class SseRewriter:
         make_id: Callable[[int], bytes],
         max_buffer: int = DEFAULT_MAX_BUFFER,
         record: bool = False,
+        on_event: Optional[Callable[[int, bytes], None]] = None,
     ) -> None:
         """
         @param make_id: returns the gateway id for the C{seq}-th stamped
@@ -398,10 +399,15 @@ class SseRewriter:
         @param max_buffer: the cap on a buffered partial block, in bytes.
         @param record: whether to append a L{StampedEvent} to L{events} per
             stamped block.
+        @param on_event: called with C{(seq, block)} for every stamped block
+            as it is made, instead of recording it in L{events} (cheaper on
+            the hot path: no tuple, no list).
         """
         self._make_id = make_id
         self._max = max_buffer
-        self._record = record
+        self._record = record or on_event is not None
+        if on_event is not None:
+            self._recorded = on_event  # type: ignore[method-assign,assignment]
         self.events: List[StampedEvent] = []
         self._seq = 0
         self._upstream: Optional[bytes] = None

@@ -713,3 +713,16 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(without_ids(out), without_ids(data))
         self.assertEqual(_semantics(parse_events(out)), _semantics(parse_events(data)))
         self.assertEqual([e.seq for e in rw.events], list(range(1, rw.seq + 1)))
+
+
+class OnEventTests(SynchronousTestCase):
+    """The on_event callback of the rewriter."""
+
+    def test_on_event_gets_each_stamped_block(self) -> None:
+        """on_event receives (seq, block) of each stamped block as sent, and nothing is kept in events."""
+        got: list[tuple[int, bytes]] = []
+        rewriter = SseRewriter(make_id, on_event=lambda seq, block: got.append((seq, block)))
+        out = rewriter.feed(b"data: a\n\n: comment\n\ndata: b\n\n")
+        self.assertEqual([seq for seq, _ in got], [1, 2])
+        self.assertEqual(b"".join(block for _, block in got), out.replace(b": comment\n\n", b""))
+        self.assertEqual(rewriter.events, [])
