@@ -97,8 +97,11 @@ class Relay(Protocol):
         self._last_read = clock.seconds()
         self._last_beat = self._last_read
         self._at_boundary = True
-        self._idle_call: Optional[IDelayedCall] = None
-        self._beat_call: Optional[IDelayedCall] = None
+        # One timer per stream for both the idle timeout and heartbeats: a
+        # DelayedCall is several hundred bytes, and thousands of streams each
+        # hold one.
+        self._timer: Optional[IDelayedCall] = None
+        self._beats = heartbeat_interval > 0
         self._client_gone = False
         self._finished = False
         # The client's plain TCP connection, when body bytes may go straight
@@ -131,9 +134,8 @@ class Relay(Protocol):
         self._request.registerProducer(self, True)
         self._tcp = _direct_transport(self._request)
         self._chunked = bool(getattr(self._request, "chunked", False))
-        self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
-        if self._heartbeat_interval > 0:
-            self._beat_call = self._clock.callLater(self._heartbeat_interval, self._check_beat)
+        first = min(self._idle_timeout, self._heartbeat_interval) if self._beats else self._idle_timeout
+        self._timer = self._clock.callLater(first, self._check_timers)
 
     def dataReceived(self, data: bytes) -> None:
         self._last_read = self._clock.seconds()
@@ -150,7 +152,7 @@ class Relay(Protocol):
             self._request.write(data)
         else:
             self._write(data)
-        if self._beat_call is not None:
+        if self._beats:
             self._at_boundary = data.endswith(_BLOCK_ENDS)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
@@ -247,35 +249,40 @@ class Relay(Protocol):
 
     # -- timers ---------------------------------------------------------------
 
-    def _check_idle(self) -> None:
-        silent = self._clock.seconds() - self._last_read
+    def _check_timers(self) -> None:
+        """
+        The stream's one timer: close it after C{idle_timeout} of upstream
+        silence, send a heartbeat after C{heartbeat_interval} of silence
+        towards the client, then sleep until whichever is due next.
+        """
+        self._timer = None
+        now = self._clock.seconds()
+        silent = now - self._last_read
         if silent >= self._idle_timeout:
-            self._idle_call = None
             log.info(
                 "{upstream} silent for {seconds:g} s: closing the stream",
                 upstream=self._describe(),
                 seconds=self._idle_timeout,
             )
             self.stop("idle_timeout")
-        else:
-            self._idle_call = self._clock.callLater(self._idle_timeout - silent, self._check_idle)
-
-    def _check_beat(self) -> None:
-        now = self._clock.seconds()
-        silent = now - max(self._last_read, self._last_beat)
-        if silent >= self._heartbeat_interval:
-            # Never inside an event the client has only part of.
-            if self._at_boundary and not self._client_gone:
-                self._request.write(HEARTBEAT)
-            self._last_beat = now
-            silent = 0.0
-        self._beat_call = self._clock.callLater(self._heartbeat_interval - silent, self._check_beat)
+            return
+        wait = self._idle_timeout - silent
+        if self._beats:
+            quiet = now - max(self._last_read, self._last_beat)
+            if quiet >= self._heartbeat_interval:
+                # Never inside an event the client has only part of.
+                if self._at_boundary and not self._client_gone:
+                    self._request.write(HEARTBEAT)
+                self._last_beat = now
+                quiet = 0.0
+            wait = min(wait, self._heartbeat_interval - quiet)
+        self._timer = self._clock.callLater(wait, self._check_timers)
 
     def _cancel_timers(self) -> None:
-        for call in (self._idle_call, self._beat_call, self._orphan_call):
+        for call in (self._timer, self._orphan_call):
             if call is not None and call.active():
                 call.cancel()
-        self._idle_call = self._beat_call = self._orphan_call = None
+        self._timer = self._orphan_call = None
 
     def _end_client(self) -> None:
         if self._finished:

@@ -146,13 +146,24 @@ class TimerTests(TestCase):
         self.assertTrue(request.finished)
 
     def test_stream_never_cut_while_alive(self) -> None:
-        """Events keep a stream alive far beyond idle_timeout."""
+        """Events keep a stream alive far beyond idle_timeout, with one timer per stream."""
         relay, request, upstream, clock = start(idle=300, beat=15)
         for _ in range(100):
             clock.advance(250)
             relay.dataReceived(b"data: x\n\n")
         self.assertEqual(upstream.state, "producing")
-        self.assertEqual(len(clock.getDelayedCalls()), 2)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+
+    def test_heartbeats_until_idle_timeout(self) -> None:
+        """Heartbeats do not count as upstream activity: a silent upstream is still closed at idle_timeout."""
+        relay, request, upstream, clock = start(idle=40, beat=15)
+        clock.advance(15)
+        clock.advance(15)
+        self.assertEqual(request.written, [HEARTBEAT, HEARTBEAT])
+        clock.advance(9.9)
+        self.assertEqual(upstream.state, "producing")
+        clock.advance(0.1)
+        self.assertEqual(upstream.state, "stopped")
 
     def test_timers_cancelled_at_end(self) -> None:
         """No timer is left behind when the stream ends."""
