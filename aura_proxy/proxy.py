@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Optional
 
 from klein import Klein
+from klein.interfaces import IKleinRequest
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
@@ -224,6 +225,9 @@ class Gateway:
     # Klein dispatches on the instance: every path, every method.
     @app.route("/", branch=True, strict_slashes=False)
     def _route(self, request: Request) -> "Deferred[None]":
+        # Klein's per-request routing state (a werkzeug MapAdapter) is done
+        # with: drop it rather than hold it for a stream's whole life.
+        request.unsetComponent(IKleinRequest)
         return self.handle(request)
 
     @app.handle_errors(NotFound)  # type: ignore[arg-type]
