@@ -57,6 +57,8 @@ def _bounded(value: Optional[str], limit: int) -> Optional[str]:
     """
     if value is None:
         return None
+    if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
+        return value  # the common case, with nothing to change
     text = str(value)[:limit]
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
@@ -80,23 +82,34 @@ def to_row(rec: CallRecord, max_value_length: int) -> Row:
     Normalise C{rec} into a L{Row}: strings bounded to C{max_value_length}
     characters, C{created_at} as UTC ISO text, numbers and booleans as-is.
     """
-    row: Row = {}
-    for name in COLUMNS:
-        value = getattr(rec, name)
-        if name == "created_at":
-            value = _utc_iso(value)
-        elif value is None:
-            pass
-        elif name == "is_stream":
-            value = bool(value)
-        elif isinstance(value, str):
-            value = _bounded(value, max_value_length)
-        elif isinstance(value, int):
-            value = int(value)  # plain int: an IntEnum (HTTPStatus) is not JSON/DB-neutral
-        elif isinstance(value, float):
-            value = float(value)
-        row[name] = value
+    # Runs once per call on the gateway's reactor thread: per column kind,
+    # not per column with type tests.
+    row: Row = {name: getattr(rec, name) for name in COLUMNS}
+    row["created_at"] = _utc_iso(row["created_at"])
+    row["is_stream"] = bool(row["is_stream"])
+    for name in _TEXT_COLUMNS:
+        value = row[name]
+        if value is not None:
+            row[name] = _bounded(value, max_value_length)
+    for name in _INT_COLUMNS:
+        value = row[name]
+        if value is not None:
+            # plain int: an IntEnum (HTTPStatus) is not JSON/DB-neutral
+            row[name] = int(value)
+    for name in _FLOAT_COLUMNS:
+        value = row[name]
+        if value is not None:
+            row[name] = float(value)
     return row
+
+
+_TEXT_COLUMNS = (
+    "id", "tenant_id", "user_id", "agent_id", "source", "caller_type", "method", "path",
+    "route", "query_string", "client_ip", "user_agent", "trace_id", "end_reason",
+)
+_INT_COLUMNS = ("status_code", "request_size_bytes", "response_size_bytes", "event_count")
+_FLOAT_COLUMNS = ("latency_ms", "first_event_ms")
+assert set(_TEXT_COLUMNS + _INT_COLUMNS + _FLOAT_COLUMNS + ("created_at", "is_stream")) == set(COLUMNS)
 
 
 def insert_sql(table: str, paramstyle: str, rows: int) -> str:
