@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -24,7 +25,9 @@ from aura_proxy.proxy import Gateway, GatewaySite
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.upstream import UpstreamClient
 
-__all__ = ["Options", "makeService", "build_service"]
+__all__ = ["Options", "makeService", "build_service", "StopInOrder"]
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -44,6 +47,26 @@ class Options(usage.Options):
             self["parsed"] = load_config(self["config"])
         except ConfigError as e:
             raise usage.UsageError("invalid configuration:\n" + str(e))
+
+
+class StopInOrder(MultiService):
+    """
+    A MultiService whose children stop one after the other, last added first,
+    each once the one before it has finished stopping (Twisted's stops them
+    all at once): streams must have ended, and been recorded, before call
+    history flushes.
+    """
+
+    async def _stop_children(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                _log.failure("stopping {service} failed", service=service)
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
 
 
 class _Drain(Service):
@@ -102,7 +125,7 @@ def build_service(
     """
     from aura_proxy.history import make_history
 
-    top = MultiService()
+    top = StopInOrder()
     history = make_history(config.history, reactor)
     if history is not None:
         history.setServiceParent(top)

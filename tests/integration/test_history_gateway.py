@@ -143,6 +143,25 @@ class SqliteHistoryTests(GatewayHistory, SynchronousTestCase):
         self.assertIsNotNone(stream["first_event_ms"])
         self.assertGreaterEqual(stream["latency_ms"], stream["first_event_ms"])
 
+    def test_open_stream_recorded_at_sigterm(self) -> None:
+        """
+        A stream still open at SIGTERM is ended and its summary row written
+        to the database (not left to the spool) before the gateway exits.
+        """
+        process, port = self.start_gateway()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/aura/endless", headers={"X-Tenant-ID": "t1"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertIn(b"data:", response.read1(4096))
+        self.stop_gateway(process)
+        conn.close()
+        [row] = [r for r in self.rows() if r["is_stream"]]
+        self.assertEqual((row["path"], row["end_reason"]), ("/api/aura/endless", "shutdown"))
+        spooled = [n for n in os.listdir(self.spool) if os.path.getsize(os.path.join(self.spool, n))] \
+            if os.path.isdir(self.spool) else []
+        self.assertEqual(spooled, [])
+
 
 class PostgresHistoryTests(GatewayHistory, SynchronousTestCase):
     """PostgreSQL in production: faults lose and double nothing."""
