@@ -131,7 +131,7 @@ class HistoryConfig:
     enabled: bool = True
     dsn: str = "sqlite:///aura-proxy-history.db"
     table: str = "sys_api_call_histories"
-    batch_size: int = 200
+    batch_size: int = 1000
     flush_interval: float = 1.0
     queue_size: int = 10000
     spool_dir: str = "aura-proxy-spool"

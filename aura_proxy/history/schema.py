@@ -74,7 +74,9 @@ def _utc_iso(moment: datetime) -> str:
     if moment.tzinfo is None:
         # The proxy stamps UTC; a naive value is taken to be UTC, not local time.
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    elif moment.tzinfo is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)
+    return moment.isoformat(timespec="microseconds")
 
 
 def to_row(rec: CallRecord, max_value_length: int) -> Row:
