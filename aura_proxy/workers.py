@@ -461,9 +461,10 @@ class _AdoptedPort(Service):
         probe = socket.socket(fileno=self._fd)
         family = probe.family
         probe.detach()
-        self._port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        self._port = port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
         # The port holds a duplicate of the descriptor.
         os.close(self._fd)
+        _accept_one_at_a_time(port)
 
     def stopService(self) -> Optional["Deferred[None]"]:
         Service.stopService(self)
@@ -471,6 +472,27 @@ class _AdoptedPort(Service):
         if port is None:
             return None
         return port.stopListening()
+
+
+def _accept_one_at_a_time(port: Any) -> None:
+    """
+    Make a shared listening port accept one connection per readiness event.
+
+    Twisted's port accepts up to a hundred connections each time the socket
+    is readable, growing that number while clients keep coming: the worker
+    that wakes first takes a whole burst (wrk's 50 connections all went to
+    one of two workers), and the others idle.  Accepting one at a time lets
+    every worker that is waiting in its poll take its share; a worker busy
+    with its streams polls later and so takes fewer.
+    """
+    base = type(port)
+    if getattr(base, "_one_accept", False):
+        return
+    port.__class__ = type(
+        "OneAccept" + base.__name__,
+        (base,),
+        {"_one_accept": True, "numberAccepts": property(lambda self: 1, lambda self, value: None)},
+    )
 
 
 def worker_service(config: Config, index: int, reactor: Any, listen_fd: int = LISTEN_FD) -> MultiService:

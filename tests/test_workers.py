@@ -400,3 +400,25 @@ class SupervisorTests(TestCase):
         self.successResultOf(stopped)
         fake.advance(60)
         self.assertEqual(len(fake.spawned), 2)
+
+
+class AcceptOneAtATimeTests(TestCase):
+    """Workers sharing a socket take turns accepting."""
+
+    def test_port_accepts_one_connection_per_wakeup(self) -> None:
+        """
+        An adopted port keeps numberAccepts at 1, whatever Twisted's adaptive
+        accept loop sets, so one worker cannot take a whole burst.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        from aura_proxy.workers import _accept_one_at_a_time
+
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        _accept_one_at_a_time(port)
+        port.numberAccepts += 20
+        self.assertEqual(port.numberAccepts, 1)
+        _accept_one_at_a_time(port)
+        self.assertEqual(type(port).__name__, "OneAcceptPort")
