@@ -193,13 +193,7 @@ class PostgresHistoryTests(GatewayHistory, SynchronousTestCase):
         PostgreSQL stopped, 1000 calls through the gateway, PostgreSQL
         started again: exactly 1000 rows arrive, none twice.
         """
-        if not os.path.isdir("/etc/postgresql"):
-            raise SkipTest("no pg_ctlcluster-managed PostgreSQL here")
-        process, port = self.start_gateway()
-        wait_for(lambda: self.table_exists(), 20, "the history table")
-        self.addCleanup(_ensure_running)
-        _pg_ctl("stop")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        process, conn = self.gateway_with_database_stopped()
         for n in range(1000):
             self.assertEqual(call(conn, "GET", f"/api/aura/json?n={n}")[0], 200)
         conn.close()
@@ -215,13 +209,7 @@ class PostgresHistoryTests(GatewayHistory, SynchronousTestCase):
         Rows spooled while PostgreSQL is down survive a kill -9 of the
         gateway: the next gateway on the same spool stores them, once.
         """
-        if not os.path.isdir("/etc/postgresql"):
-            raise SkipTest("no pg_ctlcluster-managed PostgreSQL here")
-        process, port = self.start_gateway()
-        wait_for(lambda: self.table_exists(), 20, "the history table")
-        self.addCleanup(_ensure_running)
-        _pg_ctl("stop")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        process, conn = self.gateway_with_database_stopped()
         for n in range(200):
             self.assertEqual(call(conn, "GET", f"/api/aura/json?n={n}")[0], 200)
         conn.close()
@@ -244,6 +232,16 @@ class PostgresHistoryTests(GatewayHistory, SynchronousTestCase):
         time.sleep(1.0)
         self.assertEqual(self.count(), (200, 200))
         self.stop_gateway(second)
+
+    def gateway_with_database_stopped(self) -> tuple[subprocess.Popen[bytes], http.client.HTTPConnection]:
+        """A gateway whose history table exists, then PostgreSQL stopped (restarted at cleanup)."""
+        if not os.path.isdir("/etc/postgresql"):
+            raise SkipTest("no pg_ctlcluster-managed PostgreSQL here")
+        process, port = self.start_gateway()
+        wait_for(lambda: self.table_exists(), 20, "the history table")
+        self.addCleanup(_ensure_running)
+        _pg_ctl("stop")
+        return process, http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
     def table_exists(self) -> bool:
         try:

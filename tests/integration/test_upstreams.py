@@ -30,25 +30,10 @@ from twisted.web.client import (
 )
 
 from tests.integration.upstream_app import GZIP_PLAIN, JSON_DOC, token_text
+from tests.integration.gateway import parse_events
 from tests.integration.upstreams import get_json, start_fastapi_upstream
 
 reactor: Any = _global_reactor
-
-
-def parse_events(body: bytes) -> list[dict[str, str]]:
-    """Complete SSE events in C{body} (any line ending), as dicts of fields."""
-    text = body.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    events = []
-    for block in text.split("\n\n")[:-1]:
-        fields: dict[str, str] = {}
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
-        if fields:
-            events.append(fields)
-    return events
 
 
 class ChunkCollector(Protocol):
