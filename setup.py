@@ -26,23 +26,36 @@ setup(
     },
     include_package_data=False,
     install_requires=[
+        # The stack the project chose: Twisted (reactor, twistd, twisted.web),
+        # treq (client API; its testing tools drive the unit tests), Klein
+        # (the front end), txpostgres (PostgreSQL without blocking the
+        # reactor), pyOpenSSL and service_identity (https:// upstreams and
+        # tls listeners, with certificate checks).
         "Twisted>=24.3",
         "treq>=23.11",
         "klein>=23.12",
         "txpostgres>=1.7",
+        # txpostgres drives psycopg2's asynchronous connections.
         "psycopg2-binary>=2.9",
         "pyOpenSSL>=24",
         "service_identity>=24",
+        # Redis Streams for the shared resume log: a Twisted-native client,
+        # where a blocking one would stall the reactor.
         "txredisapi>=1.4.10",
     ],
     extras_require={
         "test": [
+            # Property tests of the SSE parser (arbitrary streams, arbitrary splits).
             "hypothesis>=6.100",
+            # The upstream the integration tests run, as Aura runs: FastAPI
+            # with sse-starlette under uvicorn.
             "fastapi>=0.110",
             "sse-starlette>=2.0",
             "uvicorn>=0.29",
+            # An independent SSE client (POST streams, resume) for end-to-end tests.
             "httpx>=0.27",
             "httpx-sse>=0.4",
+            # Type checks; mypy-zope teaches mypy zope.interface.
             "mypy>=1.10",
             "mypy-zope>=1.0",
         ],
