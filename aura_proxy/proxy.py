@@ -1,12 +1,15 @@
 """
 The request path, in order.
 
-    parse the path -> CORS preflight -> match a route -> body limit ->
-    header contract -> forward upstream -> relay the response -> record the call
+    (body limit, while the body arrives: GatewayRequest) ->
+    tenant sources -> parse the path -> CORS preflight -> match a route ->
+    header contract -> resume from the stream log, or forward upstream ->
+    relay the response (stamping SSE event ids) -> record the call
 
-Each stage lives in its own module (L{aura_proxy.routes},
-L{aura_proxy.contract}, L{aura_proxy.upstream}, L{aura_proxy.relay},
-L{aura_proxy.history}); the order lives here.  Any stage can end the request
+Each stage lives in its own module (L{aura_proxy.contract},
+L{aura_proxy.routes}, L{aura_proxy.resume}, L{aura_proxy.upstream},
+L{aura_proxy.relay}, L{aura_proxy.sse}, L{aura_proxy.history}); the order
+lives here, in L{Gateway.handle}.  Any stage can end the request
 with a L{GatewayError}, answered as JSON and recorded like any other call.
 """
 
@@ -284,10 +287,11 @@ class Gateway:
         resumed: tuple[str, int, Optional[bytes]],
     ) -> "Deferred[None]":
         """
-        Answer a C{Last-Event-ID} of the gateway's own from the stream's log;
-        if the log cannot (expired, evicted, unknown, another tenant's), the
-        request goes upstream as a fresh one, with the upstream's own last id
-        (which the gateway id carries) or none.
+        Answer a C{Last-Event-ID} of the gateway's own from the stream's log.
+        If the log cannot (expired, evicted, unknown, cut short), the request
+        goes upstream as a fresh one with the upstream's own last id (which
+        the gateway id carries), or none; another tenant's stream id goes
+        upstream as a fresh request with no id at all.
         """
         stream_id, seq, upstream_id = resumed
 
