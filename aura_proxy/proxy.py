@@ -46,9 +46,10 @@ from aura_proxy.sse import SseRewriter, event_id_factory, make_stream_id, parse_
 from aura_proxy.routes import MalformedPath, Router, split_path, strip_segments
 from aura_proxy.upstream import UpstreamClient, body_producer
 
+from aura_proxy.history.record import CallRecord
+
 if TYPE_CHECKING:
     from aura_proxy.history import HistoryService
-    from aura_proxy.history.record import CallRecord
 
 __all__ = ["Gateway", "GatewayRequest", "GatewaySite"]
 
@@ -557,8 +558,6 @@ class Gateway:
     ) -> None:
         if self._history is None:
             return
-        from aura_proxy.history.record import CallRecord
-
         now = self._clock.seconds()
         headers = request.requestHeaders
         path, _, query = (request.uri or b"").partition(b"?")

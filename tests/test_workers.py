@@ -23,8 +23,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from aura_proxy.config import ConfigError, parse_config
+from aura_proxy.config import parse_config
 from tests.integration.gateway import sleep
+from tests.test_config import problems
 from aura_proxy.workers import (
     CONFIG_FD,
     LISTEN_FD,
@@ -50,15 +51,6 @@ def ini(gateway: str = "", sse: str = "resume = off", history: str = "enabled = 
         "[gateway]\nlisten = tcp:0:interface=127.0.0.1\nadmin_listen = tcp:0:interface=127.0.0.1\n"
         f"{gateway}\n{ROUTE}\n[sse]\n{sse}\n[history]\n{history}\n"
     )
-
-
-def problems(text: str) -> list[str]:
-    """The problems of C{text} as gw.ini (fails if it is accepted)."""
-    try:
-        parse_config(text, "gw.ini")
-    except ConfigError as e:
-        return e.problems
-    raise AssertionError("configuration was accepted")
 
 
 class ConfigTests(TestCase):
