@@ -15,9 +15,7 @@ with a L{GatewayError}, answered as JSON and recorded like any other call.
 
 from __future__ import annotations
 
-import uuid
 from functools import partial
-from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Optional
 
 from klein import Klein
@@ -40,6 +38,7 @@ from aura_proxy.config import Config, RouteConfig
 from aura_proxy.contract import Cors, HeaderContract, TenantSources, end_to_end
 from aura_proxy.errors import GatewayError
 from aura_proxy.relay import Relay, StreamTransform
+from aura_proxy.request_ids import new_request_id
 from aura_proxy.resume.log import FOREIGN, Attachment, ResumeLog
 from aura_proxy.resume.replay import Replay
 from aura_proxy.sse import SseRewriter, event_id_factory, make_stream_id, parse_gateway_id
@@ -171,7 +170,7 @@ class _Call:
     )
 
     def __init__(self, started: float) -> None:
-        self.id = str(uuid.uuid4())
+        self.id = new_request_id()
         self.started = started
         self.segments: list[str] = []
         self.route: Optional[RouteConfig] = None
@@ -221,6 +220,8 @@ class Gateway:
         self._idle_timeout = g.idle_timeout
         self._heartbeat = g.heartbeat_interval
         self._active: set[Relay] = set()
+        self._default_source = self._contract.default_for(b"x-dwp-source")
+        self._default_caller_type = self._contract.default_for(b"x-dwp-caller-type")
 
     def resource(self) -> IResource:
         """The Klein resource that serves every path."""
@@ -559,7 +560,7 @@ class Gateway:
         if self._history is None:
             return
         now = self._clock.seconds()
-        headers = request.requestHeaders
+        found = _recorded_headers(request.requestHeaders)
         path, _, query = (request.uri or b"").partition(b"?")
         if relay is not None and not is_sse:
             response_size = relay.sent
@@ -569,34 +570,35 @@ class Gateway:
             is_sse, first_write_at, events = True, replay.first_write_at, replay.events
         elif relay is not None and is_sse:
             first_write_at, events = relay.first_write_at, relay.events
-        record: CallRecord = CallRecord(
-            id=call.id,
-            created_at=datetime.fromtimestamp(call.started, timezone.utc),
-            tenant_id=_header(headers, b"x-tenant-id"),
-            user_id=_header(headers, b"x-user-id"),
-            agent_id=_header(headers, b"x-agent-id"),
-            source=_header(headers, b"x-dwp-source") or self._contract.default_for(b"x-dwp-source"),
-            caller_type=_header(headers, b"x-dwp-caller-type")
-            or self._contract.default_for(b"x-dwp-caller-type"),
-            method=_text(request.method or b""),
-            path=_text(path),
-            route=call.route.name if call.route is not None else None,
-            query_string=None if is_sse else (_text(query) or None),
-            status_code=status,
-            latency_ms=round((now - call.started) * 1000.0, 3),
-            request_size_bytes=None if is_sse else call.request_size,
-            response_size_bytes=None if is_sse else response_size,
-            client_ip=getattr(request.getClientAddress(), "host", None),
-            user_agent=_header(headers, b"user-agent"),
-            trace_id=_trace_id(headers),
-            is_stream=is_sse,
-            first_event_ms=(
+        # Positional, in field order: matching 22 keyword names cost three
+        # times as much as building the record (about 1% of a plain request).
+        record = CallRecord(
+            call.id,  # id
+            call.started,  # created_at
+            found.get(b"x-tenant-id"),  # tenant_id
+            found.get(b"x-user-id"),  # user_id
+            found.get(b"x-agent-id"),  # agent_id
+            found.get(b"x-dwp-source") or self._default_source,  # source
+            found.get(b"x-dwp-caller-type") or self._default_caller_type,  # caller_type
+            _text(request.method or b""),  # method
+            _text(path),  # path
+            call.route.name if call.route is not None else None,  # route
+            None if is_sse else (_text(query) or None),  # query_string
+            status,  # status_code
+            round((now - call.started) * 1000.0, 3),  # latency_ms
+            None if is_sse else call.request_size,  # request_size_bytes
+            None if is_sse else response_size,  # response_size_bytes
+            getattr(request.getClientAddress(), "host", None),  # client_ip
+            found.get(b"user-agent"),  # user_agent
+            _trace_id(found),  # trace_id
+            is_sse,  # is_stream
+            (  # first_event_ms
                 round((first_write_at - call.started) * 1000.0, 3)
                 if first_write_at is not None
                 else None
             ),
-            event_count=events,
-            end_reason=end_reason if is_sse else None,
+            events,  # event_count
+            end_reason if is_sse else None,  # end_reason
         )
         self._history.record(record)
 
@@ -683,11 +685,32 @@ def _header(headers: Headers, name: bytes) -> Optional[str]:
     return _text(values[0]) if values else None
 
 
-def _trace_id(headers: Headers) -> Optional[str]:
+#: The request headers a history row takes values from.
+_RECORDED = frozenset(
+    (
+        b"x-tenant-id", b"x-user-id", b"x-agent-id", b"x-dwp-source", b"x-dwp-caller-type",
+        b"user-agent", b"traceparent", b"x-trace-id",
+    )
+)
+
+
+def _recorded_headers(headers: Headers) -> dict[bytes, str]:
+    """The first value of each of L{_RECORDED} that C{headers} has, as text."""
+    # One pass over the few headers a request has: a getRawHeaders() per
+    # wanted name cost a quarter of what history adds to a call.
+    found = {}
+    for name, values in headers.getAllRawHeaders():
+        name = name.lower()
+        if name in _RECORDED and values:
+            found[name] = _text(values[0])
+    return found
+
+
+def _trace_id(found: dict[bytes, str]) -> Optional[str]:
     # W3C traceparent: version-traceid-parentid-flags
-    traceparent = headers.getRawHeaders(b"traceparent")
+    traceparent = found.get(b"traceparent")
     if traceparent:
-        parts = traceparent[0].split(b"-")
+        parts = traceparent.split("-")
         if len(parts) >= 4 and len(parts[1]) == 32:
-            return _text(parts[1])
-    return _header(headers, b"x-trace-id")
+            return parts[1]
+    return found.get(b"x-trace-id")

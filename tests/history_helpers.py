@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -13,16 +13,16 @@ from twisted.python.failure import Failure
 
 from aura_proxy.config import HistoryConfig
 from aura_proxy.history.record import CallRecord
-from aura_proxy.history.schema import Row
+from aura_proxy.history.schema import ID, Row, row_to_json
 
-EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
 def make_record(i: int, **changes: Any) -> CallRecord:
     """A plain (non-stream) call numbered C{i}; C{changes} override fields."""
     rec = CallRecord(
         id=f"req-{i:06d}",
-        created_at=EPOCH + timedelta(milliseconds=i),
+        created_at=EPOCH + i / 1000,
         tenant_id="tenant-a" if i % 2 else "tenant-b",
         user_id=f"user-{i % 7}",
         agent_id="agent-1",
@@ -95,7 +95,8 @@ class FakeBackend:
     def __init__(self) -> None:
         self.up = True
         self.connects = 0
-        self.rows: Dict[str, Row] = {}
+        #: Committed rows by id, each keyed by column name.
+        self.rows: Dict[str, Dict[str, Any]] = {}
         #: Ids in commit order (each id once: the table's UNIQUE constraint).
         self.order: List[str] = []
         self.batches: List[List[str]] = []
@@ -130,16 +131,16 @@ class FakeBackend:
     def _commit(self, rows: Sequence[Row]) -> "Deferred[int]":
         if not self.up:
             return fail(ConnectionLost("database down"))
-        bad = [r["id"] for r in rows if r["id"] in self.bad_ids]
+        bad = [r[ID] for r in rows if r[ID] in self.bad_ids]
         if bad:
             return fail(RowRejected(f"bad value in {bad[0]}"))
         new = 0
         for row in rows:
-            if row["id"] not in self.rows:
-                self.rows[row["id"]] = dict(row)
-                self.order.append(row["id"])
+            if row[ID] not in self.rows:
+                self.rows[row[ID]] = row_to_json(row)
+                self.order.append(row[ID])
                 new += 1
-        self.batches.append([r["id"] for r in rows])
+        self.batches.append([r[ID] for r in rows])
         if self.lose_ack_once:
             self.lose_ack_once = False
             return fail(ConnectionLost("lost after commit"))

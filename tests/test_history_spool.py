@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.trial.unittest import TestCase
 
+from aura_proxy.history.schema import COLUMNS, ID, Row, row_from_json
 from aura_proxy.history.spool import Spool
 from tests.history_helpers import segments
 
 
-def rows(*ids: str) -> list[dict[str, str]]:
-    """Minimal rows with the given ids."""
-    return [{"id": i} for i in ids]
+def rows(*ids: str) -> list[Row]:
+    """Rows with the given ids and every other column NULL."""
+    return [row_from_json({"id": i}) for i in ids]
 
 
 class SpoolTests(TestCase):
@@ -27,7 +29,7 @@ class SpoolTests(TestCase):
         """Read and ack everything, returning ids in read order."""
         out: list[str] = []
         while (chunk := spool.read(size)) is not None:
-            out.extend(r["id"] for r in chunk.rows)
+            out.extend(r[ID] for r in chunk.rows)
             spool.ack(chunk)
         return out
 
@@ -37,7 +39,7 @@ class SpoolTests(TestCase):
         self.spool.append(rows("d"))
         chunk = self.spool.read(2)
         assert chunk is not None
-        self.assertEqual([r["id"] for r in chunk.rows], ["a", "b"])
+        self.assertEqual([r[ID] for r in chunk.rows], ["a", "b"])
         self.assertFalse(chunk.last)
         self.spool.ack(chunk)
         self.assertEqual(self.drain(self.spool), ["c", "d"])
@@ -78,7 +80,7 @@ class SpoolTests(TestCase):
         again = Spool(self.dir)
         chunk = again.read(10)
         assert chunk is not None
-        self.assertEqual([r["id"] for r in chunk.rows], ["a", "b"])
+        self.assertEqual([r[ID] for r in chunk.rows], ["a", "b"])
         self.assertEqual(chunk.bad, 2)
         self.assertTrue(chunk.last)
         again.ack(chunk)
@@ -92,3 +94,20 @@ class SpoolTests(TestCase):
         self.assertEqual(len(segments(spool.directory)), 2)
         self.assertEqual(self.drain(spool), ["a", "b"])
         self.assertEqual(spool.open(), 0)
+
+    def test_lines_are_objects_by_column(self) -> None:
+        """
+        A spool line is a JSON object keyed by column name; a line written
+        before a column existed reads back with that column NULL.
+        """
+        row = ("r1",) + tuple(range(1, len(COLUMNS)))
+        self.spool.append([row])
+        with open(os.path.join(self.dir, segments(self.dir)[0])) as f:
+            self.assertEqual(json.loads(f.readline()), dict(zip(COLUMNS, row)))
+        old = dict(zip(COLUMNS[:-1], ["old"] + [None] * (len(COLUMNS) - 2)))
+        old["not_a_column"] = 1
+        with open(os.path.join(self.dir, segments(self.dir)[0]), "a") as f:
+            f.write(json.dumps(old) + "\n")
+        chunk = Spool(self.dir).read(10)
+        assert chunk is not None
+        self.assertEqual(chunk.rows, [row, ("old",) + (None,) * (len(COLUMNS) - 1)])

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from aura_proxy.history import HistoryService
-from aura_proxy.history.schema import COLUMNS, to_row
+from aura_proxy.history.schema import COLUMNS, insert_sql, load_migrations, to_row
 from aura_proxy.history.sqlite import SQLiteBackend, sqlite_path
 from tests.history_helpers import history_config, make_record, make_stream_record, segments
 
@@ -73,7 +73,49 @@ class SQLiteTests(TestCase):
         self.assertTrue(
             {f"{self.table}_created_at_idx", f"{self.table}_tenant_created_idx"} <= indexes
         )
-        self.assertEqual(self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,)])
+        self.assertEqual(self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,)])
+
+    async def test_trace_lookup_uses_partial_index(self) -> None:
+        """A lookup by trace id uses the trace index, which holds traced calls only."""
+        b = self.backend()
+        await b.connect()
+        await b.insert([to_row(make_record(1), 64), to_row(make_record(2, trace_id=None), 64)])
+        (sql,), = self.query(
+            "SELECT sql FROM sqlite_master WHERE name = ?", f"{self.table}_trace_idx"
+        )
+        self.assertIn("WHERE trace_id IS NOT NULL", sql)
+        plan = " ".join(
+            str(r[-1]) for r in self.query(
+                f"EXPLAIN QUERY PLAN SELECT id FROM {self.table} WHERE trace_id = ?", "trace-1"
+            )
+        )
+        self.assertIn(f"{self.table}_trace_idx", plan)
+        self.assertEqual(
+            self.query(f"SELECT id FROM {self.table} WHERE trace_id = ?", "trace-1"),
+            [("req-000001",)],
+        )
+
+    async def test_upgrade_from_version_1_keeps_rows(self) -> None:
+        """A database made by the first schema version is migrated in place, rows kept."""
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        first = load_migrations("sqlite", self.table)[0]
+        for statement in first.statements:
+            conn.execute(statement)
+        conn.execute(
+            f"CREATE TABLE {self.table}_schema_version ("
+            "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        conn.execute(f"INSERT INTO {self.table}_schema_version VALUES (1, 'v1', 'then')")
+        conn.execute(insert_sql(self.table, "qmark", 1), to_row(make_record(7), 64))
+        conn.close()
+        b = self.backend()
+        await b.connect()
+        self.assertEqual(self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,)])
+        self.assertEqual(self.query(f"SELECT id, trace_id FROM {self.table}"), [("req-000007", "trace-7")])
+        (sql,), = self.query(
+            "SELECT sql FROM sqlite_master WHERE name = ?", f"{self.table}_trace_idx"
+        )
+        self.assertIn("WHERE trace_id IS NOT NULL", sql)
 
     async def test_round_trip_and_idempotent(self) -> None:
         """Values are stored as given (stream NULLs included); a repeated id is ignored."""
@@ -92,6 +134,11 @@ class SQLiteTests(TestCase):
                 ("req-000001", "2026-01-01T00:00:00.001000+00:00", 0, "x=1", 100, None, None),
                 ("req-000002", "2026-01-01T00:00:00.002000+00:00", 1, None, None, 42, "completed"),
             ],
+        )
+        # None and bool are bound as SQL NULL and integers, not as text.
+        self.assertEqual(
+            self.query(f"SELECT typeof(is_stream), typeof(query_string) FROM {self.table} ORDER BY id"),
+            [("integer", "text"), ("integer", "null")],
         )
 
     async def test_bad_value_is_row_error(self) -> None:

@@ -294,7 +294,7 @@ class ForwardTests(TestCase):
     def test_plain_call_recorded(self) -> None:
         """A plain call is one history row with sizes, query and identity."""
         h = Harness(Echo())
-        h.request("POST", "/api/aura/x?q=1", data=b"abc", headers={
+        response = h.request("POST", "/api/aura/x?q=1", data=b"abc", headers={
             "X-Tenant-ID": "t1", "X-User-ID": "u1", "X-Agent-ID": "a1", "User-Agent": "ua",
             "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
         [row] = h.history.records
@@ -306,6 +306,13 @@ class ForwardTests(TestCase):
              "ua", "0af7651916cd43dd8448eb211c80319c", False, None),
         )
         self.assertGreater(row.response_size_bytes or 0, 0)
+        # The columns the request does not set, each in its place.
+        self.assertEqual(
+            (row.created_at, row.latency_ms, row.first_event_ms, row.event_count),
+            (h.clock.seconds(), 0.0, None, None),
+        )
+        self.assertEqual(row.id, response.headers.getRawHeaders("x-request-id")[0])
+        self.assertIsInstance(row.client_ip, str)
 
 
 class StreamTests(TestCase):

@@ -80,7 +80,7 @@ class PostgresBackend:
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             params: List[Any] = []
             for row in rows[start:start + _ROWS_PER_STATEMENT]:
-                params.extend(row.get(c) for c in COLUMNS)
+                params.extend(row)
             chunks.append(params)
         n_cols = len(COLUMNS)
 

@@ -9,7 +9,6 @@ which never blocks and never raises.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Optional
 
 __all__ = ["CallRecord", "END_REASONS"]
@@ -34,7 +33,8 @@ class CallRecord:
     """
 
     id: str
-    created_at: datetime
+    #: When the call started: Unix time in seconds (the reactor's clock).
+    created_at: float
     tenant_id: Optional[str]
     user_id: Optional[str]
     agent_id: Optional[str]

@@ -1,26 +1,32 @@
 """
 The shape of a stored call: column list, row normalisation, versioned DDL.
 
-A I{row} is a plain JSON-able C{dict} keyed by column name.  It is what the
-queue holds, what the spool writes as one JSON line and what the backends
-bind as parameters, so the three always agree.  Rows read back from an older
-spool may lack a column added later: backends read missing keys as NULL.
+A I{row} is a tuple of plain values in L{COLUMNS} order: what the queue
+holds and what the backends bind as parameters, as it is (a tuple costs the
+reactor thread a third of what a dict keyed by column name did).  The spool
+writes each row as one JSON object keyed by column name (L{row_to_json}), so
+a spool written before a column was added reads back with that column NULL
+(L{row_from_json}).
 """
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from aura_proxy.history.record import CallRecord
 
-__all__ = ["COLUMNS", "Row", "Migration", "to_row", "load_migrations", "insert_sql"]
+__all__ = [
+    "COLUMNS", "ID", "Row", "Migration", "to_row", "row_to_json", "row_from_json",
+    "load_migrations", "insert_sql",
+]
 
-#: A normalised call, keyed by column name; values are str, int, float, bool or None.
-Row = Dict[str, Any]
+#: A normalised call: values in L{COLUMNS} order, each str, int, float, bool or None.
+Row = Tuple[Any, ...]
 
 #: Stored columns, in insert order.  A new column is appended here AND in a new
 #: migration of both .sql files.
@@ -49,6 +55,9 @@ COLUMNS: Tuple[str, ...] = (
     "end_reason",
 )
 
+#: Where a row holds its id.
+ID = 0
+
 
 def _bounded(value: Optional[str], limit: int) -> Optional[str]:
     """
@@ -69,49 +78,90 @@ def _bounded(value: Optional[str], limit: int) -> Optional[str]:
     return text
 
 
-def _utc_iso(moment: datetime) -> str:
-    """ISO-8601 in UTC with microseconds: sorts as text, parses everywhere."""
-    if moment.tzinfo is None:
-        # The proxy stamps UTC; a naive value is taken to be UTC, not local time.
-        moment = moment.replace(tzinfo=timezone.utc)
-    elif moment.tzinfo is not timezone.utc:
-        moment = moment.astimezone(timezone.utc)
-    return moment.isoformat(timespec="microseconds")
+def _utc_iso(seconds: float) -> str:
+    """
+    Unix time as ISO-8601 text in UTC with microseconds
+    (C{2026-01-31T12:00:00.123456+00:00}): sorts as text, parses everywhere.
+    """
+    global _last_second
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1_000_000)
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    cached, prefix = _last_second
+    if whole != cached:
+        # Calls end many to a second: format the date and time once per second
+        # (datetime.isoformat() cost 1.8 microseconds per row).
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _last_second = (whole, prefix)
+    return f"{prefix}.{micros:06d}+00:00"
+
+
+_last_second: Tuple[int, str] = (0, "1970-01-01T00:00:00")
 
 
 def to_row(rec: CallRecord, max_value_length: int) -> Row:
     """
     Normalise C{rec} into a L{Row}: strings bounded to C{max_value_length}
-    characters, C{created_at} as UTC ISO text, numbers and booleans as-is.
+    characters, C{created_at} (Unix seconds) as UTC ISO text, numbers and
+    booleans as plain C{int}, C{float} and C{bool} (an C{IntEnum} such as
+    C{HTTPStatus} is neither JSON- nor database-neutral).
     """
-    # Runs once per call on the gateway's reactor thread: per column kind,
-    # not per column with type tests.
-    row: Row = {name: getattr(rec, name) for name in COLUMNS}
-    row["created_at"] = _utc_iso(row["created_at"])
-    row["is_stream"] = bool(row["is_stream"])
-    for name in _TEXT_COLUMNS:
-        value = row[name]
-        if value is not None:
-            row[name] = _bounded(value, max_value_length)
-    for name in _INT_COLUMNS:
-        value = row[name]
-        if value is not None:
-            # plain int: an IntEnum (HTTPStatus) is not JSON/DB-neutral
-            row[name] = int(value)
-    for name in _FLOAT_COLUMNS:
-        value = row[name]
-        if value is not None:
-            row[name] = float(value)
-    return row
+    # Runs once per call on the gateway's reactor thread, so the common case
+    # (every string short ASCII without NUL) is one check of all the strings
+    # together: if their sum fits the limit, each one does.
+    texts: Tuple[Optional[str], ...] = (
+        rec.id, rec.tenant_id, rec.user_id, rec.agent_id, rec.source, rec.caller_type,
+        rec.method, rec.path, rec.route, rec.query_string, rec.client_ip, rec.user_agent,
+        rec.trace_id, rec.end_reason,
+    )
+    try:
+        joined = "".join([t for t in texts if t is not None])
+    except TypeError:  # not all str: the slow path makes them so
+        joined = None
+    if joined is None or len(joined) > max_value_length or not joined.isascii() or "\x00" in joined:
+        texts = tuple(_bounded(t, max_value_length) for t in texts)
+    (call_id, tenant_id, user_id, agent_id, source, caller_type, method, path, route,
+     query_string, client_ip, user_agent, trace_id, end_reason) = texts
+    request_size, response_size = rec.request_size_bytes, rec.response_size_bytes
+    first_event, events = rec.first_event_ms, rec.event_count
+    return (
+        call_id,
+        _utc_iso(rec.created_at),
+        tenant_id,
+        user_id,
+        agent_id,
+        source,
+        caller_type,
+        method,
+        path,
+        route,
+        query_string,
+        int(rec.status_code),
+        float(rec.latency_ms),
+        None if request_size is None else int(request_size),
+        None if response_size is None else int(response_size),
+        client_ip,
+        user_agent,
+        trace_id,
+        bool(rec.is_stream),
+        None if first_event is None else float(first_event),
+        None if events is None else int(events),
+        end_reason,
+    )
 
 
-_TEXT_COLUMNS = (
-    "id", "tenant_id", "user_id", "agent_id", "source", "caller_type", "method", "path",
-    "route", "query_string", "client_ip", "user_agent", "trace_id", "end_reason",
-)
-_INT_COLUMNS = ("status_code", "request_size_bytes", "response_size_bytes", "event_count")
-_FLOAT_COLUMNS = ("latency_ms", "first_event_ms")
-assert set(_TEXT_COLUMNS + _INT_COLUMNS + _FLOAT_COLUMNS + ("created_at", "is_stream")) == set(COLUMNS)
+def row_to_json(row: Row) -> Dict[str, Any]:
+    """C{row} as a JSON object keyed by column name (the spool's line format)."""
+    return dict(zip(COLUMNS, row))
+
+
+def row_from_json(obj: Dict[str, Any]) -> Row:
+    """
+    The row a spool line holds.  A column the line lacks (written before the
+    column existed) is NULL; a key that is not a column is ignored.
+    """
+    return tuple(obj.get(name) for name in COLUMNS)
 
 
 def insert_sql(table: str, paramstyle: str, rows: int) -> str:

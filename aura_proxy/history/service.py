@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from aura_proxy.config import HistoryConfig
 from aura_proxy.history.backend import Backend, Clock, DelayedCall
 from aura_proxy.history.record import CallRecord
-from aura_proxy.history.schema import Row, to_row
+from aura_proxy.history.schema import ID, Row, to_row
 from aura_proxy.history.spool import Chunk, Spool
 
 __all__ = ["HistoryService", "backend_for"]
@@ -365,7 +365,7 @@ class HistoryService(Service):
                 self._counters["failed"] += 1
                 self.log.error(
                     "history: row {id} refused by the database and dropped: {why}",
-                    id=row.get("id"), why=f.getErrorMessage(),
+                    id=row[ID], why=f.getErrorMessage(),
                 )
             else:
                 self._count_written(1, inserted)
@@ -386,8 +386,8 @@ class HistoryService(Service):
             self._counters["dropped"] += len(rows)
             self.log.failure(
                 "history: spool {dir} failed: {n} rows lost (ids {first} .. {last})",
-                dir=self.config.spool_dir, n=len(rows), first=rows[0].get("id"),
-                last=rows[-1].get("id"),
+                dir=self.config.spool_dir, n=len(rows), first=rows[0][ID],
+                last=rows[-1][ID],
             )
         else:
             self._counters["spooled"] += len(rows)

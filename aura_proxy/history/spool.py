@@ -28,7 +28,7 @@ from typing import IO, List, Optional, Sequence
 
 from twisted.logger import Logger
 
-from aura_proxy.history.schema import Row
+from aura_proxy.history.schema import Row, row_from_json, row_to_json
 
 __all__ = ["Spool", "Chunk"]
 
@@ -96,7 +96,7 @@ class Spool:
             self._next_seq += 1
             self._active = open(self._path(self._active_name), "a", encoding="utf-8")
             self._fsync_dir()
-        data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
+        data = "".join(json.dumps(row_to_json(row), separators=(",", ":")) + "\n" for row in rows)
         self._active.write(data)
         self._active.flush()
         os.fsync(self._active.fileno())
@@ -130,8 +130,8 @@ class Spool:
                     self.log.warn("history spool {segment}: torn last line skipped", segment=name)
                     continue
                 try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
                         raise ValueError("not a row")
                 except ValueError:
                     if line.strip():
@@ -141,7 +141,7 @@ class Spool:
                             segment=name, offset=f.tell() - len(line),
                         )
                     continue
-                rows.append(row)
+                rows.append(row_from_json(obj))
             end = f.tell()
             last = f.read(1) == b""
         return Chunk(name, start, end, rows, last, bad)
