@@ -86,6 +86,41 @@ class ServiceTests(TestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.backend.order, ["req-000001"])
 
+    def test_rows_after_a_timed_flush_wait(self) -> None:
+        """
+        The flush timer writes the rows queued when it fired; rows recorded
+        while that write is in flight wait for a full batch or the next tick,
+        instead of a commit each time the previous one finishes.
+        """
+        svc = self.service(batch_size=100, flush_interval=1.0)
+        self.backend.slow = True
+        svc.record(make_record(1))
+        svc.record(make_record(2))
+        self.clock.advance(1.0)
+        svc.record(make_record(3))
+        svc.record(make_record(4))
+        self.backend.release()
+        self.clock.advance(0)
+        self.assertEqual(self.backend.batches, [["req-000001", "req-000002"]])
+        self.clock.advance(1.0)
+        self.assertEqual(self.backend.batches[1:], [["req-000003", "req-000004"]])
+
+    def test_flush_writes_everything_queued(self) -> None:
+        """flush() writes every row queued when it was called, across several batches."""
+        svc = self.service(batch_size=3, flush_interval=60.0)
+        self.backend.slow = True
+        for i in range(1, 3):
+            svc.record(make_record(i))
+        done = svc.flush()
+        for i in range(3, 8):
+            svc.record(make_record(i))
+        self.backend.release()
+        self.clock.advance(0)
+        self.successResultOf(done)
+        # 1-2 (the flush), then 3-5 (a full batch); 6-7 were queued after the
+        # flush and make no full batch: they wait for the timer.
+        self.assertEqual(self.backend.order, [f"req-{i:06d}" for i in range(1, 6)])
+
     def test_db_down_spools_then_replays_in_order(self) -> None:
         """
         With the database down rows go to the spool on each flush; once it is

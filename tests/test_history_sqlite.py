@@ -141,6 +141,37 @@ class SQLiteTests(TestCase):
             [("integer", "text"), ("integer", "null")],
         )
 
+    async def test_large_batch_counts_new_rows(self) -> None:
+        """
+        A batch larger than one INSERT statement holds is stored whole, and the
+        count of new rows skips the duplicates in every statement of it.
+        """
+        b = self.backend()
+        await b.connect()
+        first = [to_row(make_record(i), 64) for i in range(250)]
+        self.assertEqual(await b.insert(first), 250)
+        again = [to_row(make_record(i), 64) for i in range(245, 262)] + first[:100]
+        self.assertEqual(await b.insert(again), 12)
+        self.assertEqual(self.query(f"SELECT count(*) FROM {self.table}"), [(262,)])
+
+    async def test_small_variable_limit(self) -> None:
+        """
+        Under an SQLite built with the old limit of 999 bound values (45 rows
+        a statement), batches are split to fit.
+        """
+        connect = sqlite3.connect
+
+        def old_library(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(*args, **kwargs)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+            return conn
+
+        self.patch(sqlite3, "connect", old_library)
+        b = self.backend()
+        await b.connect()
+        self.assertEqual(b._rows_per_statement, 45)
+        self.assertEqual(await b.insert([to_row(make_record(i), 64) for i in range(100)]), 100)
+
     async def test_bad_value_is_row_error(self) -> None:
         """An integer SQLite cannot hold fails the batch as a row error, storing nothing."""
         b = self.backend()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from itertools import chain
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
@@ -17,11 +18,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from aura_proxy.history.schema import Row, insert_sql, load_migrations, version_table
+from aura_proxy.history.schema import COLUMNS, Row, insert_sql, load_migrations, version_table
 
 __all__ = ["SQLiteBackend", "sqlite_path"]
 
 T = TypeVar("T")
+
+#: Rows per INSERT statement, at most; fewer if the library's limit on bound
+#: values (999 before SQLite 3.32) does not allow 100 rows.
+_ROWS_PER_STATEMENT = 100
 
 _ROW_ERRORS = (
     sqlite3.IntegrityError,
@@ -62,7 +67,8 @@ class SQLiteBackend:
         self._reactor = reactor
         self._pool: Optional[ThreadPool] = None
         self._conn: Optional[sqlite3.Connection] = None  # touched only in the worker thread
-        self._insert = insert_sql(table, "qmark", 1)
+        self._statements: dict[int, str] = {}  # INSERT text by number of rows
+        self._rows_per_statement = 1
 
     def _run(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         if self._pool is None:
@@ -111,6 +117,14 @@ class SQLiteBackend:
             # WAL lets a DBA read while we write; FULL keeps acked commits on power loss.
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # A multi-row INSERT keeps a statement journal (to undo just that
+            # statement on a constraint error): in memory, not a new temp file
+            # in /var/tmp for every statement.
+            conn.execute("PRAGMA temp_store=MEMORY")
+            self._rows_per_statement = max(1, min(
+                _ROWS_PER_STATEMENT,
+                conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS),
+            ))
             self._migrate(conn)
         except BaseException:
             conn.close()
@@ -144,18 +158,34 @@ class SQLiteBackend:
                 conn.execute("ROLLBACK")
                 raise
 
-    def _insert_rows(self, params: Sequence[tuple[Any, ...]]) -> int:
+    def _insert_rows(self, rows: Sequence[Row]) -> int:
         if self._conn is None:
             raise sqlite3.OperationalError("history database is not open")
         conn = self._conn
+        inserted = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
-            cursor = conn.executemany(self._insert, params)
+            # Many rows per statement: the sqlite3 module releases the GIL
+            # around every statement step, and with the reactor thread busy
+            # each release is a thread switch (executemany: one per row).
+            step = self._rows_per_statement
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                cursor = conn.execute(
+                    self._statement(len(chunk)), list(chain.from_iterable(chunk))
+                )
+                inserted += max(cursor.rowcount, 0)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return max(cursor.rowcount, 0)
+        return inserted
+
+    def _statement(self, rows: int) -> str:
+        statement = self._statements.get(rows)
+        if statement is None:
+            statement = self._statements[rows] = insert_sql(self.table, "qmark", rows)
+        return statement
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
