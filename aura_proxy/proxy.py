@@ -165,13 +165,14 @@ class _Call:
     """What one request has gathered on its way through the path."""
 
     __slots__ = (
-        "id", "started", "segments", "route", "relay", "replay", "upstream_call", "request_size",
-        "client_gone",
+        "id", "started", "client_ip", "segments", "route", "relay", "replay", "upstream_call",
+        "request_size", "client_gone",
     )
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, request: Request) -> None:
         self.id = new_request_id()
         self.started = started
+        self.client_ip: Optional[str] = getattr(request.getClientAddress(), "host", None)
         self.segments: list[str] = []
         self.route: Optional[RouteConfig] = None
         self.relay: Optional[Relay] = None
@@ -249,7 +250,7 @@ class Gateway:
         (for a stream: when the stream ends).  Cancelling it (Klein does, when
         the client disconnects) cancels or closes the upstream request.
         """
-        call = _Call(self._clock.seconds())
+        call = _Call(self._clock.seconds(), request)
         call.request_size = _body_length(request)
         request.defaultContentType = None
         # First of all: a tenant query parameter must not reach logs or
@@ -331,10 +332,9 @@ class Gateway:
 
     def _forward(self, request: Request, call: _Call, route: RouteConfig) -> "Deferred[None]":
         url = _upstream_url(route, request.uri)
-        client = request.getClientAddress()
         outgoing = self._contract.upstream_headers(
             request.requestHeaders,
-            client_ip=getattr(client, "host", None),
+            client_ip=call.client_ip,
             proto=b"https" if request.isSecure() else b"http",
             host=request.getHeader(b"host"),
             extra=() if request.requestHeaders.hasHeader(b"x-request-id")
@@ -531,7 +531,7 @@ class Gateway:
     def rejected_body(self, request: Request, error: GatewayError) -> None:
         """Record a request refused for its body size before it was routed."""
         self._tenants.apply(request)
-        call = _Call(self._clock.seconds())
+        call = _Call(self._clock.seconds(), request)
         try:
             call.segments = split_path(request.path)
             call.route = self._router.match(call.segments)
@@ -588,7 +588,7 @@ class Gateway:
             round((now - call.started) * 1000.0, 3),  # latency_ms
             None if is_sse else call.request_size,  # request_size_bytes
             None if is_sse else response_size,  # response_size_bytes
-            getattr(request.getClientAddress(), "host", None),  # client_ip
+            call.client_ip,  # client_ip
             found.get(b"user-agent"),  # user_agent
             _trace_id(found),  # trace_id
             is_sse,  # is_stream
@@ -702,7 +702,7 @@ def _recorded_headers(headers: Headers) -> dict[bytes, str]:
     for name, values in headers.getAllRawHeaders():
         name = name.lower()
         if name in _RECORDED and values:
-            found[name] = _text(values[0])
+            found[name] = values[0].decode("utf-8", "replace")
     return found
 
 
