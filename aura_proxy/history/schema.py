@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from aura_proxy.history.record import CallRecord
 
