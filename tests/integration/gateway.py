@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from treq.client import HTTPClient
 from twisted.internet import reactor as _global_reactor
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -126,6 +126,31 @@ def gateway_ini(upstream_port: int, gateway: str = "", routes: str = "", extra: 
             keys[key.strip()] = value.strip()
     section = "\n".join(f"{k} = {v}" for k, v in keys.items())
     return BASE_INI.format(gateway=section, routes=base_routes + "\n" + routes, extra=extra)
+
+
+def twistd_ini(
+    listen: int,
+    admin: int,
+    upstream: int,
+    *,
+    gateway: str = "",
+    headers: str = "",
+    sections: str = "",
+) -> str:
+    """
+    The INI of a gateway run as its own twistd process: listening on
+    C{listen} (admin on C{admin}), no heartbeats, C{/api/aura/**} routed to
+    the upstream on C{upstream}, C{X-Tenant-ID} required.  C{gateway} and
+    C{headers} lines go into those sections; C{sections} (more routes,
+    C{[history]}, C{[sse]}...) follows.
+    """
+    return (
+        f"[gateway]\nlisten = tcp:{listen}:interface=127.0.0.1\n"
+        f"admin_listen = tcp:{admin}:interface=127.0.0.1\nheartbeat_interval = 0\n{gateway}\n"
+        f"[route:aura]\npath = /api/aura/**\nupstream = http://127.0.0.1:{upstream}\n\n"
+        f"[headers]\nrequired = X-Tenant-ID\n{headers}\n"
+        f"{sections}"
+    )
 
 
 class Tracking:

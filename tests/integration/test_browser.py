@@ -40,7 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from aura_proxy.sse import parse_gateway_id
-from tests.integration.gateway import Tracking, listen, reactor, start_site
+from tests.integration.gateway import Tracking, listen, reactor, start_site, twistd_ini
 from tests.integration.upstream_app import token_text
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
 
@@ -99,34 +99,16 @@ setTimeout(() => report("watchdog"), 15000);
 
 
 def gateway_config(listen: int, admin: int, upstream: int, site: int) -> str:
-    return f"""\
-[gateway]
-listen = tcp:{listen}:interface=127.0.0.1
-admin_listen = tcp:{admin}:interface=127.0.0.1
-heartbeat_interval = 0
-
-[route:aura]
-path = /api/aura/**
-upstream = http://127.0.0.1:{upstream}
-
-[route:page]
-path = /page/**
-upstream = http://127.0.0.1:{site}
-
-[headers]
-required = X-Tenant-ID
-public_paths = /page/**
-tenant_from = header, query:tenant_id
-
-[history]
-enabled = false
-
-[sse]
-inject_ids = true
-resume = memory
-resume_ttl = 30
-on_client_disconnect = detach
-"""
+    return twistd_ini(
+        listen, admin, upstream,
+        headers="public_paths = /page/**\ntenant_from = header, query:tenant_id\n",
+        sections=(
+            f"[route:page]\npath = /page/**\nupstream = http://127.0.0.1:{site}\n\n"
+            "[history]\nenabled = false\n\n"
+            "[sse]\ninject_ids = true\nresume = memory\nresume_ttl = 30\n"
+            "on_client_disconnect = detach\n"
+        ),
+    )
 
 
 class _Page(Resource):

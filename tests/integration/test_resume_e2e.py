@@ -26,6 +26,7 @@ from httpx_sse import connect_sse
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from aura_proxy.sse import parse_gateway_id
+from tests.integration.gateway import twistd_ini
 from tests.integration.upstream_app import token_text
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
 
@@ -63,26 +64,8 @@ def expected_stream(count: int, after: int = 0) -> list[tuple[str, str]]:
 
 
 def gateway_config(listen: int, admin: int, upstream: int, sse: str, extra: str = "") -> str:
-    return f"""\
-[gateway]
-listen = tcp:{listen}:interface=127.0.0.1
-admin_listen = tcp:{admin}:interface=127.0.0.1
-heartbeat_interval = 0
-
-[route:aura]
-path = /api/aura/**
-upstream = http://127.0.0.1:{upstream}
-
-[headers]
-required = X-Tenant-ID
-
-[history]
-enabled = false
-
-[sse]
-inject_ids = true
-{sse}
-{extra}"""
+    return twistd_ini(listen, admin, upstream, sections=(
+        f"[history]\nenabled = false\n\n[sse]\ninject_ids = true\n{sse}\n{extra}"))
 
 
 def read_events(

@@ -5,7 +5,6 @@ and C{python -m aura_proxy check}, as subprocesses on free ports.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,12 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
 
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import ResponseDone
 
-from tests.integration.gateway import ChunkCollector, client, parse_events, sleep, wait_until
+from tests.integration.gateway import (
+    ChunkCollector, client, parse_events, twistd_ini, wait_until,
+)
 from tests.integration.upstreams import (
     REPO_ROOT,
     free_port,
@@ -33,27 +33,9 @@ TENANT = {b"X-Tenant-ID": [b"t1"]}
 
 
 def config_text(listen: int, admin: int, upstream_port: int, extra: str = "") -> str:
-    return f"""\
-[gateway]
-listen = tcp:{listen}:interface=127.0.0.1
-admin_listen = tcp:{admin}:interface=127.0.0.1
-heartbeat_interval = 0
-
-[route:aura]
-path = /api/aura/**
-upstream = http://127.0.0.1:{upstream_port}
-
-[headers]
-required = X-Tenant-ID
-
-[history]
-enabled = false
-
-[sse]
-inject_ids = false
-resume = off
-on_client_disconnect = cancel
-{extra}"""
+    return twistd_ini(listen, admin, upstream_port, sections=(
+        "[history]\nenabled = false\n\n"
+        f"[sse]\ninject_ids = false\nresume = off\non_client_disconnect = cancel\n{extra}"))
 
 
 class TwistdTests(TestCase):

@@ -21,34 +21,16 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from tests.integration.gateway import twistd_ini
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
 def config_text(listen: int, admin: int, upstream: int, workdir: Path) -> str:
-    return f"""\
-[gateway]
-listen = tcp:{listen}:interface=127.0.0.1
-admin_listen = tcp:{admin}:interface=127.0.0.1
-workers = 2
-heartbeat_interval = 0
-
-[route:aura]
-path = /api/aura/**
-upstream = http://127.0.0.1:{upstream}
-
-[headers]
-required = X-Tenant-ID
-
-[history]
-dsn = sqlite:///{workdir}/history.db
-spool_dir = {workdir}/spool
-flush_interval = 0.2
-
-[sse]
-resume = off
-"""
+    return twistd_ini(listen, admin, upstream, gateway="workers = 2\n", sections=(
+        f"[history]\ndsn = sqlite:///{workdir}/history.db\nspool_dir = {workdir}/spool\n"
+        "flush_interval = 0.2\n\n[sse]\nresume = off\n"))
 
 
 def state(pid: int) -> str:
