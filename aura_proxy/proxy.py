@@ -41,7 +41,7 @@ from aura_proxy.relay import Relay, StreamTransform
 from aura_proxy.request_ids import new_request_id
 from aura_proxy.resume.log import FOREIGN, Attachment, ResumeLog
 from aura_proxy.resume.replay import Replay
-from aura_proxy.sse import SseRewriter, event_id_factory, make_stream_id, parse_gateway_id
+from aura_proxy.sse import SseRewriter, make_stream_id, parse_gateway_id
 from aura_proxy.routes import MalformedPath, Router, split_path, strip_segments
 from aura_proxy.upstream import UpstreamClient, body_producer
 
@@ -437,13 +437,13 @@ class Gateway:
 
     def _stamper(self, stream_id: str, request: Request) -> StreamTransform:
         """The SSE rewriter of a new stream, logging each event when resume is on."""
-        rewriter: Optional[SseRewriter] = None
-        make_id = event_id_factory(stream_id, lambda: rewriter._upstream if rewriter else None)
         if self._resume is None:
-            rewriter = SseRewriter(make_id)
+            rewriter = SseRewriter.for_stream(stream_id, carry_upstream=True)
         else:
             self._resume.open(stream_id, _owner(request))
-            rewriter = SseRewriter(make_id, on_event=partial(self._resume.append, stream_id))
+            rewriter = SseRewriter.for_stream(
+                stream_id, carry_upstream=True, on_event=partial(self._resume.append, stream_id)
+            )
         return _Counted(rewriter)
 
     def _open_sse(self, request: Request, call: _Call, response: Optional[IResponse]) -> None:

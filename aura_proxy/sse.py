@@ -32,9 +32,18 @@ import binascii
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
+
+_Stamper: Optional[type[_sse_stamp.Stamper]]
+try:
+    from aura_proxy import _sse_stamp
+
+    _Stamper = _sse_stamp.Stamper
+except ImportError:  # built without a C compiler: the Python code does it all
+    _Stamper = None
 
 __all__ = [
+    "ACCELERATED",
     "DEFAULT_MAX_BUFFER",
     "Event",
     "SseRewriter",
@@ -48,6 +57,10 @@ __all__ = [
     "parse_gateway_id",
     "MAX_CARRIED_UPSTREAM_ID",
 ]
+
+#: Whether the C stamper (L{aura_proxy._sse_stamp}) is built and used by
+#: L{SseRewriter.for_stream}.
+ACCELERATED = _Stamper is not None
 
 #: Default cap, in bytes, on the partial block an L{SseRewriter} buffers.
 DEFAULT_MAX_BUFFER = 1024 * 1024
@@ -297,6 +310,21 @@ class StampedEvent(NamedTuple):
 _NO_ID = object()
 
 
+class _State:
+    """A pure-Python rewriter's share of the state the C stamper would hold."""
+
+    __slots__ = ("seq", "upstream", "slow")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.upstream: Optional[bytes] = None
+        self.slow = True
+
+
+def _no_make_id(seq: int) -> bytes:
+    raise AssertionError("replaced by the stamper's make_id")
+
+
 def _classify(lines: List[bytes]) -> tuple[bool, object, Optional[List[int]]]:
     """
     For the line contents (no line ends) of one block: whether it has a data
@@ -409,8 +437,9 @@ class SseRewriter:
         if on_event is not None:
             self._recorded = on_event  # type: ignore[method-assign,assignment]
         self.events: List[StampedEvent] = []
-        self._seq = 0
-        self._upstream: Optional[bytes] = None
+        # The sequence number, the upstream id and the "slow" flag below: a
+        # _State, or the C stamper that shares them (see for_stream).
+        self._st: Any = _State()
         # Pending partial block: a list so that a big block arriving in many
         # reads is joined once, not once per read.
         self._parts: List[bytes] = []
@@ -422,25 +451,60 @@ class SseRewriter:
         # Passing a too-big block through until its blank line.
         self._resync = False
         self._last_byte = b""
-        # Any of the above needs attention: one attribute test on the hot path.
-        self._slow = True
+        # Any of the above needs attention (self._st.slow): one attribute test
+        # on the hot path.
+
+    @classmethod
+    def for_stream(
+        cls,
+        stream_id: str,
+        carry_upstream: bool = False,
+        on_event: Optional[Callable[[int, bytes], None]] = None,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        accelerate: bool = True,
+    ) -> "SseRewriter":
+        """
+        The rewriter of one relayed stream: ids as L{event_id_factory} makes
+        them for C{stream_id} (carrying the upstream's id when
+        C{carry_upstream}), each stamped block passed to C{on_event}.
+
+        When the C extension L{aura_proxy._sse_stamp} is built (see
+        L{ACCELERATED}) and C{accelerate} is true, the common case (a read of
+        whole blocks with LF line ends and nothing held back) is done in C,
+        with the same output; everything else still runs here.
+        """
+        if _Stamper is None or not accelerate:
+            rewriter: SseRewriter
+            make_id = event_id_factory(
+                stream_id, (lambda: rewriter._st.upstream) if carry_upstream else None
+            )
+            rewriter = cls(make_id, max_buffer, on_event=on_event)
+            return rewriter
+        rewriter = cls(_no_make_id, max_buffer, on_event=on_event)
+        stamper = _Stamper(f"{stream_id}.".encode("ascii"), carry_upstream, on_event, rewriter.feed)
+        rewriter._st = stamper
+        rewriter._make_id = stamper.make_id
+        # Straight to C: the relay calls rewriter.feed once per read.
+        rewriter.feed = stamper.feed  # type: ignore[method-assign]
+        return rewriter
 
     @property
     def seq(self) -> int:
         """How many blocks have been stamped so far."""
-        return self._seq
+        return self._st.seq  # type: ignore[no-any-return]
 
     @property
     def upstream_id(self) -> Optional[str]:
         """The upstream's last event ID buffer so far, or None if it sent none."""
-        if self._upstream is None:
+        up = self._st.upstream
+        if up is None:
             return None
-        return self._upstream.decode("utf-8", "replace")
+        return up.decode("utf-8", "replace")  # type: ignore[no-any-return]
 
     @property
     def upstream_id_bytes(self) -> Optional[bytes]:
         """The upstream's last event ID buffer so far, raw, or None."""
-        return self._upstream
+        return self._st.upstream  # type: ignore[no-any-return]
 
     @property
     def buffered(self) -> int:
@@ -458,7 +522,7 @@ class SseRewriter:
         Take the next upstream bytes; return the bytes to send to the client
         now (possibly C{b""}).
         """
-        if self._slow or not data:
+        if self._st.slow or not data:
             return self._feed_slow(data)
         # Hot path: nothing buffered, no pending state; data starts a block.
         if b"\r" not in data:
@@ -479,7 +543,7 @@ class SseRewriter:
     # -- internals --
 
     def _update_slow(self) -> None:
-        self._slow = bool(self._parts) or self._at_start or self._skip_lf or self._resync
+        self._st.slow = bool(self._parts) or self._at_start or self._skip_lf or self._resync
 
     def _feed_slow(self, data: bytes) -> bytes:
         """L{feed} when there is state to deal with first."""
@@ -534,14 +598,14 @@ class SseRewriter:
             data = b"".join(parts)
             self._parts = []
             self._plen = 0
-        self._slow = False  # _process sets it again if it leaves state
+        self._st.slow = False  # _process sets it again if it leaves state
         return pre + self._process(data)
 
     def _overflow(self, rest: bytes) -> bytes:
         """Send C{rest} unchanged and pass bytes through up to the next blank line."""
         self._parts = []
         self._plen = 0
-        self._resync = self._slow = True
+        self._resync = self._st.slow = True
         self._last_byte = rest[-1:]
         return rest
 
@@ -549,7 +613,7 @@ class SseRewriter:
         """Buffer the partial block C{rest}."""
         self._parts = [rest]
         self._plen = len(rest)
-        self._slow = True
+        self._st.slow = True
 
     def _process(self, buf: bytes) -> bytes:
         """
@@ -573,12 +637,13 @@ class SseRewriter:
         """Count one stamped block; update the upstream id; return (seq, id)."""
         if upstream is not _NO_ID:
             assert isinstance(upstream, bytes)
-            self._upstream = upstream
-        self._seq = seq = self._seq + 1
+            self._st.upstream = upstream
+        st = self._st
+        st.seq = seq = st.seq + 1
         return seq, self._make_id(seq)
 
     def _recorded(self, seq: int, block: bytes) -> None:
-        up = self._upstream
+        up = self._st.upstream
         self.events.append(
             StampedEvent(seq, None if up is None else up.decode("utf-8", "replace"), block)
         )
@@ -620,7 +685,8 @@ class SseRewriter:
             # No line but maybe the first starts with "id".
             if piece.startswith(b"data:"):
                 # Common case: a data block without id lines.
-                self._seq = seq = self._seq + 1
+                st = self._st
+                st.seq = seq = st.seq + 1
                 block = b"id: " + self._make_id(seq) + sep + piece + term
                 if self._record:
                     self._recorded(seq, block)
@@ -632,8 +698,9 @@ class SseRewriter:
                 if value[:1] == b" ":
                     value = value[1:]
                 if b"\0" not in value:
-                    self._upstream = value
-                    self._seq = seq = self._seq + 1
+                    st = self._st
+                    st.upstream = value
+                    st.seq = seq = st.seq + 1
                     gid = self._make_id(seq)
                     if nl < 0:
                         block = b"id: " + gid + term
@@ -684,7 +751,7 @@ class SseRewriter:
         rest = buf[start:]
         if not rest and last_end == b"\r":
             # The blank line was a CR ending the read; its LF may come next.
-            self._skip_lf = self._slow = True
+            self._skip_lf = self._st.slow = True
         out = b"".join(chunks)
         if rest:
             if len(rest) > self._max:

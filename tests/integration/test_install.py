@@ -31,7 +31,7 @@ from tests.integration.upstreams import (
 
 _IGNORE = shutil.ignore_patterns(
     ".venv", "_trial_temp*", ".git", ".mypy_cache", ".hypothesis", "*.egg-info",
-    "build", "dist", "dropin.cache", "__pycache__", "bench", "*.db", "spool",
+    "build", "dist", "dropin.cache", "__pycache__", "bench", "*.db", "spool", "*.so",
 )
 
 
@@ -94,11 +94,14 @@ class InstallTests(TestCase):
         python = str(venv / "bin" / "python")
         where = _run([python, "-c",
                       "import aura_proxy, twisted.plugins.aura_proxy_plugin as p; "
-                      "print(aura_proxy.__file__); print(p.__file__)"], elsewhere)
+                      "import aura_proxy._sse_stamp as c; "
+                      "print(aura_proxy.__file__); print(p.__file__); print(c.__file__)"], elsewhere)
         self.assertEqual(where.returncode, 0, where.stderr)
-        package, plugin = where.stdout.split()
+        # The C stamper was compiled by the install itself (the copy has no
+        # built module), next to the package.
+        package, plugin, extension = where.stdout.split()
         expected = copy if editable else venv
-        for path in (package, plugin):
+        for path in (package, plugin, extension):
             self.assertTrue(Path(path).resolve().is_relative_to(expected),
                             f"{path} is not under {expected}")
             for source in (REPO_ROOT / "aura_proxy", REPO_ROOT / "twisted"):

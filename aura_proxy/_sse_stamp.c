@@ -1,0 +1,480 @@
+/*
+ * aura_proxy._sse_stamp: the SSE rewriter's common case in C.
+ *
+ * A relayed stream's reads are, nearly always, whole blocks with LF line
+ * ends.  For those, Stamper.feed does what aura_proxy.sse.SseRewriter does in
+ * Python (stamp the gateway's id, drop the upstream's id lines, remember the
+ * upstream id, hand each stamped block to on_event) in one call, without the
+ * dozen Python calls and temporary objects that cost per event.  Anything
+ * else (a CR anywhere, a read that ends inside a block, state left from an
+ * earlier read) goes to the Python rewriter through `fallback`, untouched;
+ * both share this object's state (seq, upstream, slow).  The Python code is
+ * the reference: tests/test_sse_accel.py checks that both give the same bytes
+ * for arbitrary streams split at arbitrary points.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <string.h>
+
+/* Upstream ids longer than this are not carried (sse.MAX_CARRIED_UPSTREAM_ID). */
+#define MAX_CARRIED 96
+/* "." + base64url of MAX_CARRIED bytes without padding. */
+#define MAX_SUFFIX (1 + (MAX_CARRIED * 4 + 2) / 3)
+/* Decimal digits of a long long, with room to spare. */
+#define MAX_DIGITS 24
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *prefix;     /* bytes: "<stream id>." */
+    int carry;            /* ids carry the upstream's id */
+    long long seq;        /* blocks stamped so far */
+    PyObject *upstream;   /* bytes, or NULL for none yet */
+    char suffix[MAX_SUFFIX];
+    Py_ssize_t suffix_len;
+    PyObject *suffix_of;  /* the upstream value suffix encodes, or NULL */
+    PyObject *on_event;   /* callable(seq, block), or NULL */
+    PyObject *fallback;   /* callable(data) -> bytes: the Python rewriter */
+    int slow;             /* the Python rewriter holds state: use fallback */
+} Stamper;
+
+static const char B64URL[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/* The suffix ("" or ".<base64url>") for the current upstream id. */
+static void
+update_suffix(Stamper *self)
+{
+    PyObject *up = self->upstream;
+    if (up == self->suffix_of)
+        return;
+    Py_XINCREF(up);
+    Py_XSETREF(self->suffix_of, up);
+    self->suffix_len = 0;
+    if (!self->carry || up == NULL || PyBytes_GET_SIZE(up) > MAX_CARRIED)
+        return;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(up);
+    Py_ssize_t n = PyBytes_GET_SIZE(up), i = 0;
+    char *o = self->suffix;
+    *o++ = '.';
+    for (; i + 2 < n; i += 3) {
+        unsigned v = (s[i] << 16) | (s[i + 1] << 8) | s[i + 2];
+        *o++ = B64URL[(v >> 18) & 63];
+        *o++ = B64URL[(v >> 12) & 63];
+        *o++ = B64URL[(v >> 6) & 63];
+        *o++ = B64URL[v & 63];
+    }
+    if (n - i == 1) {
+        unsigned v = s[i] << 16;
+        *o++ = B64URL[(v >> 18) & 63];
+        *o++ = B64URL[(v >> 12) & 63];
+    } else if (n - i == 2) {
+        unsigned v = (s[i] << 16) | (s[i + 1] << 8);
+        *o++ = B64URL[(v >> 18) & 63];
+        *o++ = B64URL[(v >> 12) & 63];
+        *o++ = B64URL[(v >> 6) & 63];
+    }
+    self->suffix_len = o - self->suffix;
+}
+
+/* The most bytes write_id writes. */
+static Py_ssize_t
+max_id_len(Stamper *self)
+{
+    return PyBytes_GET_SIZE(self->prefix) + MAX_DIGITS + MAX_SUFFIX;
+}
+
+/* Write the id of event `seq` at `o`; return the end. */
+static char *
+write_id(Stamper *self, char *o, long long seq)
+{
+    Py_ssize_t plen = PyBytes_GET_SIZE(self->prefix);
+    memcpy(o, PyBytes_AS_STRING(self->prefix), plen);
+    o += plen;
+    char digits[MAX_DIGITS];
+    int k = 0;
+    unsigned long long v = (unsigned long long)seq;
+    do {
+        digits[k++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (k)
+        *o++ = digits[--k];
+    update_suffix(self);
+    memcpy(o, self->suffix, self->suffix_len);
+    return o + self->suffix_len;
+}
+
+/*
+ * Rewrite one block: `p`..`p + n` is its lines joined by LF (no blank line).
+ * Writes the result and its terminating blank line at `o`; returns the end.
+ * Sets *stamped when the block got an id.  Same rules as SseRewriter._block.
+ */
+static char *
+rewrite_block(Stamper *self, const char *p, Py_ssize_t n, char *o, int *stamped)
+{
+    int has_data = 0, has_id_line = 0;
+    const char *up = NULL;  /* last valid id value */
+    Py_ssize_t up_len = 0;
+    const char *line = p, *end = p + n;
+    while (line <= end) {
+        const char *nl = memchr(line, '\n', end - line);
+        const char *le = nl ? nl : end;
+        Py_ssize_t len = le - line;
+        if (len >= 4 && memcmp(line, "data", 4) == 0) {
+            if (len == 4 || line[4] == ':')
+                has_data = 1;
+        } else if (len >= 2 && line[0] == 'i' && line[1] == 'd' && (len == 2 || line[2] == ':')) {
+            has_id_line = 1;
+            const char *v = line + (len > 3 ? 3 : len);
+            if (v < le && *v == ' ')
+                v++;
+            if (memchr(v, '\0', le - v) == NULL) {
+                up = v;
+                up_len = le - v;
+            }
+        }
+        if (!nl)
+            break;
+        line = nl + 1;
+    }
+    *stamped = 0;
+    if (!has_data && up == NULL) {
+        memcpy(o, p, n);
+        o += n;
+        *o++ = '\n';
+        *o++ = '\n';
+        return o;
+    }
+    if (up != NULL) {
+        PyObject *value = PyBytes_FromStringAndSize(up, up_len);
+        if (value == NULL)
+            return NULL;
+        Py_XSETREF(self->upstream, value);
+    }
+    self->seq += 1;
+    *stamped = 1;
+    memcpy(o, "id: ", 4);
+    o = write_id(self, o + 4, self->seq);
+    *o++ = '\n';
+    if (!has_id_line) {
+        memcpy(o, p, n);
+        o += n;
+    } else {
+        /* Copy the lines that are not id lines, joined by LF. */
+        char *start = o;
+        line = p;
+        while (line <= end) {
+            const char *nl = memchr(line, '\n', end - line);
+            const char *le = nl ? nl : end;
+            Py_ssize_t len = le - line;
+            if (!(len >= 2 && line[0] == 'i' && line[1] == 'd' && (len == 2 || line[2] == ':'))) {
+                if (o != start)
+                    *o++ = '\n';
+                memcpy(o, line, len);
+                o += len;
+            }
+            if (!nl)
+                break;
+            line = nl + 1;
+        }
+        if (o == start)
+            /* No line left: "id: X\n" + "\n" (SseRewriter writes id + sep + sep). */
+            return (*o++ = '\n', o);
+    }
+    *o++ = '\n';
+    *o++ = '\n';
+    return o;
+}
+
+static PyObject *
+call_fallback(Stamper *self, PyObject *data)
+{
+    return PyObject_CallOneArg(self->fallback, data);
+}
+
+/* At most this many stamped blocks per read are handed to on_event from the stack. */
+#define STACK_EVENTS 16
+
+static PyObject *
+Stamper_feed(Stamper *self, PyObject *data)
+{
+    if (self->slow || !PyBytes_CheckExact(data))
+        return call_fallback(self, data);
+    const char *buf = PyBytes_AS_STRING(data);
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    if (len == 0 || memchr(buf, '\r', len) != NULL)
+        return call_fallback(self, data);
+    /* Count the blocks: pieces between non-overlapping "\n\n", as bytes.split
+     * finds them.  Whatever follows the last one must be empty, or the read
+     * ends inside a block: the Python rewriter keeps such rests. */
+    Py_ssize_t pieces = 0, pos = 0;
+    for (;;) {
+        const char *hit = memmem(buf + pos, len - pos, "\n\n", 2);
+        if (hit == NULL)
+            break;
+        pieces++;
+        pos = hit - buf + 2;
+    }
+    if (pos != len)
+        return call_fallback(self, data);
+
+    Py_ssize_t bound = len + pieces * (5 + max_id_len(self));
+    PyObject *out = PyBytes_FromStringAndSize(NULL, bound);
+    if (out == NULL)
+        return NULL;
+    char *o0 = PyBytes_AS_STRING(out), *o = o0;
+    Py_ssize_t starts_small[STACK_EVENTS], ends_small[STACK_EVENTS];
+    long long seqs_small[STACK_EVENTS];
+    Py_ssize_t *starts = starts_small, *ends = ends_small;
+    long long *seqs = seqs_small;
+    Py_ssize_t nev = 0;
+    int heap = 0;
+    if (self->on_event != NULL && pieces > STACK_EVENTS) {
+        starts = PyMem_Malloc(pieces * sizeof(Py_ssize_t));
+        ends = PyMem_Malloc(pieces * sizeof(Py_ssize_t));
+        seqs = PyMem_Malloc(pieces * sizeof(long long));
+        heap = 1;
+        if (starts == NULL || ends == NULL || seqs == NULL) {
+            PyErr_NoMemory();
+            goto error;
+        }
+    }
+    pos = 0;
+    while (pos < len) {
+        const char *p = buf + pos;
+        const char *hit = memmem(p, len - pos, "\n\n", 2);
+        Py_ssize_t n = hit - p;
+        pos += n + 2;
+        if (n == 0) {
+            /* Two blank lines in a row. */
+            *o++ = '\n';
+            *o++ = '\n';
+            continue;
+        }
+        if (*p == '\n') {
+            /* A blank line before the block. */
+            *o++ = '\n';
+            p++;
+            n--;
+        }
+        char *block_start = o;
+        int stamped;
+        o = rewrite_block(self, p, n, o, &stamped);
+        if (o == NULL)
+            goto error;
+        if (stamped && self->on_event != NULL) {
+            starts[nev] = block_start - o0;
+            ends[nev] = o - o0;
+            seqs[nev] = self->seq;
+            nev++;
+        }
+    }
+    Py_ssize_t size = o - o0;
+    if (_PyBytes_Resize(&out, size) < 0)
+        goto error_out_gone;
+    for (Py_ssize_t i = 0; i < nev; i++) {
+        PyObject *block;
+        if (starts[i] == 0 && ends[i] == size) {
+            Py_INCREF(out);
+            block = out;
+        } else {
+            block = PyBytes_FromStringAndSize(PyBytes_AS_STRING(out) + starts[i], ends[i] - starts[i]);
+            if (block == NULL)
+                goto error;
+        }
+        PyObject *seq = PyLong_FromLongLong(seqs[i]);
+        if (seq == NULL) {
+            Py_DECREF(block);
+            goto error;
+        }
+        PyObject *args[2] = {seq, block};
+        PyObject *r = PyObject_Vectorcall(self->on_event, args, 2, NULL);
+        Py_DECREF(seq);
+        Py_DECREF(block);
+        if (r == NULL)
+            goto error;
+        Py_DECREF(r);
+    }
+    if (heap) {
+        PyMem_Free(starts);
+        PyMem_Free(ends);
+        PyMem_Free(seqs);
+    }
+    return out;
+error:
+    Py_XDECREF(out);
+error_out_gone:
+    if (heap) {
+        PyMem_Free(starts);
+        PyMem_Free(ends);
+        PyMem_Free(seqs);
+    }
+    return NULL;
+}
+
+static PyObject *
+Stamper_make_id(Stamper *self, PyObject *arg)
+{
+    long long seq = PyLong_AsLongLong(arg);
+    if (seq == -1 && PyErr_Occurred())
+        return NULL;
+    if (seq < 0) {
+        PyErr_SetString(PyExc_ValueError, "seq must not be negative");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, max_id_len(self));
+    if (out == NULL)
+        return NULL;
+    char *o = write_id(self, PyBytes_AS_STRING(out), seq);
+    if (_PyBytes_Resize(&out, o - PyBytes_AS_STRING(out)) < 0)
+        return NULL;
+    return out;
+}
+
+static int
+Stamper_init(Stamper *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"prefix", "carry", "on_event", "fallback", NULL};
+    PyObject *prefix, *on_event, *fallback;
+    int carry;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "SpOO", kwlist, &prefix, &carry, &on_event, &fallback))
+        return -1;
+    if (on_event != Py_None && !PyCallable_Check(on_event)) {
+        PyErr_SetString(PyExc_TypeError, "on_event must be callable or None");
+        return -1;
+    }
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "fallback must be callable");
+        return -1;
+    }
+    Py_INCREF(prefix);
+    Py_XSETREF(self->prefix, prefix);
+    self->carry = carry;
+    self->seq = 0;
+    Py_CLEAR(self->upstream);
+    Py_CLEAR(self->suffix_of);
+    self->suffix_len = 0;
+    if (on_event == Py_None) {
+        Py_CLEAR(self->on_event);
+    } else {
+        Py_INCREF(on_event);
+        Py_XSETREF(self->on_event, on_event);
+    }
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    self->slow = 1;
+    return 0;
+}
+
+static int
+Stamper_traverse(Stamper *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_event);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+Stamper_clear(Stamper *self)
+{
+    Py_CLEAR(self->on_event);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+Stamper_dealloc(Stamper *self)
+{
+    PyObject_GC_UnTrack(self);
+    Stamper_clear(self);
+    Py_CLEAR(self->prefix);
+    Py_CLEAR(self->upstream);
+    Py_CLEAR(self->suffix_of);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Stamper_get_upstream(Stamper *self, void *closure)
+{
+    PyObject *up = self->upstream ? self->upstream : Py_None;
+    Py_INCREF(up);
+    return up;
+}
+
+static int
+Stamper_set_upstream(Stamper *self, PyObject *value, void *closure)
+{
+    if (value == NULL || value == Py_None) {
+        Py_CLEAR(self->upstream);
+        return 0;
+    }
+    if (!PyBytes_CheckExact(value)) {
+        PyErr_SetString(PyExc_TypeError, "upstream must be bytes or None");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(self->upstream, value);
+    return 0;
+}
+
+static PyGetSetDef Stamper_getset[] = {
+    {"upstream", (getter)Stamper_get_upstream, (setter)Stamper_set_upstream,
+     "The upstream's last event id buffer (bytes), or None.", NULL},
+    {NULL},
+};
+
+static PyMemberDef Stamper_members[] = {
+    {"seq", T_LONGLONG, offsetof(Stamper, seq), 0, "Blocks stamped so far."},
+    {"slow", T_INT, offsetof(Stamper, slow), 0,
+     "Non-zero while the Python rewriter holds state: feed() goes to fallback."},
+    {NULL},
+};
+
+static PyMethodDef Stamper_methods[] = {
+    {"feed", (PyCFunction)Stamper_feed, METH_O,
+     "feed(data) -> bytes: rewrite one upstream read (see SseRewriter.feed)."},
+    {"make_id", (PyCFunction)Stamper_make_id, METH_O,
+     "make_id(seq) -> bytes: the gateway id of event seq, carrying the current upstream id."},
+    {NULL},
+};
+
+static PyTypeObject StamperType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aura_proxy._sse_stamp.Stamper",
+    .tp_doc = "Stamper(prefix, carry, on_event, fallback): SseRewriter's LF-only, whole-block case.",
+    .tp_basicsize = sizeof(Stamper),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Stamper_init,
+    .tp_dealloc = (destructor)Stamper_dealloc,
+    .tp_traverse = (traverseproc)Stamper_traverse,
+    .tp_clear = (inquiry)Stamper_clear,
+    .tp_methods = Stamper_methods,
+    .tp_members = Stamper_members,
+    .tp_getset = Stamper_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aura_proxy._sse_stamp",
+    .m_doc = "The SSE rewriter's common case in C (see aura_proxy.sse).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__sse_stamp(void)
+{
+    if (PyType_Ready(&StamperType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&StamperType);
+    if (PyModule_AddObject(m, "Stamper", (PyObject *)&StamperType) < 0) {
+        Py_DECREF(&StamperType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
