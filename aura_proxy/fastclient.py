@@ -42,7 +42,12 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    _WrappingProtocol,
+)
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -464,6 +469,11 @@ class _Connection:
     def makeConnection(self, transport: ITransport) -> None:
         self.transport = transport
         self.connected = 1
+        # The client endpoint's wrapper only forwards calls once connected:
+        # let the TCP transport call us directly, a call less per read.
+        wrapper = getattr(transport, "protocol", None)
+        if isinstance(wrapper, _WrappingProtocol) and wrapper._wrappedProtocol is self:
+            transport.protocol = self  # type: ignore[attr-defined]
         self.connectionMade()
 
     def connectionMade(self) -> None:
