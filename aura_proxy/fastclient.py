@@ -38,6 +38,7 @@ No pipelining, no proxies, no HTTP/2.
 from __future__ import annotations
 
 import re
+from errno import EWOULDBLOCK
 from typing import Any, Callable, Optional, Union
 
 from twisted.internet import error
@@ -56,7 +57,9 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITransport,
 )
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory
+from twisted.internet.tcp import Client as TCPClient
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
@@ -474,6 +477,8 @@ class _Connection:
         wrapper = getattr(transport, "protocol", None)
         if isinstance(wrapper, _WrappingProtocol) and wrapper._wrappedProtocol is self:
             transport.protocol = self  # type: ignore[attr-defined]
+        if type(transport) is TCPClient and transport.protocol is self:  # type: ignore[attr-defined]
+            _read_directly(transport, self)  # type: ignore[arg-type]
         self.connectionMade()
 
     def connectionMade(self) -> None:
@@ -905,6 +910,31 @@ class _Connection:
         call, self._idle_call = self._idle_call, None
         if call is not None and call.active():
             call.cancel()
+
+
+def _read_directly(transport: TCPClient, protocol: _Connection) -> None:
+    """
+    Give a plain TCP connection a C{doRead} that hands each read straight to
+    C{protocol}: the steps of Twisted's C{Connection.doRead} and
+    C{_dataReceived} in one call instead of two, for every upstream read.
+    """
+    recv = transport.socket.recv
+    size = transport.bufferSize
+    data_received = protocol.dataReceived
+
+    def doRead() -> object:
+        try:
+            data = recv(size)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return CONNECTION_LOST
+        if not data:
+            return CONNECTION_DONE
+        data_received(data)
+        return None
+
+    transport.doRead = doRead  # type: ignore[method-assign,assignment]
 
 
 class _ConnectionFactory(Factory):

@@ -15,7 +15,6 @@ with a L{GatewayError}, answered as JSON and recorded like any other call.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import IO, TYPE_CHECKING, Any, Optional
 
 from klein import Klein
@@ -442,7 +441,7 @@ class Gateway:
         else:
             self._resume.open(stream_id, _owner(request))
             rewriter = SseRewriter.for_stream(
-                stream_id, carry_upstream=True, on_event=partial(self._resume.append, stream_id)
+                stream_id, carry_upstream=True, on_event=self._resume.appender(stream_id)
             )
         return _Counted(rewriter)
 

@@ -105,7 +105,7 @@ class Relay(Protocol):
         self._client_gone = False
         self._finished = False
         # The client's plain TCP connection, when body bytes may go straight
-        # to its socket (see _write); None: go through request.write.
+        # to its socket (see dataReceived); None: go through request.write.
         self._tcp: Optional[TCPConnection] = None
         self._chunked = False
         #: Whether the upstream sent its whole body (even if the client left).
@@ -147,11 +147,29 @@ class Relay(Protocol):
             return
         if self.first_write_at is None:
             self.first_write_at = self._last_read
-        self.sent += len(data)
-        if self._tcp is None:
+        n = len(data)
+        self.sent += n
+        t = self._tcp
+        if t is None:
             self._request.write(data)
         else:
-            self._write(data)
+            # Straight to the client's socket when nothing is queued before
+            # these bytes.  Twisted's transports queue every write and send it
+            # on the next loop turn, registering and unregistering the socket
+            # with epoll each time: per SSE event, two epoll_ctl calls and a
+            # turn of latency.  The kernel usually takes the whole event at
+            # once; only the rest is queued.  (Inline: this runs per read.)
+            self._request.sentLength += n
+            frame = b"%x\r\n%b\r\n" % (n, data) if self._chunked else data
+            if not t.dataBuffer and not t._tempDataBuffer and t.connected and not t._writeDisconnected:
+                try:
+                    sent = t.socket.send(frame)
+                except OSError:
+                    sent = 0  # EAGAIN; any other error the transport's write finds and reports
+                if sent != len(frame):
+                    t.write(frame[sent:])
+            else:
+                t.write(frame)
         if self._beats:
             self._at_boundary = data.endswith(_BLOCK_ENDS)
 
@@ -178,33 +196,6 @@ class Relay(Protocol):
                 self._request.write(rest)
         self._end_client()
         self.done.callback(self._reason)
-
-    def _write(self, data: bytes) -> None:
-        """
-        Write body bytes straight to the client's socket when nothing is
-        queued before them, else queue them as Request.write would.
-
-        Twisted's transports queue every write and send it on the next loop
-        turn, registering and unregistering the socket with epoll each time:
-        per SSE event, two epoll_ctl calls and a turn of latency.  The kernel
-        usually takes the whole event at once; only the rest is queued.
-        """
-        request = self._request
-        request.sentLength += len(data)
-        frame = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
-        t = self._tcp
-        assert t is not None
-        if not t.dataBuffer and not t._tempDataBuffer and t.connected and not t._writeDisconnected:
-            try:
-                sent = t.socket.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # the transport's own write finds and reports the error
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
-        t.write(frame)
 
     # -- client side (IPushProducer) ----------------------------------------
 

@@ -203,9 +203,23 @@ def warm_up(port: int) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    rest = stat.rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK  # utime + stime (fields 14, 15)
+    """utime + stime of C{pid} and its live descendants (workers = N forks workers)."""
+    stats: dict[int, list[str]] = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        stats[int(path.parent.name)] = rest
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        rest = stats.get(p)
+        if rest is None:
+            continue
+        total += (int(rest[11]) + int(rest[12])) / CLK_TCK  # utime + stime (fields 14, 15)
+        todo.extend(q for q, r in stats.items() if int(r[1]) == p)  # field 4: ppid
+    return total
 
 
 def proc_status_kb(pid: int, key: str) -> int:
@@ -590,6 +604,7 @@ def profile_report(raw: Path, top: int = 15) -> str:
 
 
 def main() -> int:
+    global PROXY_CORE, TOOLS_CORE
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenarios", nargs="*", metavar="SCENARIO",
@@ -600,10 +615,17 @@ def main() -> int:
                     help="attach py-spy to aura-proxy for 20 s of each SSE scenario it runs; "
                          "writes bench/out/profile-<scenario>-<timestamp>.txt (raw stacks) and a "
                          "top-15 own-time table in the results (installs py-spy into the venv if missing)")
+    ap.add_argument("--cpus", metavar="PROXY:TOOLS", default=f"{PROXY_CORE}:{TOOLS_CORE}",
+                    help="taskset CPU lists for the proxy and for the tools (default 0:1); "
+                         "e.g. 0,1:0,1 to give `workers = 2` both cores, sharing them with the tools")
     ap.add_argument("--aura-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a key of the generated aura-proxy ini, e.g. sse.resume=off "
                          "(repeatable; recorded in the report)")
     args = ap.parse_args()
+    m = re.fullmatch(r"([0-9,-]+):([0-9,-]+)", args.cpus)
+    if not m:
+        die(f"--cpus expects PROXY:TOOLS CPU lists such as 0:1 or 0,1:0,1, got {args.cpus!r}")
+    PROXY_CORE, TOOLS_CORE = m.group(1), m.group(2)
     for item in args.aura_set:
         m = re.fullmatch(r"([^.=]+)\.([^=]+)=(.*)", item)
         if not m:

@@ -838,3 +838,60 @@ class ConnectAndCancelTests(SynchronousTestCase):
         d.cancel()
         self.assertFalse(t.disconnected)
         self.assertEqual(response.code, 200)
+
+
+class DirectReadTests(SynchronousTestCase):
+    """The doRead an upstream TCP connection gets: Twisted's steps in one call."""
+
+    def transport(self, result: Any) -> Any:
+        """A stand-in for a TCP transport whose socket's recv gives or raises C{result}."""
+
+        class Socket:
+            def recv(self, size: int) -> bytes:
+                if isinstance(result, BaseException):
+                    raise result
+                self.size = size
+                return result  # type: ignore[no-any-return]
+
+        class Transport:
+            socket = Socket()
+            bufferSize = 65536
+
+        return Transport()
+
+    def read(self, result: Any) -> tuple[object, list[bytes]]:
+        from aura_proxy.fastclient import _read_directly
+
+        got: list[bytes] = []
+
+        class Proto:
+            def dataReceived(self, data: bytes) -> None:
+                got.append(data)
+
+        t = self.transport(result)
+        _read_directly(t, Proto())  # type: ignore[arg-type]
+        return t.doRead(), got
+
+    def test_data_goes_to_the_protocol(self) -> None:
+        """Bytes read are handed to the protocol; the reactor gets no reason to disconnect."""
+        self.assertEqual(self.read(b"abc"), (None, [b"abc"]))
+
+    def test_end_of_stream(self) -> None:
+        """An empty read is the peer's close: CONNECTION_DONE, nothing delivered."""
+        from twisted.internet.main import CONNECTION_DONE
+
+        self.assertEqual(self.read(b""), (CONNECTION_DONE, []))
+
+    def test_would_block(self) -> None:
+        """EWOULDBLOCK is no reason to disconnect."""
+        import errno
+
+        self.assertEqual(self.read(BlockingIOError(errno.EWOULDBLOCK, "again")), (None, []))
+
+    def test_socket_error(self) -> None:
+        """Any other socket error is CONNECTION_LOST."""
+        import errno
+
+        from twisted.internet.main import CONNECTION_LOST
+
+        self.assertEqual(self.read(ConnectionResetError(errno.ECONNRESET, "reset")), (CONNECTION_LOST, []))

@@ -162,6 +162,29 @@ class ResumeLogContract:
         att.detach()
 
     @inlineCallbacks
+    def test_appender_is_append(self) -> Generator[Any, Any, None]:
+        """
+        A stream's appender stores events and feeds live subscribers exactly
+        as append does, and is ignored once the stream is closed.
+        """
+        log = yield self.make_log()
+        log.open("s1", "t1")
+        add = log.appender("s1")
+        for seq in (1, 2):
+            add(seq, block(seq))
+        yield self.settle(log)
+        sub = Collector()
+        att = yield log.attach("s1", "t1", 0, sub)
+        add(3, block(3))
+        yield self.until(lambda: sub.seqs == [1, 2, 3], "events 1-3")
+        log.close("s1")
+        add(4, block(4))
+        yield self.until(lambda: sub.ends > 0, "the end")
+        yield self.quiet()
+        self.assertEqual(sub.events, [(s, block(s)) for s in (1, 2, 3)])
+        att.detach()
+
+    @inlineCallbacks
     def test_end_delivered_live(self) -> Generator[Any, Any, None]:
         """Closing the stream delivers replay_end once, after every event, to a live subscriber."""
         log = yield self._stream(2)
@@ -570,13 +593,13 @@ class CompactStorageTests(TestCase):
 
         from aura_proxy.resume.log import _Stream
 
-        stream = _Stream("t")
+        stream = _Stream("t", max_events, max_bytes)
         model: deque[tuple[int, bytes]] = deque()
         total = 0
         first = 1
         for seq, size in enumerate(sizes, 1):
             block = bytes([seq % 251]) * size
-            stream.append(seq, block, max_events, max_bytes)
+            stream.add(seq, block)
             model.append((seq, block))
             total += size
             while len(model) > max_events or (total > max_bytes and len(model) > 1):

@@ -15,7 +15,7 @@ gateway process and host).
 from __future__ import annotations
 
 from array import array
-from typing import Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -64,6 +64,12 @@ class ResumeLog(Protocol):
     def append(self, stream_id: str, seq: int, block: bytes) -> None:
         """Event C{seq} (1, 2, ...) of an open stream."""
 
+    def appender(self, stream_id: str) -> Callable[[int, bytes], None]:
+        """
+        C{append} for one open stream, as one callable: what the stream's
+        rewriter calls per event, without looking the stream up each time.
+        """
+
     def close(self, stream_id: str) -> None:
         """The stream ended complete; it stays replayable for the log's TTL."""
 
@@ -103,11 +109,13 @@ class _Stream:
 
     __slots__ = (
         "owner", "data", "seqs", "ends", "head", "dead", "size", "first_seq", "last_seq",
-        "ended", "subscribers", "expiry",
+        "ended", "subscribers", "expiry", "max_events", "max_bytes",
     )
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, max_events: int, max_bytes: int) -> None:
         self.owner = owner
+        self.max_events = max_events
+        self.max_bytes = max_bytes
         self.data = bytearray()
         self.seqs = array("q")
         self.ends = array("q")
@@ -123,15 +131,18 @@ class _Stream:
     def __len__(self) -> int:
         return len(self.seqs) - self.head
 
-    def append(self, seq: int, block: bytes, max_events: int, max_bytes: int) -> None:
+    def add(self, seq: int, block: bytes) -> None:
+        """Event C{seq} of this stream: kept, and passed to live subscribers."""
+        if self.ended:
+            return
         data = self.data
         data += block
         self.seqs.append(seq)
         self.ends.append(len(data))
         self.size += len(block)
         self.last_seq = seq
-        while len(self.seqs) - self.head > max_events or (
-            self.size > max_bytes and len(self.seqs) - self.head > 1
+        while len(self.seqs) - self.head > self.max_events or (
+            self.size > self.max_bytes and len(self.seqs) - self.head > 1
         ):
             end = self.ends[self.head]
             self.size -= end - self.dead
@@ -140,6 +151,9 @@ class _Stream:
             self.head += 1
         if self.dead and self.dead >= self.size:
             self._compact()
+        if self.subscribers:
+            for attachment in list(self.subscribers):
+                attachment.subscriber.replay_event(seq, block)
 
     def _compact(self) -> None:
         dead, head = self.dead, self.head
@@ -157,6 +171,10 @@ class _Stream:
             if seqs[i] > after_seq:
                 yield seqs[i], bytes(data[start:end])
             start = end
+
+
+def _ignore(seq: int, block: bytes) -> None:
+    pass
 
 
 class _MemoryAttachment:
@@ -188,16 +206,20 @@ class MemoryResumeLog:
         return len(self._streams)
 
     def open(self, stream_id: str, owner: str) -> None:
-        self._streams[stream_id] = _Stream(owner)
+        self._streams[stream_id] = _Stream(owner, self._max_events, self._max_bytes)
 
     def append(self, stream_id: str, seq: int, block: bytes) -> None:
         stream = self._streams.get(stream_id)
-        if stream is None or stream.ended:
-            return
-        stream.append(seq, block, self._max_events, self._max_bytes)
-        if stream.subscribers:
-            for attachment in list(stream.subscribers):
-                attachment.subscriber.replay_event(seq, block)
+        if stream is not None:
+            stream.add(seq, block)
+
+    def appender(self, stream_id: str) -> Callable[[int, bytes], None]:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return _ignore
+        # A stream abandoned later is no longer in the log: adding to it is
+        # harmless, nobody reads it.
+        return stream.add
 
     def close(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)

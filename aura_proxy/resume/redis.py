@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -391,6 +392,9 @@ class RedisResumeLog:
     def open(self, stream_id: str, owner: str) -> None:
         writer = self._writers[stream_id] = _Writer(owner)
         self._group(stream_id, writer, new=True)
+
+    def appender(self, stream_id: str) -> Callable[[int, bytes], None]:
+        return partial(self.append, stream_id)
 
     def append(self, stream_id: str, seq: int, block: bytes) -> None:
         writer = self._writers.get(stream_id)
