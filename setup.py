@@ -21,14 +21,18 @@ setup(
     package_dir={"": "."},
     packages=find_packages(include=["aura_proxy", "aura_proxy.*"]) + ["twisted.plugins"],
     package_data={
-        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "history/*.sql"],
+        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "_chunked_read.pyi", "history/*.sql"],
         "twisted": ["plugins/aura_proxy_plugin.py"],
     },
     include_package_data=False,
-    # The SSE rewriter's common case in C (aura_proxy/_sse_stamp.c): about a
-    # fifth of the gateway's CPU per relayed event.  Optional: without a C
-    # compiler the install still succeeds and the Python rewriter does it all.
-    ext_modules=[Extension("aura_proxy._sse_stamp", ["aura_proxy/_sse_stamp.c"], optional=True)],
+    # The hot path's common cases in C: the SSE rewriter's (whole LF events)
+    # and the upstream read's (whole chunks of a chunked body).  Optional:
+    # without a C compiler the install still succeeds and the Python code,
+    # which the C is tested against, does it all.
+    ext_modules=[
+        Extension("aura_proxy._sse_stamp", ["aura_proxy/_sse_stamp.c"], optional=True),
+        Extension("aura_proxy._chunked_read", ["aura_proxy/_chunked_read.c"], optional=True),
+    ],
     install_requires=[
         # The stack the project chose: Twisted (reactor, twistd, twisted.web),
         # treq (client API; its testing tools drive the unit tests), Klein
