@@ -935,7 +935,8 @@ def _read_directly(transport: TCPClient, protocol: _Connection, accelerate: bool
     """
     if _ChunkedReader is not None and accelerate:
         reader = _ChunkedReader(
-            transport.socket, protocol, CONNECTION_DONE, CONNECTION_LOST, transport.bufferSize
+            transport.socket, protocol, CONNECTION_DONE, CONNECTION_LOST,
+            min(transport.bufferSize, 65536),  # its read buffer's size
         )
         transport.doRead = reader.do_read  # type: ignore[method-assign,assignment]
         return
