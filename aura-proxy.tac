@@ -13,7 +13,7 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 
 from aura_proxy.config import ConfigError, load_config
-from aura_proxy.tap import build_service
+from aura_proxy.tap import build_service, prepare_process
 
 try:
     config = load_config(os.environ.get("AURA_PROXY_CONFIG", "etc/aura-proxy.ini"))
@@ -25,3 +25,4 @@ application = Application("aura-proxy")
 build_service(config, reactor, demo=os.environ.get("AURA_PROXY_DEMO") == "1").setServiceParent(
     application
 )
+prepare_process(reactor)

@@ -25,7 +25,7 @@ from aura_proxy.proxy import Gateway, GatewaySite
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.upstream import UpstreamClient
 
-__all__ = ["Options", "makeService", "build_service", "StopInOrder"]
+__all__ = ["Options", "makeService", "build_service", "prepare_process", "StopInOrder"]
 
 _log = Logger()
 
@@ -163,9 +163,35 @@ def makeService(options: Options) -> IService:
 
         return WorkerSupervisor.from_file(options["config"], reactor, demo=bool(options["demo"]))
     service = build_service(parsed, reactor, demo=bool(options["demo"]))
-    use_lean_poll(reactor)
-    tune_gc()
+    prepare_process(reactor)
     return service
+
+
+def prepare_process(reactor: Any) -> None:
+    """
+    Tune a process that serves the gateway (the single process, each worker,
+    a C{.tac}): the lean epoll loop, the garbage collector's pace, and one
+    log line saying which parts of the hot path run in C.
+    """
+    from aura_proxy import fastclient, sse
+
+    lean = use_lean_poll(reactor)
+    tune_gc()
+    missing = [name for name, built in (
+        ("aura_proxy._sse_stamp", sse.ACCELERATED),
+        ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None),
+    ) if not built]
+    if missing:
+        _log.warn(
+            "hot path: {missing} not built (no C compiler at install time?): the Python "
+            "code does that work, more slowly; lean epoll loop {lean}",
+            missing=", ".join(missing), lean="on" if lean else "off (not an epoll reactor)",
+        )
+    else:
+        _log.info(
+            "hot path: SSE rewriter and chunked reads in C, lean epoll loop {lean}",
+            lean="on" if lean else "off (not an epoll reactor)",
+        )
 
 
 def tune_gc() -> None:

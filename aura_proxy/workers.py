@@ -613,6 +613,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         service = worker_service(config, args.index, reactor, args.listen_fd)
+        from aura_proxy.tap import prepare_process
+
+        prepare_process(reactor)
         service.privilegedStartService()
     except Exception:
         log.failure("{name}: cannot start", name=name)

@@ -38,6 +38,9 @@ def config_text(listen: int, admin: int, upstream_port: int, extra: str = "") ->
         f"[sse]\ninject_ids = false\nresume = off\non_client_disconnect = cancel\n{extra}"))
 
 
+#: What a tuned gateway process logs at start (aura_proxy.tap.prepare_process).
+HOT_PATH = "hot path: SSE rewriter and chunked reads in C, lean epoll loop on"
+
 class TwistdTests(TestCase):
     """Each test runs its own twistd (and, where needed, FastAPI upstream)."""
 
@@ -87,13 +90,15 @@ class TwistdTests(TestCase):
         from the upstream on the public port.
         """
         up = start_fastapi_upstream(self)
-        self.start_twistd(self.write_config(config_text(self.listen, self.admin, up)))
+        process = self.start_twistd(self.write_config(config_text(self.listen, self.admin, up)))
         health = get_json(f"http://127.0.0.1:{self.admin}/healthz")
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["active_streams"], 0)
         events = await self.stream("/api/aura/stream?count=3&interval=0.01")
         self.assertEqual([e.get("id") for e in events], ["1", "2", "3", None])
         self.assertEqual(events[-1]["event"], "done")
+        # The process is tuned for the hot path, and says so once.
+        self.assertEqual(Path(process.log_path).read_text().count(HOT_PATH), 1)
 
     async def test_demo(self) -> None:
         """
@@ -174,7 +179,7 @@ class TwistdTests(TestCase):
         """
         up = start_fastapi_upstream(self)
         config = self.write_config(config_text(self.listen, self.admin, up))
-        start_process(
+        process = start_process(
             self,
             [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "aura-proxy.tac")],
             f"http://127.0.0.1:{self.admin}/healthz",
@@ -184,6 +189,7 @@ class TwistdTests(TestCase):
         self.assertEqual(get_json(f"http://127.0.0.1:{self.admin}/healthz")["status"], "ok")
         events = await self.stream("/api/aura/stream?count=2&interval=0.01")
         self.assertEqual([e.get("id") for e in events], ["1", "2", None])
+        self.assertIn(HOT_PATH, Path(process.log_path).read_text())
 
     async def sigterm_with_open_stream(self) -> ChunkCollector:
         """Start twistd, open an endless stream, SIGTERM; return the stream."""

@@ -104,6 +104,17 @@ class WorkersTests(TestCase):
         except ProcessLookupError:
             pass
 
+    def test_workers_are_tuned(self) -> None:
+        """Each worker process tunes itself for the hot path (lean epoll loop, GC) and says so."""
+        line = "hot path: SSE rewriter and chunked reads in C, lean epoll loop on"
+
+        def logged(name: str) -> bool:
+            log = Path(self.gateway.log_path).read_text()  # type: ignore[attr-defined]
+            return any(f"[{name}]" in entry and line in entry for entry in log.splitlines())
+
+        for name in ("worker-1", "worker-2"):
+            self.wait_for(lambda: logged(name), f"{name}'s hot-path line")
+
     def test_health_lists_workers(self) -> None:
         """/healthz on the parent's admin port lists two live workers, children of the gateway."""
         health = self.health()
