@@ -11,6 +11,10 @@
  * both share this object's state (seq, upstream, slow).  The Python code is
  * the reference: tests/test_sse_accel.py checks that both give the same bytes
  * for arbitrary streams split at arbitrary points.
+ *
+ * EventStore (below) is the memory resume log's per-stream storage; a
+ * Stamper handed one as on_event copies each stamped block into it directly
+ * (tests/test_event_store.py checks it against the Python store).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,6 +28,361 @@
 /* Decimal digits of a long long, with room to spare. */
 #define MAX_DIGITS 24
 
+/*
+ * EventStore: one stream's kept events for resumption (the memory resume
+ * log's storage, aura_proxy.resume.log).  The events' bytes lie back to back
+ * in one buffer, their sequence numbers and end offsets in two arrays; the
+ * oldest go first once there are more than max_events of them or more than
+ * max_bytes (the newest is always kept).  Evicted entries and bytes are
+ * reclaimed when the buffers would otherwise have to grow.  A Stamper whose
+ * on_event is an EventStore adds to it without any Python object per event;
+ * live subscribers (a resumed client following the stream) are handed each
+ * event as bytes.  aura_proxy.resume.log._PyEventStore is the reference.
+ */
+typedef struct {
+    PyObject_HEAD
+    char *data;            /* kept bytes: data[dead:used] */
+    Py_ssize_t cap, dead, used;
+    long long *seqs;       /* kept entries: [head, count) */
+    Py_ssize_t *ends;      /* end offset of each entry in data */
+    Py_ssize_t slots, head, count;
+    long long first_seq;   /* events before this one are no longer kept */
+    long long last_seq;
+    Py_ssize_t max_events, max_bytes;
+    int ended;             /* the stream ended: add() keeps nothing more */
+    PyObject *subscribers; /* set of attachments (with .subscriber), or NULL */
+} EventStore;
+
+static PyTypeObject EventStoreType;
+
+static int
+EventStore_init(EventStore *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"max_events", "max_bytes", NULL};
+    Py_ssize_t max_events, max_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nn", kwlist, &max_events, &max_bytes))
+        return -1;
+    if (max_events < 1 || max_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_events and max_bytes must be at least 1");
+        return -1;
+    }
+    PyMem_Free(self->data);
+    PyMem_Free(self->seqs);
+    PyMem_Free(self->ends);
+    self->data = NULL;
+    self->seqs = NULL;
+    self->ends = NULL;
+    self->cap = self->dead = self->used = 0;
+    self->slots = self->head = self->count = 0;
+    self->first_seq = 1;
+    self->last_seq = 0;
+    self->max_events = max_events;
+    self->max_bytes = max_bytes;
+    self->ended = 0;
+    Py_CLEAR(self->subscribers);
+    return 0;
+}
+
+/* Room for n more bytes and one more entry: reclaim what eviction left, else grow. */
+static int
+store_reserve(EventStore *self, Py_ssize_t n)
+{
+    if (self->used + n > self->cap) {
+        Py_ssize_t kept = self->used - self->dead;
+        if (self->dead > 0 && kept + n <= self->cap && self->dead >= kept) {
+            memmove(self->data, self->data + self->dead, kept);
+            for (Py_ssize_t i = self->head; i < self->count; i++)
+                self->ends[i] -= self->dead;
+            self->used = kept;
+            self->dead = 0;
+        } else {
+            Py_ssize_t want = self->used + n;
+            Py_ssize_t cap = self->cap + self->cap / 2 + 64;
+            if (cap < want)
+                cap = want;
+            char *data = PyMem_Realloc(self->data, cap);
+            if (data == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->data = data;
+            self->cap = cap;
+        }
+    }
+    if (self->count == self->slots) {
+        if (self->head > 0 && self->head >= self->count / 2) {
+            Py_ssize_t kept = self->count - self->head;
+            memmove(self->seqs, self->seqs + self->head, kept * sizeof(long long));
+            memmove(self->ends, self->ends + self->head, kept * sizeof(Py_ssize_t));
+            self->count = kept;
+            self->head = 0;
+        } else {
+            Py_ssize_t slots = self->slots + self->slots / 2 + 4;
+            long long *seqs = PyMem_Realloc(self->seqs, slots * sizeof(long long));
+            if (seqs == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->seqs = seqs;
+            Py_ssize_t *ends = PyMem_Realloc(self->ends, slots * sizeof(Py_ssize_t));
+            if (ends == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->ends = ends;
+            self->slots = slots;
+        }
+    }
+    return 0;
+}
+
+/* Hand one event to every live subscriber (a snapshot: replay_event may detach). */
+static int
+store_notify(EventStore *self, long long seq, PyObject *block)
+{
+    PyObject *attachments = PySequence_List(self->subscribers);
+    if (attachments == NULL)
+        return -1;
+    PyObject *seq_obj = PyLong_FromLongLong(seq);
+    int rc = seq_obj == NULL ? -1 : 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(attachments); i++) {
+        PyObject *subscriber = PyObject_GetAttrString(PyList_GET_ITEM(attachments, i), "subscriber");
+        if (subscriber == NULL) {
+            rc = -1;
+            break;
+        }
+        PyObject *r = PyObject_CallMethod(subscriber, "replay_event", "OO", seq_obj, block);
+        Py_DECREF(subscriber);
+        if (r == NULL)
+            rc = -1;
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(seq_obj);
+    Py_DECREF(attachments);
+    return rc;
+}
+
+/*
+ * Keep event seq (its bytes: buf[0:n]).  block is the same bytes as an
+ * object, or NULL: then one is made only if a subscriber needs it.
+ */
+static int
+store_add(EventStore *self, long long seq, const char *buf, Py_ssize_t n, PyObject *block)
+{
+    if (self->ended)
+        return 0;
+    if (store_reserve(self, n) < 0)
+        return -1;
+    memcpy(self->data + self->used, buf, n);
+    self->used += n;
+    self->seqs[self->count] = seq;
+    self->ends[self->count] = self->used;
+    self->count++;
+    self->last_seq = seq;
+    while (self->count - self->head > self->max_events
+           || (self->used - self->dead > self->max_bytes && self->count - self->head > 1)) {
+        self->dead = self->ends[self->head];
+        self->first_seq = self->seqs[self->head] + 1;
+        self->head++;
+    }
+    if (self->subscribers == NULL || PySet_GET_SIZE(self->subscribers) == 0)
+        return 0;
+    if (block != NULL)
+        return store_notify(self, seq, block);
+    block = PyBytes_FromStringAndSize(buf, n);
+    if (block == NULL)
+        return -1;
+    int rc = store_notify(self, seq, block);
+    Py_DECREF(block);
+    return rc;
+}
+
+static PyObject *
+EventStore_add(EventStore *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add(seq, block) takes 2 arguments");
+        return NULL;
+    }
+    long long seq = PyLong_AsLongLong(args[0]);
+    if (seq == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "block must be bytes");
+        return NULL;
+    }
+    if (store_add(self, seq, PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), args[1]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+EventStore_call(EventStore *self, PyObject *args, PyObject *kwds)
+{
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "an EventStore takes no keyword arguments");
+        return NULL;
+    }
+    return EventStore_add(self, &PyTuple_GET_ITEM(args, 0), PyTuple_GET_SIZE(args));
+}
+
+static PyObject *
+EventStore_events_after(EventStore *self, PyObject *arg)
+{
+    long long after = PyLong_AsLongLong(arg);
+    if (after == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t start = self->dead;
+    for (Py_ssize_t i = self->head; i < self->count; i++) {
+        Py_ssize_t end = self->ends[i];
+        if (self->seqs[i] > after) {
+            /* Not Py_BuildValue's y#: it makes None of an empty event before the first allocation. */
+            PyObject *block = PyBytes_FromStringAndSize(end > start ? self->data + start : NULL, end - start);
+            PyObject *item = block == NULL ? NULL : Py_BuildValue("(LN)", self->seqs[i], block);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        start = end;
+    }
+    return out;
+}
+
+static Py_ssize_t
+EventStore_len(EventStore *self)
+{
+    return self->count - self->head;
+}
+
+static PyObject *
+EventStore_get_size(EventStore *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->used - self->dead);
+}
+
+static PyObject *
+EventStore_get_subscribers(EventStore *self, void *closure)
+{
+    PyObject *s = self->subscribers ? self->subscribers : Py_None;
+    Py_INCREF(s);
+    return s;
+}
+
+static int
+EventStore_set_subscribers(EventStore *self, PyObject *value, void *closure)
+{
+    if (value == NULL || value == Py_None) {
+        Py_CLEAR(self->subscribers);
+        return 0;
+    }
+    if (!PyAnySet_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "subscribers must be a set or None");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(self->subscribers, value);
+    return 0;
+}
+
+static PyObject *
+EventStore_get_ended(EventStore *self, void *closure)
+{
+    return PyBool_FromLong(self->ended);
+}
+
+static int
+EventStore_set_ended(EventStore *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "ended cannot be deleted");
+        return -1;
+    }
+    int truth = PyObject_IsTrue(value);
+    if (truth < 0)
+        return -1;
+    self->ended = truth;
+    return 0;
+}
+
+static int
+EventStore_traverse(EventStore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->subscribers);
+    return 0;
+}
+
+static int
+EventStore_clear(EventStore *self)
+{
+    Py_CLEAR(self->subscribers);
+    return 0;
+}
+
+static void
+EventStore_dealloc(EventStore *self)
+{
+    PyObject_GC_UnTrack(self);
+    EventStore_clear(self);
+    PyMem_Free(self->data);
+    PyMem_Free(self->seqs);
+    PyMem_Free(self->ends);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyGetSetDef EventStore_getset[] = {
+    {"size", (getter)EventStore_get_size, NULL, "Bytes of the kept events.", NULL},
+    {"subscribers", (getter)EventStore_get_subscribers, (setter)EventStore_set_subscribers,
+     "Attachments that get each new event (their .subscriber.replay_event), or None.", NULL},
+    {"ended", (getter)EventStore_get_ended, (setter)EventStore_set_ended,
+     "Whether the stream ended: add() keeps nothing more.", NULL},
+    {NULL},
+};
+
+static PyMemberDef EventStore_members[] = {
+    {"first_seq", T_LONGLONG, offsetof(EventStore, first_seq), READONLY,
+     "The oldest sequence number that can still be kept (1 until the first eviction)."},
+    {"last_seq", T_LONGLONG, offsetof(EventStore, last_seq), READONLY, "The newest event's sequence number."},
+    {"max_events", T_PYSSIZET, offsetof(EventStore, max_events), READONLY, "Events kept at most."},
+    {"max_bytes", T_PYSSIZET, offsetof(EventStore, max_bytes), READONLY, "Bytes kept at most (the newest event always)."},
+    {NULL},
+};
+
+static PyMethodDef EventStore_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))EventStore_add, METH_FASTCALL,
+     "add(seq, block): keep event seq and pass it to live subscribers (calling the store does the same)."},
+    {"events_after", (PyCFunction)EventStore_events_after, METH_O,
+     "events_after(seq) -> list of (seq, block): the kept events after seq, in order."},
+    {NULL},
+};
+
+static PySequenceMethods EventStore_as_sequence = {
+    .sq_length = (lenfunc)EventStore_len,
+};
+
+static PyTypeObject EventStoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aura_proxy._sse_stamp.EventStore",
+    .tp_doc = "EventStore(max_events, max_bytes): one stream's kept events (see aura_proxy.resume.log).",
+    .tp_basicsize = sizeof(EventStore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)EventStore_init,
+    .tp_dealloc = (destructor)EventStore_dealloc,
+    .tp_traverse = (traverseproc)EventStore_traverse,
+    .tp_clear = (inquiry)EventStore_clear,
+    .tp_call = (ternaryfunc)EventStore_call,
+    .tp_as_sequence = &EventStore_as_sequence,
+    .tp_methods = EventStore_methods,
+    .tp_members = EventStore_members,
+    .tp_getset = EventStore_getset,
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *prefix;     /* bytes: "<stream id>." */
@@ -34,6 +393,7 @@ typedef struct {
     Py_ssize_t suffix_len;
     PyObject *suffix_of;  /* the upstream value suffix encodes, or NULL */
     PyObject *on_event;   /* callable(seq, block), or NULL */
+    EventStore *store;    /* on_event, when it is an EventStore: added to directly */
     PyObject *fallback;   /* callable(data) -> bytes: the Python rewriter */
     int slow;             /* the Python rewriter holds state: use fallback */
 } Stamper;
@@ -230,7 +590,7 @@ Stamper_feed(Stamper *self, PyObject *data)
     long long *seqs = seqs_small;
     Py_ssize_t nev = 0;
     int heap = 0;
-    if (self->on_event != NULL && pieces > STACK_EVENTS) {
+    if (self->on_event != NULL && self->store == NULL && pieces > STACK_EVENTS) {
         starts = PyMem_Malloc(pieces * sizeof(Py_ssize_t));
         ends = PyMem_Malloc(pieces * sizeof(Py_ssize_t));
         seqs = PyMem_Malloc(pieces * sizeof(long long));
@@ -263,7 +623,10 @@ Stamper_feed(Stamper *self, PyObject *data)
         o = rewrite_block(self, p, n, o, &stamped);
         if (o == NULL)
             goto error;
-        if (stamped && self->on_event != NULL) {
+        if (stamped && self->store != NULL) {
+            if (store_add(self->store, self->seq, block_start, o - block_start, NULL) < 0)
+                goto error;
+        } else if (stamped && self->on_event != NULL) {
             starts[nev] = block_start - o0;
             ends[nev] = o - o0;
             seqs[nev] = self->seq;
@@ -355,11 +718,14 @@ Stamper_init(Stamper *self, PyObject *args, PyObject *kwds)
     Py_CLEAR(self->upstream);
     Py_CLEAR(self->suffix_of);
     self->suffix_len = 0;
+    self->store = NULL;
     if (on_event == Py_None) {
         Py_CLEAR(self->on_event);
     } else {
         Py_INCREF(on_event);
         Py_XSETREF(self->on_event, on_event);
+        if (PyObject_TypeCheck(on_event, &EventStoreType))
+            self->store = (EventStore *)on_event;
     }
     Py_INCREF(fallback);
     Py_XSETREF(self->fallback, fallback);
@@ -378,6 +744,7 @@ Stamper_traverse(Stamper *self, visitproc visit, void *arg)
 static int
 Stamper_clear(Stamper *self)
 {
+    self->store = NULL;
     Py_CLEAR(self->on_event);
     Py_CLEAR(self->fallback);
     return 0;
@@ -458,14 +825,14 @@ static PyTypeObject StamperType = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "aura_proxy._sse_stamp",
-    .m_doc = "The SSE rewriter's common case in C (see aura_proxy.sse).",
+    .m_doc = "The SSE rewriter's common case and the resume log's event store in C (see aura_proxy.sse, aura_proxy.resume.log).",
     .m_size = -1,
 };
 
 PyMODINIT_FUNC
 PyInit__sse_stamp(void)
 {
-    if (PyType_Ready(&StamperType) < 0)
+    if (PyType_Ready(&StamperType) < 0 || PyType_Ready(&EventStoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
@@ -473,6 +840,12 @@ PyInit__sse_stamp(void)
     Py_INCREF(&StamperType);
     if (PyModule_AddObject(m, "Stamper", (PyObject *)&StamperType) < 0) {
         Py_DECREF(&StamperType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&EventStoreType);
+    if (PyModule_AddObject(m, "EventStore", (PyObject *)&EventStoreType) < 0) {
+        Py_DECREF(&EventStoreType);
         Py_DECREF(m);
         return NULL;
     }

@@ -18,8 +18,6 @@ import uuid
 from typing import Any, Callable, Generator, List, Tuple
 
 import txredisapi
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
@@ -569,42 +567,3 @@ class RedisResumeLogTests(ResumeLogContract, TestCase):
         att = yield log.attach("s1", "t1", 2, sub)
         self.assertEqual(sub.seqs, [3])
         att.detach()
-
-
-class CompactStorageTests(TestCase):
-    """The memory log's compact per-stream storage against a plain model."""
-
-    @settings(max_examples=200, deadline=None)
-    @given(
-        sizes=st.lists(st.integers(min_value=1, max_value=300), max_size=400),
-        max_events=st.integers(min_value=1, max_value=50),
-        max_bytes=st.integers(min_value=1, max_value=3000),
-        after=st.integers(min_value=0, max_value=400),
-    )
-    def test_keeps_exactly_what_a_deque_would(
-        self, sizes: list[int], max_events: int, max_bytes: int, after: int
-    ) -> None:
-        """
-        Whatever the event sizes and limits, the kept events (after any
-        eviction and compaction) and the replayable range are those of a
-        deque that drops the oldest first.
-        """
-        from collections import deque
-
-        from aura_proxy.resume.log import _Stream
-
-        stream = _Stream("t", max_events, max_bytes)
-        model: deque[tuple[int, bytes]] = deque()
-        total = 0
-        first = 1
-        for seq, size in enumerate(sizes, 1):
-            block = bytes([seq % 251]) * size
-            stream.add(seq, block)
-            model.append((seq, block))
-            total += size
-            while len(model) > max_events or (total > max_bytes and len(model) > 1):
-                old_seq, old = model.popleft()
-                total -= len(old)
-                first = old_seq + 1
-        self.assertEqual(list(stream.events_after(after)), [e for e in model if e[0] > after])
-        self.assertEqual((stream.first_seq, stream.size, len(stream)), (first, total, len(model)))

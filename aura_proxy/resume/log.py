@@ -15,7 +15,7 @@ gateway process and host).
 from __future__ import annotations
 
 from array import array
-from typing import Callable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -97,23 +97,28 @@ class ResumeLog(Protocol):
         """Release connections and timers (on shutdown)."""
 
 
-class _Stream:
+class _PyEventStore:
     """
-    One stream's log, stored compactly: the kept events' bytes back to back in
+    One stream's kept events, stored compactly: their bytes back to back in
     one C{bytearray}, their sequence numbers and end offsets in two C{array}s.
     Per event that is its bytes plus 16, instead of a bytes object, a tuple
     and a deque slot (about 100 bytes more each), and no objects for the
     garbage collector to walk.  Evicted events leave a dead prefix, cut off
     once it is as large as what is kept (amortised O(1) per event).
+
+    This is the reference for C{aura_proxy._sse_stamp.EventStore}, which
+    does the same in C (and which the C SSE rewriter adds to without a Python
+    call per event); it is used when the C extension is not built.
     """
 
     __slots__ = (
-        "owner", "data", "seqs", "ends", "head", "dead", "size", "first_seq", "last_seq",
-        "ended", "subscribers", "expiry", "max_events", "max_bytes",
+        "data", "seqs", "ends", "head", "dead", "size", "first_seq", "last_seq",
+        "ended", "subscribers", "max_events", "max_bytes",
     )
 
-    def __init__(self, owner: str, max_events: int, max_bytes: int) -> None:
-        self.owner = owner
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        if max_events < 1 or max_bytes < 1:
+            raise ValueError("max_events and max_bytes must be at least 1")
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.data = bytearray()
@@ -126,7 +131,6 @@ class _Stream:
         self.last_seq = 0
         self.ended = False
         self.subscribers: Optional[set["_MemoryAttachment"]] = None
-        self.expiry: Optional[IDelayedCall] = None
 
     def __len__(self) -> int:
         return len(self.seqs) - self.head
@@ -155,6 +159,8 @@ class _Stream:
             for attachment in list(self.subscribers):
                 attachment.subscriber.replay_event(seq, block)
 
+    __call__ = add
+
     def _compact(self) -> None:
         dead, head = self.dead, self.head
         del self.data[:dead]
@@ -162,15 +168,41 @@ class _Stream:
         self.ends = array("q", (end - dead for end in self.ends[head:]))
         self.head = self.dead = 0
 
-    def events_after(self, after_seq: int) -> Iterator[tuple[int, bytes]]:
+    def events_after(self, after_seq: int) -> list[tuple[int, bytes]]:
         """The kept events with a sequence number above C{after_seq}, in order."""
         data, seqs, ends = self.data, self.seqs, self.ends
         start = self.dead
+        out = []
         for i in range(self.head, len(seqs)):
             end = ends[i]
             if seqs[i] > after_seq:
-                yield seqs[i], bytes(data[start:end])
+                out.append((seqs[i], bytes(data[start:end])))
             start = end
+        return out
+
+
+if TYPE_CHECKING:
+    _EventStore = _PyEventStore
+else:
+    try:
+        from aura_proxy._sse_stamp import EventStore as _EventStore
+    except ImportError:  # built without the C extensions
+        _EventStore = _PyEventStore
+
+
+class _Stream(_EventStore):
+    """
+    A stream in the memory log: its kept events (a C{_EventStore}, which is
+    also what the stream's rewriter calls per event), whose it is, and the
+    timer that forgets it after it ended.
+    """
+
+    __slots__ = ("owner", "expiry")
+
+    def __init__(self, owner: str, max_events: int, max_bytes: int) -> None:
+        super().__init__(max_events, max_bytes)
+        self.owner = owner
+        self.expiry: Optional[IDelayedCall] = None
 
 
 def _ignore(seq: int, block: bytes) -> None:
@@ -217,9 +249,10 @@ class MemoryResumeLog:
         stream = self._streams.get(stream_id)
         if stream is None:
             return _ignore
-        # A stream abandoned later is no longer in the log: adding to it is
-        # harmless, nobody reads it.
-        return stream.add
+        # The stream itself: the C rewriter adds to it directly.  A stream
+        # abandoned later is no longer in the log: adding to it is harmless,
+        # nobody reads it.
+        return stream
 
     def close(self, stream_id: str) -> None:
         stream = self._streams.get(stream_id)
