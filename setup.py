@@ -21,7 +21,7 @@ setup(
     package_dir={"": "."},
     packages=find_packages(include=["aura_proxy", "aura_proxy.*"]) + ["twisted.plugins"],
     package_data={
-        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "_chunked_read.pyi", "history/*.sql"],
+        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "_chunked_read.pyi", "_relay_core.pyi", "history/*.sql"],
         "twisted": ["plugins/aura_proxy_plugin.py"],
     },
     include_package_data=False,
@@ -32,6 +32,7 @@ setup(
     ext_modules=[
         Extension("aura_proxy._sse_stamp", ["aura_proxy/_sse_stamp.c"], optional=True),
         Extension("aura_proxy._chunked_read", ["aura_proxy/_chunked_read.c"], optional=True),
+        Extension("aura_proxy._relay_core", ["aura_proxy/_relay_core.c"], optional=True),
     ],
     install_requires=[
         # The stack the project chose: Twisted (reactor, twistd, twisted.web),

@@ -2,7 +2,9 @@
 The response relay: bytes from the upstream socket to the client socket.
 
 This is the hot path.  Per upstream read it does: one clock read, one optional
-SSE rewrite, one C{request.write}.  Timers are not reset per read; each fires at
+SSE rewrite, one write to the client (straight to its socket when it can).
+That step runs in C (L{aura_proxy._relay_core}) when the extension is built;
+L{_PyRelayCore} is the same in Python.  Timers are not reset per read; each fires at
 its deadline and, if bytes arrived meanwhile, re-arms itself for the rest.
 
 Backpressure runs both ways through the producer chain: the relay is the
@@ -13,7 +15,7 @@ upstream connection instead of returning it to the pool).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
@@ -26,7 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-__all__ = ["Relay", "StreamTransform", "HEARTBEAT"]
+__all__ = ["Relay", "StreamTransform", "HEARTBEAT", "ACCELERATED"]
 
 #: What the client gets on a silent SSE stream: a comment line, ignored by
 #: every EventSource, which keeps proxies and browsers from timing out.
@@ -47,8 +49,77 @@ class StreamTransform(TypingProtocol):
         """Bytes still held back when the upstream body ends."""
 
 
+class _PyRelayCore:
+    """
+    The relay's per-read step (L{Relay.dataReceived}) and the state it uses:
+    the reference for L{aura_proxy._relay_core.RelayCore}, which does the
+    same in C, and what runs when that extension is not built.
+    """
+
+    _seconds: Callable[[], float]
+    _feed: Optional[Callable[[bytes], bytes]]
+    _request: Request
+    _tcp: Optional[TCPConnection]
+    _chunked: bool
+    _client_gone: bool
+    _beats: bool
+    _at_boundary: bool
+    _last_read: float
+    first_write_at: Optional[float]
+    sent: int
+
+    def dataReceived(self, data: bytes) -> None:
+        """One upstream read: rewrite it, count it, write it to the client."""
+        self._last_read = self._seconds()
+        if self._feed is not None:
+            data = self._feed(data)
+            if not data:
+                return
+        if self._client_gone:
+            return
+        if self.first_write_at is None:
+            self.first_write_at = self._last_read
+        n = len(data)
+        self.sent += n
+        t = self._tcp
+        if t is None:
+            self._request.write(data)
+        else:
+            # Straight to the client's socket when nothing is queued before
+            # these bytes.  Twisted's transports queue every write and send it
+            # on the next loop turn, registering and unregistering the socket
+            # with epoll each time: per SSE event, two epoll_ctl calls and a
+            # turn of latency.  The kernel usually takes the whole event at
+            # once; only the rest is queued.  (Inline: this runs per read.)
+            self._request.sentLength += n
+            frame = b"%x\r\n%b\r\n" % (n, data) if self._chunked else data
+            if not t.dataBuffer and not t._tempDataBuffer and t.connected and not t._writeDisconnected:
+                try:
+                    sent = t.socket.send(frame)
+                except OSError:
+                    sent = 0  # EAGAIN; any other error the transport's write finds and reports
+                if sent != len(frame):
+                    t.write(frame[sent:])
+            else:
+                t.write(frame)
+        if self._beats:
+            self._at_boundary = data.endswith(_BLOCK_ENDS)
+
+
+if TYPE_CHECKING:
+    _RelayCore = _PyRelayCore
+else:
+    try:
+        from aura_proxy._relay_core import RelayCore as _RelayCore
+    except ImportError:  # built without the C extensions
+        _RelayCore = _PyRelayCore
+
+#: Whether the relay's per-read step runs in C (L{aura_proxy._relay_core}).
+ACCELERATED = _RelayCore is not _PyRelayCore
+
+
 @implementer(IPushProducer)
-class Relay(Protocol):
+class Relay(_RelayCore, Protocol):
     """
     Carries one upstream response body to one client request.
 
@@ -83,9 +154,11 @@ class Relay(Protocol):
         """
         self._request = request
         self._clock = clock
+        self._seconds = clock.seconds
         self._idle_timeout = idle_timeout
         self._heartbeat_interval = heartbeat_interval
         self._transform = transform
+        self._feed = transform.feed if transform is not None else None
         self._clean_end = clean_end
         self._detach_seconds = detach_seconds
         self._orphan_call: Optional[IDelayedCall] = None
@@ -136,42 +209,6 @@ class Relay(Protocol):
         self._chunked = bool(getattr(self._request, "chunked", False))
         first = min(self._idle_timeout, self._heartbeat_interval) if self._beats else self._idle_timeout
         self._timer = self._clock.callLater(first, self._check_timers)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._last_read = self._clock.seconds()
-        if self._transform is not None:
-            data = self._transform.feed(data)
-            if not data:
-                return
-        if self._client_gone:
-            return
-        if self.first_write_at is None:
-            self.first_write_at = self._last_read
-        n = len(data)
-        self.sent += n
-        t = self._tcp
-        if t is None:
-            self._request.write(data)
-        else:
-            # Straight to the client's socket when nothing is queued before
-            # these bytes.  Twisted's transports queue every write and send it
-            # on the next loop turn, registering and unregistering the socket
-            # with epoll each time: per SSE event, two epoll_ctl calls and a
-            # turn of latency.  The kernel usually takes the whole event at
-            # once; only the rest is queued.  (Inline: this runs per read.)
-            self._request.sentLength += n
-            frame = b"%x\r\n%b\r\n" % (n, data) if self._chunked else data
-            if not t.dataBuffer and not t._tempDataBuffer and t.connected and not t._writeDisconnected:
-                try:
-                    sent = t.socket.send(frame)
-                except OSError:
-                    sent = 0  # EAGAIN; any other error the transport's write finds and reports
-                if sent != len(frame):
-                    t.write(frame[sent:])
-            else:
-                t.write(frame)
-        if self._beats:
-            self._at_boundary = data.endswith(_BLOCK_ENDS)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         self._cancel_timers()

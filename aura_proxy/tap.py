@@ -173,13 +173,14 @@ def prepare_process(reactor: Any) -> None:
     a C{.tac}): the lean epoll loop, the garbage collector's pace, and one
     log line saying which parts of the hot path run in C.
     """
-    from aura_proxy import fastclient, sse
+    from aura_proxy import fastclient, relay, sse
 
     lean = use_lean_poll(reactor)
     tune_gc()
     missing = [name for name, built in (
         ("aura_proxy._sse_stamp", sse.ACCELERATED),
         ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None),
+        ("aura_proxy._relay_core", relay.ACCELERATED),
     ) if not built]
     if missing:
         _log.warn(
@@ -189,7 +190,7 @@ def prepare_process(reactor: Any) -> None:
         )
     else:
         _log.info(
-            "hot path: SSE rewriter and chunked reads in C, lean epoll loop {lean}",
+            "hot path: chunked reads, SSE rewriter, event store and client writes in C, lean epoll loop {lean}",
             lean="on" if lean else "off (not an epoll reactor)",
         )
 

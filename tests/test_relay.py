@@ -1,10 +1,15 @@
 """
 Tests for L{aura_proxy.relay}: timers on a fake clock, backpressure and ends,
-with no sockets.
+with no sockets; and the direct write to the client's socket, on socket
+pairs.  Every test runs twice: with the per-read step in C
+(L{aura_proxy._relay_core}, skipped when not built unless
+C{AURA_PROXY_REQUIRE_C=1}) and with its Python reference.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, Optional
 
 from twisted.internet.task import Clock
@@ -12,7 +17,17 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 
-from aura_proxy.relay import HEARTBEAT, Relay
+from aura_proxy import relay as relay_module
+from aura_proxy.relay import HEARTBEAT, Relay, _PyRelayCore
+
+#: Relay with the Python per-read step, whether or not the C one is built.
+PyRelay: type[Relay] = (
+    type("PyRelay", (_PyRelayCore, Relay), {}) if relay_module.ACCELERATED else Relay  # type: ignore[assignment]
+)
+_C_SKIP = (
+    None if relay_module.ACCELERATED or os.environ.get("AURA_PROXY_REQUIRE_C") == "1"
+    else "aura_proxy._relay_core is not built (no C compiler at install time?)"
+)
 
 
 class FakeRequest:
@@ -72,10 +87,12 @@ class Upper:
         return b"!"
 
 
-def start(idle: float = 300, beat: float = 15, **kw: Any) -> tuple[Relay, FakeRequest, FakeUpstream, Clock]:
+def start(
+    idle: float = 300, beat: float = 15, cls: type[Relay] = Relay, **kw: Any
+) -> tuple[Relay, FakeRequest, FakeUpstream, Clock]:
     clock = Clock()
     request = FakeRequest()
-    relay = Relay(request, clock, idle_timeout=idle, heartbeat_interval=beat, **kw)  # type: ignore[arg-type]
+    relay = cls(request, clock, idle_timeout=idle, heartbeat_interval=beat, **kw)  # type: ignore[arg-type]
     upstream = FakeUpstream()
     relay.makeConnection(upstream)  # type: ignore[arg-type]
     return relay, request, upstream, clock
@@ -85,12 +102,22 @@ def end(relay: Relay, error: Optional[Exception] = None) -> None:
     relay.connectionLost(Failure(error or ResponseDone()))
 
 
-class TimerTests(TestCase):
+class _RelayCase(TestCase):
+    """Runs its tests on L{Relay} (the C per-read step when built)."""
+
+    relay_class: type[Relay] = Relay
+    skip = _C_SKIP
+
+    def start(self, **kw: Any) -> tuple[Relay, FakeRequest, FakeUpstream, Clock]:
+        return start(cls=self.relay_class, **kw)
+
+
+class TimerTests(_RelayCase):
     """Heartbeats on silence and the idle timeout, on a fake clock."""
 
     def test_heartbeat_after_silence(self) -> None:
         """After heartbeat_interval of silence the client gets one comment line, then one per interval."""
-        relay, request, _, clock = start(beat=15)
+        relay, request, _, clock = self.start(beat=15)
         clock.advance(14.9)
         self.assertEqual(request.written, [])
         clock.advance(0.1)
@@ -100,7 +127,7 @@ class TimerTests(TestCase):
 
     def test_no_heartbeat_while_events_flow(self) -> None:
         """A stream that talks more often than the interval never gets a heartbeat."""
-        relay, request, _, clock = start(beat=15)
+        relay, request, _, clock = self.start(beat=15)
         for _ in range(10):
             clock.advance(10)
             relay.dataReceived(b"data: x\n\n")
@@ -108,7 +135,7 @@ class TimerTests(TestCase):
 
     def test_heartbeat_counts_from_last_event(self) -> None:
         """The silence is measured from the last upstream bytes, not from the stream start."""
-        relay, request, _, clock = start(beat=15)
+        relay, request, _, clock = self.start(beat=15)
         clock.advance(10)
         relay.dataReceived(b"data: x\n\n")
         clock.advance(14)
@@ -118,7 +145,7 @@ class TimerTests(TestCase):
 
     def test_no_heartbeat_inside_an_event(self) -> None:
         """A heartbeat is never written in the middle of an event the client has part of."""
-        relay, request, _, clock = start(beat=15)
+        relay, request, _, clock = self.start(beat=15)
         relay.dataReceived(b"data: par")
         clock.advance(15)
         self.assertEqual(request.written, [b"data: par"])
@@ -128,13 +155,13 @@ class TimerTests(TestCase):
 
     def test_heartbeat_off(self) -> None:
         """heartbeat_interval 0 sends none."""
-        relay, request, _, clock = start(beat=0, idle=1000)
+        relay, request, _, clock = self.start(beat=0, idle=1000)
         clock.advance(500)
         self.assertEqual(request.written, [])
 
     def test_idle_timeout_closes_silent_stream(self) -> None:
         """A stream silent for idle_timeout is closed upstream and ended for the client."""
-        relay, request, upstream, clock = start(idle=300, beat=0)
+        relay, request, upstream, clock = self.start(idle=300, beat=0)
         reasons: list[str] = []
         relay.done.addCallback(reasons.append)
         clock.advance(299)
@@ -147,7 +174,7 @@ class TimerTests(TestCase):
 
     def test_stream_never_cut_while_alive(self) -> None:
         """Events keep a stream alive far beyond idle_timeout, with one timer per stream."""
-        relay, request, upstream, clock = start(idle=300, beat=15)
+        relay, request, upstream, clock = self.start(idle=300, beat=15)
         for _ in range(100):
             clock.advance(250)
             relay.dataReceived(b"data: x\n\n")
@@ -156,7 +183,7 @@ class TimerTests(TestCase):
 
     def test_heartbeats_until_idle_timeout(self) -> None:
         """Heartbeats do not count as upstream activity: a silent upstream is still closed at idle_timeout."""
-        relay, request, upstream, clock = start(idle=40, beat=15)
+        relay, request, upstream, clock = self.start(idle=40, beat=15)
         clock.advance(15)
         clock.advance(15)
         self.assertEqual(request.written, [HEARTBEAT, HEARTBEAT])
@@ -167,17 +194,17 @@ class TimerTests(TestCase):
 
     def test_timers_cancelled_at_end(self) -> None:
         """No timer is left behind when the stream ends."""
-        relay, _, _, clock = start()
+        relay, _, _, clock = self.start()
         end(relay)
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
-class FlowTests(TestCase):
+class FlowTests(_RelayCase):
     """Backpressure, transforms and how a stream ends."""
 
     def test_backpressure(self) -> None:
         """The client's pause and resume reach the upstream transport."""
-        relay, request, upstream, _ = start()
+        relay, request, upstream, _ = self.start()
         self.assertIs(request.producer, relay)
         request.producer.pauseProducing()
         self.assertEqual(upstream.state, "paused")
@@ -186,7 +213,7 @@ class FlowTests(TestCase):
 
     def test_client_gone_stops_upstream(self) -> None:
         """A client that goes away closes the upstream connection; the end reason says so."""
-        relay, request, upstream, _ = start()
+        relay, request, upstream, _ = self.start()
         reasons: list[str] = []
         relay.done.addCallback(reasons.append)
         request.producer.stopProducing()
@@ -197,7 +224,7 @@ class FlowTests(TestCase):
 
     def test_bytes_pass_unchanged_and_counted(self) -> None:
         """Without a transform the bytes reach the client as they came, and are counted."""
-        relay, request, _, _ = start()
+        relay, request, _, _ = self.start()
         relay.dataReceived(b"data: 1\n\n")
         relay.dataReceived(b"data: 2\r\n\r\n")
         end(relay)
@@ -207,7 +234,7 @@ class FlowTests(TestCase):
 
     def test_transform(self) -> None:
         """A transform rewrites each read, its flush ends the body, and its count is the event count."""
-        relay, request, _, _ = start(transform=Upper())
+        relay, request, _, _ = self.start(transform=Upper())
         relay.dataReceived(b"a")
         end(relay)
         self.assertEqual(request.written, [b"A", b"!"])
@@ -215,7 +242,7 @@ class FlowTests(TestCase):
 
     def test_upstream_error_clean_end(self) -> None:
         """An upstream dying mid-stream ends an SSE client's response cleanly."""
-        relay, request, _, _ = start(clean_end=True)
+        relay, request, _, _ = self.start(clean_end=True)
         reasons: list[str] = []
         relay.done.addCallback(reasons.append)
         relay.dataReceived(b"data: 1\n\n")
@@ -226,8 +253,166 @@ class FlowTests(TestCase):
 
     def test_upstream_error_aborts_plain_body(self) -> None:
         """A truncated non-stream body aborts the client connection instead of looking complete."""
-        relay, request, _, _ = start(clean_end=False)
+        relay, request, _, _ = self.start(clean_end=False)
         relay.dataReceived(b"{\"partial\":")
         end(relay, ResponseFailed([Failure(Exception("reset"))]))
         self.assertFalse(request.finished)
         self.assertTrue(request.aborted)
+
+
+class FakeTCP:
+    """The parts of a client TCP connection the direct write looks at."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+        self.connected = 1
+        self._writeDisconnected = False
+        self.queued: list[bytes] = []
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def write(self, data: bytes) -> None:
+        self.queued.append(data)
+
+
+class DirectWriteTests(_RelayCase):
+    """Body bytes straight to the client's socket, and what falls back to the transport."""
+
+    def setUp(self) -> None:
+        self.ours, self.peer = socket.socketpair()
+        self.ours.setblocking(False)
+        self.peer.setblocking(False)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.peer.close)
+
+    def relay(self, chunked: bool, transform: Any = None) -> tuple[Relay, FakeRequest, FakeTCP]:
+        relay, request, _, _ = self.start(transform=transform)
+        request.sentLength = 0  # type: ignore[attr-defined]
+        tcp = FakeTCP(self.ours)
+        relay._tcp = tcp  # type: ignore[assignment]
+        relay._chunked = chunked
+        return relay, request, tcp
+
+    def received(self) -> bytes:
+        out = b""
+        while True:
+            try:
+                got = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return out
+            if not got:
+                return out
+            out += got
+
+    def test_chunked_frames(self) -> None:
+        """A chunked response gets each read as one chunk, sent by the relay itself."""
+        relay, request, tcp = self.relay(chunked=True)
+        relay.dataReceived(b"data: 1\n\n")
+        relay.dataReceived(b"x" * 5000)
+        self.assertEqual(self.received(), b"9\r\ndata: 1\n\n\r\n1388\r\n" + b"x" * 5000 + b"\r\n")
+        self.assertEqual(tcp.queued, [])
+        self.assertEqual((relay.sent, request.sentLength), (5009, 5009))  # type: ignore[attr-defined]
+
+    def test_plain_body(self) -> None:
+        """A response that is not chunked gets the bytes as they are."""
+        relay, request, tcp = self.relay(chunked=False, transform=Upper())
+        relay.dataReceived(b"abc")
+        self.assertEqual(self.received(), b"ABC")
+        self.assertEqual(tcp.queued, [])
+        self.assertEqual(request.written, [])
+        self.assertTrue(relay._at_boundary is False)
+
+    def test_queued_bytes_go_first(self) -> None:
+        """With bytes already queued in the transport, the read is queued after them."""
+        for attribute, value in (("dataBuffer", b"q"), ("_tempDataBuffer", [b"q"]),
+                                 ("connected", 0), ("_writeDisconnected", True)):
+            relay, _, tcp = self.relay(chunked=True)
+            setattr(tcp, attribute, value)
+            relay.dataReceived(b"data: 2\n\n")
+            self.assertEqual(tcp.queued, [b"9\r\ndata: 2\n\n\r\n"], attribute)
+            relay._chunked = False
+            relay.dataReceived(b"z" * 5000)
+            self.assertEqual(tcp.queued[1:], [b"z" * 5000], attribute)
+        self.assertEqual(self.received(), b"")
+
+    def test_full_socket_queues_the_rest(self) -> None:
+        """When the kernel takes only part of a frame, the rest goes to the transport, in order."""
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for chunked in (True, False):
+            relay, _, tcp = self.relay(chunked=chunked)
+            body = bytes(range(256)) * 4096
+            relay.dataReceived(body)
+            self.assertEqual(len(tcp.queued), 1)
+            got = self.received()
+            self.assertTrue(got)
+            frame = b"100000\r\n" + body + b"\r\n" if chunked else body
+            self.assertEqual(got + tcp.queued[0], frame)
+            # The fake transport reports nothing queued: the next read goes
+            # straight to the (now drained) socket.
+            relay.dataReceived(b"more")
+            self.assertEqual(len(tcp.queued), 1)
+            self.assertEqual(self.received(), b"4\r\nmore\r\n" if chunked else b"more")
+
+    def test_send_error_goes_to_the_transport(self) -> None:
+        """A socket the kernel refuses (the peer is gone) leaves the write to the transport."""
+        self.peer.close()
+        relay, _, tcp = self.relay(chunked=False)
+        relay.dataReceived(b"abc")
+        self.assertEqual(tcp.queued, [b"abc"])
+
+    def test_client_gone_writes_nothing(self) -> None:
+        """Once the client is gone, reads are still transformed but not written."""
+        upper = Upper()
+        relay, request, tcp = self.relay(chunked=True, transform=upper)
+        relay._client_gone = True
+        relay.dataReceived(b"abc")
+        self.assertEqual((upper.count, relay.sent, tcp.queued, self.received()), (1, 0, [], b""))
+        self.assertIsNone(relay.first_write_at)
+
+
+class PyTimerTests(TimerTests):
+    """L{TimerTests} with the Python per-read step."""
+
+    relay_class = PyRelay
+    skip = None
+
+
+class PyFlowTests(FlowTests):
+    """L{FlowTests} with the Python per-read step."""
+
+    relay_class = PyRelay
+    skip = None
+
+
+class PyDirectWriteTests(DirectWriteTests):
+    """L{DirectWriteTests} with the Python per-read step."""
+
+    relay_class = PyRelay
+    skip = None
+
+
+class CoreTests(_RelayCase):
+    """The C per-read step's own guards."""
+
+    def test_relay_is_accelerated_when_built(self) -> None:
+        """Relay's per-read step is the C one when the extension is built."""
+        self.assertTrue(relay_module.ACCELERATED)
+        self.assertEqual(Relay.dataReceived.__qualname__, "RelayCore.dataReceived")
+
+    def test_bad_input(self) -> None:
+        """Non-bytes reads and transforms are refused; a connection without a socket too."""
+        relay, _, _, _ = self.start(transform=None)
+        self.assertRaises(TypeError, relay.dataReceived, "text")
+        relay._feed = lambda data: "text"  # type: ignore[assignment,return-value]
+        self.assertRaises(TypeError, relay.dataReceived, b"x")
+
+        class NoSocket(FakeTCP):
+            def fileno(self) -> int:
+                return -1
+
+        with socket.socket() as sock:
+            with self.assertRaises(ValueError):
+                relay._tcp = NoSocket(sock)  # type: ignore[assignment]

@@ -13,7 +13,7 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from aura_proxy import fastclient, sse, tap
+from aura_proxy import fastclient, relay, sse, tap
 
 
 class PrepareProcessTests(SynchronousTestCase):
@@ -38,7 +38,7 @@ class PrepareProcessTests(SynchronousTestCase):
         self.assertEqual(reactor.doIteration.__name__, "do_poll")
         self.assertEqual(gc.get_threshold()[0], 50_000)
         [event] = self.hot_path_events()
-        if sse.ACCELERATED and fastclient._ChunkedReader is not None:
+        if sse.ACCELERATED and fastclient._ChunkedReader is not None and relay.ACCELERATED:
             self.assertEqual(event["log_level"], LogLevel.info)
             self.assertEqual(event["lean"], "on")
 
@@ -46,8 +46,9 @@ class PrepareProcessTests(SynchronousTestCase):
         """Without the C extensions the line is a warning naming them."""
         self.patch(sse, "ACCELERATED", False)
         self.patch(fastclient, "_ChunkedReader", None)
+        self.patch(relay, "ACCELERATED", False)
         tap.prepare_process(SelectReactor())
         [event] = self.hot_path_events()
         self.assertEqual(event["log_level"], LogLevel.warn)
-        self.assertEqual(event["missing"], "aura_proxy._sse_stamp, aura_proxy._chunked_read")
+        self.assertEqual(event["missing"], "aura_proxy._sse_stamp, aura_proxy._chunked_read, aura_proxy._relay_core")
         self.assertEqual(event["lean"], "off (not an epoll reactor)")

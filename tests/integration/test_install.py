@@ -94,14 +94,16 @@ class InstallTests(TestCase):
         python = str(venv / "bin" / "python")
         where = _run([python, "-c",
                       "import aura_proxy, twisted.plugins.aura_proxy_plugin as p; "
-                      "import aura_proxy._sse_stamp as c; "
-                      "print(aura_proxy.__file__); print(p.__file__); print(c.__file__)"], elsewhere)
+                      "import aura_proxy._sse_stamp as c, aura_proxy._chunked_read as r, "
+                      "aura_proxy._relay_core as w; "
+                      "print(aura_proxy.__file__); print(p.__file__); "
+                      "print(c.__file__); print(r.__file__); print(w.__file__)"], elsewhere)
         self.assertEqual(where.returncode, 0, where.stderr)
-        # The C stamper was compiled by the install itself (the copy has no
-        # built module), next to the package.
-        package, plugin, extension = where.stdout.split()
+        # The C extensions were compiled by the install itself (the copy has
+        # no built module), next to the package.
+        package, plugin, *extensions = where.stdout.split()
         expected = copy if editable else venv
-        for path in (package, plugin, extension):
+        for path in (package, plugin, *extensions):
             self.assertTrue(Path(path).resolve().is_relative_to(expected),
                             f"{path} is not under {expected}")
             for source in (REPO_ROOT / "aura_proxy", REPO_ROOT / "twisted"):

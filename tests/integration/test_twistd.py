@@ -39,7 +39,7 @@ def config_text(listen: int, admin: int, upstream_port: int, extra: str = "") ->
 
 
 #: What a tuned gateway process logs at start (aura_proxy.tap.prepare_process).
-HOT_PATH = "hot path: SSE rewriter and chunked reads in C, lean epoll loop on"
+HOT_PATH = "hot path: chunked reads, SSE rewriter, event store and client writes in C, lean epoll loop on"
 
 class TwistdTests(TestCase):
     """Each test runs its own twistd (and, where needed, FastAPI upstream)."""

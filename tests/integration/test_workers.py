@@ -106,7 +106,7 @@ class WorkersTests(TestCase):
 
     def test_workers_are_tuned(self) -> None:
         """Each worker process tunes itself for the hot path (lean epoll loop, GC) and says so."""
-        line = "hot path: SSE rewriter and chunked reads in C, lean epoll loop on"
+        line = "hot path: chunked reads, SSE rewriter, event store and client writes in C, lean epoll loop on"
 
         def logged(name: str) -> bool:
             log = Path(self.gateway.log_path).read_text()  # type: ignore[attr-defined]
