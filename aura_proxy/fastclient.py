@@ -229,14 +229,13 @@ class _BodyTransport:
         c = self._connection
         if c is not None:
             c._user_paused = True
-            c.transport.pauseProducing()  # type: ignore[union-attr]
+            c._sync_reading()
 
     def resumeProducing(self) -> None:
         c = self._connection
         if c is not None:
             c._user_paused = False
-            if not c._await_delivery:
-                c.transport.resumeProducing()  # type: ignore[union-attr]
+            c._sync_reading()
 
     def stopProducing(self) -> None:
         c = self._connection
@@ -311,8 +310,7 @@ class _Response:
         self._protocol = protocol
         connection._deliver = protocol.dataReceived
         connection._await_delivery = False
-        if not connection._user_paused:
-            connection.transport.resumeProducing()  # type: ignore[union-attr]
+        connection._sync_reading()
 
     def _finished(self, reason: Failure) -> None:
         """The body ended (C{reason} says how); tell the protocol, or keep it."""
@@ -452,7 +450,7 @@ class _Connection:
     __slots__ = (
         "transport", "connected", "_agent", "_key", "_mode", "_buf", "_left", "_deliver",
         "_response", "_request", "_writer", "_keep_alive", "_reused", "_got_bytes",
-        "_user_paused", "_await_delivery", "_idle_call", "_closed",
+        "_user_paused", "_await_delivery", "_paused", "_idle_call", "_closed",
     )
 
     def __init__(self, agent: "FastAgent", key: _Key) -> None:
@@ -472,6 +470,9 @@ class _Connection:
         self._got_bytes = False
         self._user_paused = False
         self._await_delivery = False
+        # Whether we paused the transport's reading: it is paused while the
+        # body's consumer is not there yet or has paused it.
+        self._paused = False
         self._idle_call: Optional[IDelayedCall] = None
         self._closed: Optional[Deferred[None]] = None
 
@@ -664,6 +665,18 @@ class _Connection:
         if closed is not None:
             closed.callback(None)
 
+    def _sync_reading(self) -> None:
+        """Pause or resume reading the socket, as the body's consumer needs."""
+        paused = self._user_paused or self._await_delivery
+        if paused != self._paused:
+            self._paused = paused
+            transport = self.transport
+            if transport is not None:
+                if paused:
+                    transport.pauseProducing()  # type: ignore[attr-defined]
+                else:
+                    transport.resumeProducing()  # type: ignore[attr-defined]
+
     # -- sending ------------------------------------------------------------
 
     def _send(self, request: _Request, reused: bool) -> None:
@@ -676,6 +689,7 @@ class _Connection:
         self._keep_alive = False
         self._user_paused = False
         self._await_delivery = False
+        self._sync_reading()
         request.connection = self
         transport = self.transport
         assert transport is not None
@@ -822,10 +836,13 @@ class _Connection:
         self._response = response
         response._transport = _BodyTransport(self)
         self._deliver = None
-        # Read no further until someone wants the body.
+        # Read no further until someone wants the body: the caller nearly
+        # always asks for it in the callback, so the transport is paused only
+        # if it has not by then (pausing and resuming is two epoll_ctl calls).
         self._await_delivery = True
-        self.transport.pauseProducing()  # type: ignore[union-attr]
         d.callback(response)
+        if self._response is response:
+            self._sync_reading()
         if rest and self._mode <= _M_CLOSE:
             self.dataReceived(rest)
 
@@ -868,7 +885,7 @@ class _Connection:
         if self._keep_alive and not extra:
             self._mode = _M_IDLE
             self._user_paused = self._await_delivery = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self._sync_reading()
             self._agent._release(self)
         else:
             self._close()

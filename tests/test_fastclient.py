@@ -521,6 +521,29 @@ class ProducerTests(SynchronousTestCase):
         body.transport.resumeProducing()  # type: ignore[attr-defined]
         self.assertEqual(t.producerState, "producing")
 
+    def test_no_pause_when_delivered_in_callback(self) -> None:
+        """
+        A caller that asks for the body in the response's callback (as the
+        gateway does) costs no pause and resume of the socket; one that asks
+        later gets the socket paused meanwhile.
+        """
+        for in_callback in (True, False):
+            h = Harness()
+            r = h.request()
+            p, t = h.connect()
+            calls: list[str] = []
+            t.pauseProducing = lambda: calls.append("pause")  # type: ignore[method-assign]
+            t.resumeProducing = lambda: calls.append("resume")  # type: ignore[method-assign]
+            body = Collector()
+            got: list[Any] = []
+            r.addCallback(lambda response: response.deliverBody(body) if in_callback else got.append(response))
+            p.dataReceived(OK_CHUNKED + chunk(b"x"))
+            if not in_callback:
+                got[0].deliverBody(body)
+            p.dataReceived(chunk(b"y") + b"0\r\n\r\n")
+            self.assertEqual(body.body, b"xy")
+            self.assertEqual(calls, [] if in_callback else ["pause", "resume"], in_callback)
+
     def test_paused_in_make_connection(self) -> None:
         """A protocol that pauses in makeConnection is not resumed by deliverBody."""
         h = Harness()

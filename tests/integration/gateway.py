@@ -189,8 +189,12 @@ class Tracking:
         waits = []
         for protocol in list(self.open):
             waits.append(self._lost[protocol])
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
+            # An HTTP site's protocol is a wrapper: its channel has the transport.
+            transport = getattr(protocol, "transport", None) or getattr(
+                getattr(protocol, "_channel", None), "transport", None
+            )
+            if transport is not None:
+                transport.abortConnection()
         return DeferredList(waits)
 
 
