@@ -99,10 +99,7 @@ def main() -> int:
                 f"{seen} |")
         lines.append(line)
         print(line, flush=True)
-    R.OUT.mkdir(parents=True, exist_ok=True)
-    path = R.OUT / f"cpu-split-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(f"\nwritten: {path}")
+    R.save_report("cpu-split", lines)
     return 0
 
 

@@ -132,6 +132,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def save_report(name: str, lines: list[str]) -> Path:
+    """Write a tool's markdown lines to bench/out/NAME-<timestamp>.md, say where, return the path."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"\nwritten: {path}")
+    return path
+
+
 def log_tail(path: Path, n: int = 30) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()

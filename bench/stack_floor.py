@@ -100,10 +100,7 @@ def main() -> int:
         line = f"| {kind} | {what[kind]} | {rate:.0f} | {per} |"
         lines.append(line)
         print(line, flush=True)
-    R.OUT.mkdir(parents=True, exist_ok=True)
-    path = R.OUT / f"stack-floor-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print(f"\nwritten: {path}")
+    R.save_report("stack-floor", lines)
     return 0
 
 
