@@ -256,28 +256,27 @@ RelayCore_get_tcp(RelayCore *self, void *closure)
     return v;
 }
 
-/* Setting the TCP connection also notes its socket's file descriptor. */
+/*
+ * Setting the TCP connection also notes its socket's file descriptor.  A
+ * connection without one (already closed) is not written to directly: the
+ * attribute reads None, and writes go through request.write.
+ */
 static int
 RelayCore_set_tcp(RelayCore *self, PyObject *v, void *closure)
 {
-    if (v == NULL || v == Py_None) {
-        Py_CLEAR(self->tcp);
-        self->fd = -1;
+    Py_CLEAR(self->tcp);
+    self->fd = -1;
+    if (v == NULL || v == Py_None)
+        return 0;
+    PyObject *fd = PyObject_CallMethodNoArgs(v, s_fileno);
+    long value = fd == NULL ? -1 : PyLong_AsLong(fd);
+    Py_XDECREF(fd);
+    if (value < 0) {
+        PyErr_Clear();
         return 0;
     }
-    PyObject *fd = PyObject_CallMethodNoArgs(v, s_fileno);
-    if (fd == NULL)
-        return -1;
-    long value = PyLong_AsLong(fd);
-    Py_DECREF(fd);
-    if (value == -1 && PyErr_Occurred())
-        return -1;
-    if (value < 0) {
-        PyErr_SetString(PyExc_ValueError, "the client connection has no socket");
-        return -1;
-    }
     Py_INCREF(v);
-    Py_XSETREF(self->tcp, v);
+    self->tcp = v;
     self->fd = (int)value;
     return 0;
 }

@@ -333,7 +333,7 @@ def _direct_transport(request: Request) -> Optional[TCPConnection]:
     (L{aura_proxy.proxy.GatewaySite} has turned Nagle off on it.)
     """
     transport = request.transport
-    if not isinstance(transport, TCPConnection) or transport.TLS:
+    if not isinstance(transport, TCPConnection) or transport.TLS or not transport.connected:
         return None
     if not request.startedWriting or request.method == b"HEAD" or request.code in (204, 304):
         return None

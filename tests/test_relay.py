@@ -403,16 +403,30 @@ class CoreTests(_RelayCase):
         self.assertEqual(Relay.dataReceived.__qualname__, "RelayCore.dataReceived")
 
     def test_bad_input(self) -> None:
-        """Non-bytes reads and transforms are refused; a connection without a socket too."""
+        """Non-bytes reads and transforms are refused."""
         relay, _, _, _ = self.start(transform=None)
         self.assertRaises(TypeError, relay.dataReceived, "text")
         relay._feed = lambda data: "text"  # type: ignore[assignment,return-value]
         self.assertRaises(TypeError, relay.dataReceived, b"x")
 
-        class NoSocket(FakeTCP):
+    def test_closed_connection_not_written_directly(self) -> None:
+        """
+        A client connection that has no socket any more (closed, or its
+        fileno fails) is not written to directly: writes go through the request.
+        """
+        relay, request, _, _ = self.start(transform=None)
+
+        class Closed(FakeTCP):
             def fileno(self) -> int:
                 return -1
 
+        class Broken(FakeTCP):
+            def fileno(self) -> int:
+                raise OSError("gone")
+
         with socket.socket() as sock:
-            with self.assertRaises(ValueError):
-                relay._tcp = NoSocket(sock)  # type: ignore[assignment]
+            for tcp in (Closed(sock), Broken(sock)):
+                relay._tcp = tcp  # type: ignore[assignment]
+                self.assertIsNone(relay._tcp)
+                relay.dataReceived(b"data: 1\n\n")
+        self.assertEqual(request.written, [b"data: 1\n\n"] * 2)
