@@ -20,6 +20,7 @@ __all__ = [
     "upstream_timeout",
     "bad_request",
     "cors_forbidden",
+    "internal_error",
 ]
 
 
@@ -90,3 +91,11 @@ def cors_forbidden() -> GatewayError:
     allowed (403).  The origin is not echoed back.
     """
     return GatewayError(403, "cors_forbidden", "this cross-origin request is not allowed")
+
+
+def internal_error() -> GatewayError:
+    """
+    The gateway itself failed while serving the request (500); the log has
+    the traceback, the client only the request id.
+    """
+    return GatewayError(500, "internal_error", "the gateway failed to serve this request")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import IO, TYPE_CHECKING, Any, Optional
 
-from klein import Klein
-from klein.interfaces import IKleinRequest
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
@@ -29,8 +27,8 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
-from werkzeug.exceptions import NotFound
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from aura_proxy import errors
 from aura_proxy.config import Config, RouteConfig
@@ -49,7 +47,7 @@ from aura_proxy.history.record import CallRecord
 if TYPE_CHECKING:
     from aura_proxy.history import HistoryService
 
-__all__ = ["Gateway", "GatewayRequest", "GatewaySite"]
+__all__ = ["Gateway", "GatewayRequest", "GatewayResource", "GatewaySite"]
 
 log = Logger()
 
@@ -160,6 +158,71 @@ class GatewaySite(Site):
         return protocol
 
 
+@implementer(IResource)
+class GatewayResource:
+    """
+    Every path of the client-facing site, served by L{Gateway.handle}.
+
+    A plain twisted.web leaf rather than a Klein route: the gateway routes by
+    its own patterns, and Klein's per-request routing (a werkzeug URL map bound
+    and matched, and closures that leave each request in a reference cycle)
+    cost more than twisted.web itself (C{bench/stack-floor}).  Klein serves
+    the admin site.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self._gateway = gateway
+
+    def getChildWithDefault(self, name: bytes, request: Request) -> IResource:
+        raise RuntimeError("a leaf resource has no children")  # isLeaf: never called
+
+    def putChild(self, path: bytes, child: IResource) -> None:
+        raise NotImplementedError("the gateway resource routes by its own patterns")
+
+    def render(self, request: Request) -> int:
+        """Start serving C{request}; its response is finished when handle() ends."""
+        try:
+            served = self._gateway.handle(request)
+        except Exception:
+            _failed(Failure(), request)
+            return NOT_DONE_YET
+        # The client went away: stop the upstream request or the relay.
+        request.notifyFinish().addErrback(_cancel, served)
+        served.addCallbacks(_served, _failed, callbackArgs=(request,), errbackArgs=(request,))
+        return NOT_DONE_YET
+
+
+def _cancel(reason: Failure, served: "Deferred[None]") -> None:
+    served.cancel()
+
+
+def _served(result: None, request: Request) -> None:
+    if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+        request.finish()
+
+
+def _failed(failure: Failure, request: Request) -> None:
+    if failure.check(CancelledError):
+        return
+    log.failure("unhandled error serving {path}", failure, path=_text(request.uri or b""))
+    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+        return
+    if request.startedWriting:
+        # Half a response is out: the client must not take it for the whole.
+        transport = request.channel.transport  # type: ignore[union-attr]
+        if transport is not None:
+            getattr(transport, "abortConnection", transport.loseConnection)()
+        return
+    body = errors.internal_error().body()
+    request.setResponseCode(500)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
+
+
 class _Call:
     """What one request has gathered on its way through the path."""
 
@@ -183,13 +246,11 @@ class _Call:
 
 class Gateway:
     """
-    The gateway's request path, as a Klein application.
+    The gateway's request path: L{handle} serves one request.
 
     @param reactor: provides time (timeouts, heartbeats) and is what
         L{UpstreamClient} connects with.
     """
-
-    app = Klein()
 
     def __init__(
         self,
@@ -224,30 +285,16 @@ class Gateway:
         self._default_caller_type = self._contract.default_for(b"x-dwp-caller-type")
 
     def resource(self) -> IResource:
-        """The Klein resource that serves every path."""
-        return self.app.resource()
-
-    # Klein dispatches on the instance: every path, every method.
-    @app.route("/", branch=True, strict_slashes=False)
-    def _route(self, request: Request) -> "Deferred[None]":
-        # Klein's per-request routing state (a werkzeug MapAdapter) is done
-        # with: drop it rather than hold it for a stream's whole life.
-        request.unsetComponent(IKleinRequest)
-        return self.handle(request)
-
-    @app.handle_errors(NotFound)  # type: ignore[arg-type]
-    def _unroutable_by_klein(self, request: Request, failure: Failure) -> "Deferred[None]":
-        # werkzeug's path converter refuses paths such as "//x"; the gateway's
-        # own router decides about those too.
-        return self.handle(request)
+        """The resource that serves every path of the client-facing site."""
+        return GatewayResource(self)
 
     # -- the request path ---------------------------------------------------------
 
     def handle(self, request: Request) -> "Deferred[None]":
         """
         Serve one request; the Deferred fires when the response is finished
-        (for a stream: when the stream ends).  Cancelling it (Klein does, when
-        the client disconnects) cancels or closes the upstream request.
+        (for a stream: when the stream ends).  Cancelling it (L{GatewayResource}
+        does, when the client disconnects) cancels or closes the upstream request.
         """
         call = _Call(self._clock.seconds(), request)
         call.request_size = _body_length(request)
@@ -462,7 +509,7 @@ class Gateway:
         out.setRawHeaders(b"x-request-id", [call.id.encode("ascii")])
 
     def _cancel(self, call: _Call) -> None:
-        # Klein cancels the handler's Deferred when the client disconnects.
+        # GatewayResource cancels handle()'s Deferred when the client disconnects.
         call.client_gone = True
         if call.relay is not None:
             call.relay.client_gone()

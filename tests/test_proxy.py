@@ -1,7 +1,7 @@
 """
 Tests for L{aura_proxy.proxy}: the request path end to end in memory.
 
-The client is treq's L{StubTreq} over the gateway's Klein resource; the
+The client is treq's L{StubTreq} over the gateway's resource; the
 upstream is either a twisted.web resource behind treq's
 L{RequestTraversalAgent} or a fake agent whose answers the test controls.
 """
@@ -500,7 +500,7 @@ class ResumeTests(TestCase):
         self.emit(b"data: 1\n\n")
         written = request.channel.transport.written.getvalue()  # type: ignore[union-attr]
         [first_id] = ids(written.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n"))
-        d.cancel()  # what Klein does when the client disconnects
+        d.cancel()  # what GatewayResource does when the client disconnects
         self.failureResultOf(d, CancelledError)
         self.emit(b"data: 2\n\n")
         self.emit(b"data: 3\n\n")

@@ -1,0 +1,143 @@
+"""
+Tests for L{aura_proxy.proxy.GatewayResource}: how the client-facing site's
+one resource hands a request to the gateway and finishes it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Union
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.test.requesthelper import DummyChannel
+
+from aura_proxy.proxy import GatewayResource
+
+
+class _Transport(DummyChannel.TCP):
+    """A client transport that records an abort."""
+
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.disconnected = True
+
+
+class _Gateway:
+    """Stands in for L{aura_proxy.proxy.Gateway}: C{handle} answers as told."""
+
+    def __init__(self, answer: Union["Deferred[None]", Exception]) -> None:
+        self.answer = answer
+        self.handled: list[Request] = []
+
+    def handle(self, request: Request) -> "Deferred[None]":
+        self.handled.append(request)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def _request() -> tuple[Request, _Transport]:
+    channel = DummyChannel()
+    transport = channel.transport = _Transport()
+    request = Request(channel)
+    request.method, request.clientproto = b"GET", b"HTTP/1.1"
+    request.uri = request.path = b"/api/aura/x"
+    return request, transport
+
+
+def _response(transport: _Transport) -> tuple[bytes, bytes]:
+    head, _, body = transport.written.getvalue().partition(b"\r\n\r\n")
+    return head, body
+
+
+class GatewayResourceTests(SynchronousTestCase):
+    """L{GatewayResource.render}."""
+
+    def render(self, answer: Union["Deferred[None]", Exception]) -> tuple[Request, _Transport, _Gateway]:
+        gateway = _Gateway(answer)
+        request, transport = _request()
+        result = GatewayResource(gateway).render(request)  # type: ignore[arg-type]
+        self.assertIs(result, NOT_DONE_YET)
+        self.assertEqual(gateway.handled, [request])
+        return request, transport, gateway
+
+    def test_every_path_is_the_gateways(self) -> None:
+        """The resource is a leaf: twisted.web hands it every path, unsplit."""
+        self.assertTrue(GatewayResource(_Gateway(Deferred())).isLeaf)  # type: ignore[arg-type]
+
+    def test_finished_when_handled(self) -> None:
+        """The response is finished once the gateway's Deferred fires, not before."""
+        served: Deferred[None] = Deferred()
+        request, _, _ = self.render(served)
+        self.assertFalse(request.finished)
+        served.callback(None)
+        self.assertTrue(request.finished)
+
+    def test_finished_by_the_gateway(self) -> None:
+        """A response the gateway finished itself is not finished twice."""
+        served: Deferred[None] = Deferred()
+        request, transport, _ = self.render(served)
+        request.write(b"x")
+        request.finish()
+        served.callback(None)
+        self.assertEqual(self.flushWarnings(), [])
+        self.assertTrue(request.finished)
+
+    def test_client_gone_cancels(self) -> None:
+        """A client that disconnects cancels the gateway's Deferred (which stops the upstream)."""
+        cancelled: list[Deferred[None]] = []
+        served: Deferred[None] = Deferred(cancelled.append)
+        request, _, _ = self.render(served)
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(cancelled, [served])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_finished_request_not_cancelled(self) -> None:
+        """A connection lost after the response was finished cancels nothing."""
+        cancelled: list[Deferred[None]] = []
+        served: Deferred[None] = Deferred(cancelled.append)
+        request, _, _ = self.render(served)
+        request.finish()
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(cancelled, [])
+
+    def assertInternalError(self, transport: _Transport) -> None:
+        """The client got a C{500} with the gateway's JSON error body."""
+        head, body = _response(transport)
+        self.assertTrue(head.startswith(b"HTTP/1.1 500 "), head)
+        self.assertIn(b"content-type: application/json", head.lower())
+        self.assertEqual(json.loads(body)["error"]["code"], "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_raised(self) -> None:
+        """A gateway that raises gives a JSON 500, and the traceback is logged."""
+        request, transport, _ = self.render(ZeroDivisionError("boom"))
+        self.assertInternalError(transport)
+        self.assertTrue(request.finished)
+
+    def test_failed_before_writing(self) -> None:
+        """A gateway Deferred that fails before any byte was sent gives a JSON 500."""
+        served: Deferred[None] = Deferred()
+        request, transport, _ = self.render(served)
+        served.errback(ZeroDivisionError("boom"))
+        self.assertInternalError(transport)
+        self.assertFalse(transport.aborted)
+
+    def test_failed_after_writing(self) -> None:
+        """
+        A failure after part of the response went out aborts the connection:
+        the client must not take half a response for a whole one.
+        """
+        served: Deferred[None] = Deferred()
+        request, transport, _ = self.render(served)
+        request.write(b"part")
+        served.errback(ZeroDivisionError("boom"))
+        self.assertTrue(transport.aborted)
+        self.assertNotIn(b"500", _response(transport)[0])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
