@@ -15,6 +15,7 @@ with a L{GatewayError}, answered as JSON and recorded like any other call.
 
 from __future__ import annotations
 
+from time import time
 from typing import IO, TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
@@ -27,7 +28,9 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import IResource
+from twisted.web.http import datetimeToString
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import version as server_version
 from zope.interface import implementer
 
 from aura_proxy import errors
@@ -103,6 +106,27 @@ class GatewayRequest(Request):
             return
         Request.requestReceived(self, command, path, version)
 
+    def process(self) -> None:
+        """
+        Hand the request to the site's one resource.
+
+        twisted.web's own C{process} also splits and unquotes the path into
+        C{postpath}, walks the resource tree and formats the C{Date} header
+        anew for every request; the gateway's resource is a leaf that routes
+        by its own patterns, so none of that is needed, and the date is
+        formatted once a second.
+        """
+        self.site = site = self.channel.site  # type: ignore[union-attr,attr-defined]
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", _SERVER)
+        headers.setRawHeaders(b"date", [_http_date(int(time()))])
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
     def _reject(self) -> None:
         channel = self.channel
         # The request line is known to the channel only until requestReceived.
@@ -125,6 +149,19 @@ class GatewayRequest(Request):
         gateway = getattr(site, "gateway", None)
         if gateway is not None:
             gateway.rejected_body(self, error)
+
+
+_SERVER = [server_version]
+_date_cache: list[Any] = [None, b""]
+
+
+def _http_date(now: int) -> bytes:
+    """The C{Date} header value for Unix time C{now}, formatted once per second."""
+    cache = _date_cache
+    if cache[0] != now:
+        cache[1] = datetimeToString(now)
+        cache[0] = now
+    return cache[1]  # type: ignore[no-any-return]
 
 
 class GatewaySite(Site):

@@ -6,16 +6,19 @@ one resource hands a request to the gateway and finishes it.
 from __future__ import annotations
 
 import json
+import time
 from typing import Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.http import datetimeToString
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import version as server_version
 from twisted.web.test.requesthelper import DummyChannel
 
-from aura_proxy.proxy import GatewayResource
+from aura_proxy.proxy import GatewayRequest, GatewayResource, _http_date
 
 
 class _Transport(DummyChannel.TCP):
@@ -141,3 +144,62 @@ class GatewayResourceTests(SynchronousTestCase):
         self.assertTrue(transport.aborted)
         self.assertNotIn(b"500", _response(transport)[0])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class _Recorder:
+    """A leaf resource that records the requests it renders."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        self.rendered: list[Request] = []
+
+    def render(self, request: Request) -> object:
+        self.rendered.append(request)
+        return NOT_DONE_YET
+
+
+class ProcessTests(SynchronousTestCase):
+    """L{GatewayRequest.process}: the site's one resource, without traversal."""
+
+    def test_renders_the_site_resource(self) -> None:
+        """
+        Every path, however deep or percent-encoded, goes to the site's
+        resource itself, with the C{Server} and C{Date} headers set.
+        """
+        resource = _Recorder()
+        channel = DummyChannel()
+        channel.site = Site(resource)  # type: ignore[arg-type]
+        request = GatewayRequest(channel)
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        request.uri = request.path = b"/api/aura/%61/b/c"
+        before = int(time.time())
+        request.process()
+        after = int(time.time())
+        self.assertEqual(resource.rendered, [request])
+        self.assertIs(request.site, channel.site)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"server"), [server_version])
+        [date] = request.responseHeaders.getRawHeaders(b"date")
+        self.assertIn(date, {datetimeToString(t) for t in range(before, after + 1)})
+
+    def test_render_error(self) -> None:
+        """A resource that raises gives twisted.web's 500, and the error is logged."""
+
+        class Broken(_Recorder):
+            def render(self, request: Request) -> object:
+                raise ZeroDivisionError("boom")
+
+        channel = DummyChannel()
+        channel.site = Site(Broken())  # type: ignore[arg-type]
+        request = GatewayRequest(channel)
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        request.uri = request.path = b"/x"
+        request.process()
+        self.assertEqual(request.code, 500)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_date_once_a_second(self) -> None:
+        """The C{Date} value is formatted once per second and is right for each."""
+        self.assertEqual(_http_date(784111777), b"Sun, 06 Nov 1994 08:49:37 GMT")
+        self.assertIs(_http_date(784111777), _http_date(784111777))
+        self.assertEqual(_http_date(784111778), b"Sun, 06 Nov 1994 08:49:38 GMT")
