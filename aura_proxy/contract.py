@@ -13,12 +13,14 @@ from urllib.parse import unquote_to_bytes
 from twisted.web.http_headers import Headers
 
 from aura_proxy.config import CorsConfig, HeadersConfig
+from aura_proxy.header_store import canonical, store
 
 __all__ = [
     "HOP_BY_HOP",
     "HeaderContract",
     "Cors",
-    "end_to_end",
+    "copy_end_to_end",
+    "dropping",
     "TenantSources",
 ]
 
@@ -44,6 +46,17 @@ HOP_BY_HOP = frozenset(
 _RECOMPUTED_REQUEST = frozenset((b"host", b"content-length", b"expect"))
 
 
+def dropping(names: Iterable[bytes]) -> frozenset[bytes]:
+    """What L{copy_end_to_end} leaves out: the hop-by-hop headers and C{names} (lower-case)."""
+    return HOP_BY_HOP | frozenset(name.lower() for name in names)
+
+
+_REQUEST_DROP = dropping(_RECOMPUTED_REQUEST)
+_XFF = b"X-Forwarded-For"
+_XFP = b"X-Forwarded-Proto"
+_XFH = b"X-Forwarded-Host"
+
+
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", ()):
@@ -54,18 +67,21 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def end_to_end(headers: Headers, drop: Iterable[bytes] = ()) -> list[tuple[bytes, Sequence[bytes]]]:
+def copy_end_to_end(source: Headers, target: Headers, removed: frozenset[bytes]) -> None:
     """
-    The end-to-end headers of a message, in order, names lower-cased.
+    Copy the end-to-end headers of C{source} into C{target}, each replacing
+    any of the same name there, in order.
 
-    Removes hop-by-hop headers, headers named in C{Connection}, and C{drop}.
+    @param removed: lower-case names not copied, hop-by-hop ones included
+        (build it once with L{dropping}); headers named in C{source}'s
+        C{Connection} are not copied either.
     """
-    removed = HOP_BY_HOP | _connection_tokens(headers) | frozenset(drop)
-    return [
-        (name.lower(), values)
-        for name, values in headers.getAllRawHeaders()
-        if name.lower() not in removed
-    ]
+    if source.hasHeader(b"connection"):
+        removed = removed | _connection_tokens(source)
+    out = store(target)
+    for name, values in source.getAllRawHeaders():
+        if name.lower() not in removed:
+            out[name] = list(values)
 
 
 class HeaderContract:
@@ -78,6 +94,11 @@ class HeaderContract:
         self._public = config.public_paths
         self._defaults = tuple(
             (name.lower().encode("ascii"), value.encode("utf-8")) for name, value in config.defaults
+        )
+        # By stored name, with line breaks (an INI value may continue on the
+        # next line) folded as Headers.setRawHeaders would fold them.
+        self._stored_defaults = tuple(
+            (canonical(name), [b" ".join(value.splitlines())]) for name, value in self._defaults
         )
 
     def default_for(self, name: bytes) -> Optional[str]:
@@ -117,23 +138,20 @@ class HeaderContract:
         C{X-Forwarded-Proto} and C{X-Forwarded-Host} describe the client's hop.
         """
         out = Headers()
-        for name, values in end_to_end(incoming, _RECOMPUTED_REQUEST):
-            out.setRawHeaders(name, values)
-        for name, value in self._defaults:
-            if not out.hasHeader(name):
-                out.setRawHeaders(name, [value])
+        copy_end_to_end(incoming, out, _REQUEST_DROP)
+        raw = store(out)
+        for name, values in self._stored_defaults:
+            if name not in raw:
+                raw[name] = list(values)
         if client_ip is not None:
-            forwarded = incoming.getRawHeaders(b"x-forwarded-for")
+            forwarded = raw.get(_XFF)
             ip = client_ip.encode("ascii")
-            if forwarded:
-                out.setRawHeaders(b"x-forwarded-for", [b", ".join([*forwarded, ip])])
-            else:
-                out.setRawHeaders(b"x-forwarded-for", [ip])
-        out.setRawHeaders(b"x-forwarded-proto", [proto])
+            raw[_XFF] = [b", ".join([*forwarded, ip])] if forwarded else [ip]
+        raw[_XFP] = [proto]
         if host is not None:
-            out.setRawHeaders(b"x-forwarded-host", [host])
+            raw[_XFH] = [host]
         for name, value in extra:
-            out.setRawHeaders(name, [value])
+            raw[canonical(name)] = [value]
         return out
 
 

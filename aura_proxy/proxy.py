@@ -35,7 +35,8 @@ from zope.interface import implementer
 
 from aura_proxy import errors
 from aura_proxy.config import Config, RouteConfig
-from aura_proxy.contract import Cors, HeaderContract, TenantSources, end_to_end
+from aura_proxy.contract import Cors, HeaderContract, TenantSources, copy_end_to_end, dropping
+from aura_proxy.header_store import store
 from aura_proxy.errors import GatewayError
 from aura_proxy.relay import Relay, StreamTransform
 from aura_proxy.request_ids import new_request_id
@@ -56,17 +57,16 @@ log = Logger()
 
 # The gateway owns CORS: an upstream's own Access-Control-* headers would
 # contradict (or duplicate) the gateway's.
-_RESPONSE_DROP = frozenset(
-    (
-        b"access-control-allow-origin",
-        b"access-control-allow-credentials",
-        b"access-control-allow-methods",
-        b"access-control-allow-headers",
-        b"access-control-expose-headers",
-        b"access-control-max-age",
-    )
+_CORS_HEADERS = (
+    b"access-control-allow-origin",
+    b"access-control-allow-credentials",
+    b"access-control-allow-methods",
+    b"access-control-allow-headers",
+    b"access-control-expose-headers",
+    b"access-control-max-age",
 )
-_SSE_DROP = _RESPONSE_DROP | {b"content-length", b"cache-control"}
+_RESPONSE_DROP = dropping(_CORS_HEADERS)
+_SSE_DROP = dropping(_CORS_HEADERS + (b"content-length", b"cache-control"))
 
 
 class GatewayRequest(Request):
@@ -421,7 +421,7 @@ class Gateway:
             proto=b"https" if request.isSecure() else b"http",
             host=request.getHeader(b"host"),
             extra=() if request.requestHeaders.hasHeader(b"x-request-id")
-            else ((b"x-request-id", call.id.encode("ascii")),),
+            else ((b"X-Request-Id", call.id.encode("ascii")),),
         )
         content: IO[bytes] = request.content  # type: ignore[assignment]
         body = body_producer(content, call.request_size, request.method, self._client.cooperator)
@@ -472,15 +472,14 @@ class Gateway:
         if is_sse:
             self._open_sse(request, call, response)
         else:
-            out = request.responseHeaders
-            for name, values in end_to_end(response.headers, _RESPONSE_DROP):
-                out.setRawHeaders(name, values)
+            copy_end_to_end(response.headers, request.responseHeaders, _RESPONSE_DROP)
+            out = store(request.responseHeaders)
             if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
                 # The client parser keeps Content-Length to itself; pass it on
                 # so the client gets the same framing as from upstream.
-                out.setRawHeaders(b"content-length", [b"%d" % response.length])
+                out[b"Content-Length"] = [b"%d" % response.length]
             self._add_cors(request)
-            out.setRawHeaders(b"x-request-id", [call.id.encode("ascii")])
+            out[b"X-Request-Id"] = [call.id.encode("ascii")]
 
         transform: Optional[StreamTransform] = None
         stream_id: Optional[str] = None
@@ -536,8 +535,7 @@ class Gateway:
             request.setResponseCode(200)
             out.setRawHeaders(b"content-type", [b"text/event-stream"])
         else:
-            for name, values in end_to_end(response.headers, _SSE_DROP):
-                out.setRawHeaders(name, values)
+            copy_end_to_end(response.headers, out, _SSE_DROP)
         out.setRawHeaders(b"cache-control", [b"no-cache"])
         out.setRawHeaders(b"x-accel-buffering", [b"no"])
         if request.clientproto == b"HTTP/1.1":

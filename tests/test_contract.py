@@ -6,7 +6,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from aura_proxy.config import CorsConfig, HeadersConfig
-from aura_proxy.contract import Cors, HeaderContract, end_to_end
+from aura_proxy import header_store
+from aura_proxy.contract import Cors, HeaderContract, copy_end_to_end, dropping
 from aura_proxy.routes import PathPattern, split_path
 
 CONTRACT = HeaderContract(
@@ -101,13 +102,90 @@ class UpstreamHeaderTests(TestCase):
         self.assertEqual(out.getRawHeaders(b"x-forwarded-host"), [b"api.example.com"])
 
     def test_end_to_end_response(self) -> None:
-        """Response hop-by-hop headers are dropped with the extra names given."""
-        out = dict(end_to_end(
-            headers((b"Connection", b"close"), (b"Transfer-Encoding", b"chunked"),
-                    (b"Content-Type", b"text/plain"), (b"Access-Control-Allow-Origin", b"*")),
-            drop=(b"access-control-allow-origin",),
-        ))
-        self.assertEqual(out, {b"content-type": [b"text/plain"]})
+        """
+        Response hop-by-hop headers, headers named in Connection and the extra
+        names given are not copied; the rest replace the target's, in order.
+        """
+        target = headers((b"Content-Type", b"text/html"), (b"Server", b"gw"))
+        copy_end_to_end(
+            headers((b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"),
+                    (b"Transfer-Encoding", b"chunked"), (b"Content-Type", b"text/plain"),
+                    (b"Access-Control-Allow-Origin", b"*"), (b"X-A", b"1"), (b"X-A", b"2")),
+            target,
+            dropping((b"Access-Control-Allow-Origin",)),
+        )
+        self.assertEqual(list(target.getAllRawHeaders()), [
+            (b"Content-Type", [b"text/plain"]), (b"Server", [b"gw"]), (b"X-A", [b"1", b"2"]),
+        ])
+
+    def test_copies_are_separate(self) -> None:
+        """A header added to the copy is not added to the message it was copied from."""
+        source = headers((b"Vary", b"Accept"))
+        target = Headers()
+        copy_end_to_end(source, target, dropping(()))
+        target.addRawHeader(b"vary", b"Origin")
+        self.assertEqual(source.getRawHeaders(b"vary"), [b"Accept"])
+        self.assertEqual(target.getRawHeaders(b"vary"), [b"Accept", b"Origin"])
+
+    def test_default_on_two_lines(self) -> None:
+        """A default value continued on a second INI line goes upstream on one line."""
+        contract = HeaderContract(HeadersConfig(defaults=(("X-DWP-Source", "A\nB"),)))
+        out = contract.upstream_headers(Headers(), None, b"http", None)
+        self.assertEqual(out.getRawHeaders(b"x-dwp-source"), [b"A B"])
+
+    def test_extra_any_case(self) -> None:
+        """Extra headers are stored under their canonical name, whatever case they are given in."""
+        out = CONTRACT.upstream_headers(
+            Headers(), None, b"http", None, extra=((b"x-request-id", b"r1"),))
+        self.assertEqual(list(out.getAllRawHeaders())[-1], (b"X-Request-Id", [b"r1"]))
+
+
+class UpstreamHeaderPublicStoreTests(UpstreamHeaderTests):
+    """
+    The same, where L{header_store} cannot use the L{Headers}' own dict (a
+    Twisted that lays headers out differently): same headers, public methods.
+    """
+
+    def setUp(self) -> None:
+        self.patch(header_store, "DIRECT", False)
+
+
+class HeaderStoreTests(TestCase):
+    """L{header_store}: reading and writing a L{Headers}' values by canonical name."""
+
+    def test_direct_on_this_twisted(self) -> None:
+        """The Twisted this project installs lays headers out as the store expects."""
+        self.assertTrue(header_store.DIRECT)
+
+    def test_canonical(self) -> None:
+        """Names are stored the way twisted.web stores them."""
+        self.assertEqual(header_store.canonical(b"x-request-id"), b"X-Request-Id")
+        self.assertEqual(header_store.canonical(b"etag"), b"ETag")
+
+    def check_store(self) -> None:
+        h = headers((b"X-A", b"1"))
+        raw = header_store.store(h)
+        self.assertIn(b"X-A", raw)
+        self.assertNotIn(b"X-B", raw)
+        self.assertEqual(list(raw[b"X-A"]), [b"1"])
+        raw[b"X-B"] = [b"2", b"3"]
+        self.assertEqual(h.getRawHeaders(b"x-b"), [b"2", b"3"])
+        self.assertEqual(sorted(raw), [b"X-A", b"X-B"])
+        self.assertEqual(len(raw), 2)
+        del raw[b"X-A"]
+        self.assertFalse(h.hasHeader(b"x-a"))
+        self.assertIsNone(raw.get(b"X-A"))
+        self.assertRaises(KeyError, raw.__getitem__, b"X-A")
+        self.assertRaises(KeyError, raw.__delitem__, b"X-A")
+
+    def test_direct_store(self) -> None:
+        """The direct store reads and writes what the Headers' methods see."""
+        self.check_store()
+
+    def test_public_store(self) -> None:
+        """The fallback store does the same through the public methods."""
+        self.patch(header_store, "DIRECT", False)
+        self.check_store()
 
 
 class CorsTests(TestCase):
