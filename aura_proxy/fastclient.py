@@ -450,7 +450,7 @@ class _Connection:
     __slots__ = (
         "transport", "connected", "_agent", "_key", "_mode", "_buf", "_left", "_deliver",
         "_response", "_request", "_writer", "_keep_alive", "_reused", "_got_bytes",
-        "_user_paused", "_await_delivery", "_paused", "_idle_call", "_closed",
+        "_user_paused", "_await_delivery", "_paused", "_idle_call", "_idle_since", "_closed",
     )
 
     def __init__(self, agent: "FastAgent", key: _Key) -> None:
@@ -474,6 +474,7 @@ class _Connection:
         # body's consumer is not there yet or has paused it.
         self._paused = False
         self._idle_call: Optional[IDelayedCall] = None
+        self._idle_since = 0.0
         self._closed: Optional[Deferred[None]] = None
 
     # -- IProtocol --------------------------------------------------------
@@ -931,9 +932,16 @@ class _Connection:
 
     def _idle_expired(self) -> None:
         self._idle_call = None
-        if self._mode == _M_IDLE:
-            self._agent._forget(self)
-            self._close()
+        if self._mode != _M_IDLE:
+            return  # in use: the next release arms the timer again
+        agent = self._agent
+        left = self._idle_since + agent.idle_timeout - agent._clock.seconds()
+        if left > 0:
+            # Taken and released again since the timer was armed.
+            self._idle_call = agent._clock.callLater(left, self._idle_expired)
+            return
+        agent._forget(self)
+        self._close()
 
     def _cancel_idle(self) -> None:
         call, self._idle_call = self._idle_call, None
@@ -1087,7 +1095,9 @@ class FastAgent:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            connection._cancel_idle()
+            # Its idle timer stays armed: when it fires, it finds the
+            # connection in use, or idle since a later release, and does
+            # nothing or waits for the rest (no timer per request).
             if connection._mode == _M_IDLE and connection.connected:
                 if not idle:
                     del self._idle[key]
@@ -1104,7 +1114,9 @@ class FastAgent:
         elif len(idle) >= self.max_idle_per_host:
             connection._close()
             return
-        connection._idle_call = self._clock.callLater(self.idle_timeout, connection._idle_expired)
+        connection._idle_since = self._clock.seconds()
+        if connection._idle_call is None:
+            connection._idle_call = self._clock.callLater(self.idle_timeout, connection._idle_expired)
         idle.append(connection)
 
     def _forget(self, connection: _Connection) -> None:

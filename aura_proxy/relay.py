@@ -212,11 +212,11 @@ class Relay(_RelayCore, Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         self._cancel_timers()
-        self.upstream_complete = not self._stopped and bool(
-            reason.check(ResponseDone, PotentialDataLoss)
-        )
+        # isinstance, not Failure.check: check() formats every class name it compares.
+        ended_cleanly = isinstance(reason.value, (ResponseDone, PotentialDataLoss))
+        self.upstream_complete = not self._stopped and ended_cleanly
         if self._reason is None:
-            if reason.check(ResponseDone, PotentialDataLoss):
+            if ended_cleanly:
                 self._reason = "completed"
             else:
                 self._reason = "upstream_error"

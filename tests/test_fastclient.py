@@ -715,6 +715,38 @@ class PoolTests(SynchronousTestCase):
         h.request()
         self.assertEqual(len(h.reactor.tcpClients), 2)
 
+    def test_idle_timeout_counts_from_last_release(self) -> None:
+        """
+        A connection reused and released again is closed idle_timeout after
+        its last release, not its first; one timer serves all its requests,
+        and a connection busy when the timer fires stays open.
+        """
+        h = Harness(idle_timeout=4.0)
+        r = Results(h.request())
+        p, t = h.connect()
+        self.complete(p, r, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        h.reactor.advance(3.0)
+        r = Results(h.request())
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        h.reactor.advance(1.5)  # the first timer fires while the connection is busy
+        self.assertFalse(t.disconnecting)
+        self.complete(p, r, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(len(h.reactor.getDelayedCalls()), 1)
+        scheduled: list[float] = []
+        call_later = h.reactor.callLater
+        h.reactor.callLater = lambda delay, *a, **kw: (  # type: ignore[method-assign]
+            scheduled.append(delay) or call_later(delay, *a, **kw))
+        for _ in range(3):  # three quick requests on the same connection: no new timers
+            r = Results(h.request())
+            self.complete(p, r, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(scheduled, [])
+        self.assertEqual(len(h.reactor.getDelayedCalls()), 1)
+        h.reactor.advance(3.9)
+        self.assertFalse(t.disconnecting)
+        h.reactor.advance(0.2)
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(h.agent.idle_connections(), 0)
+
     def test_idle_closed_by_server(self) -> None:
         """An idle connection the server closes leaves the pool."""
         h = Harness()
