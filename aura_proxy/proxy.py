@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, Optional
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
@@ -36,6 +36,7 @@ from zope.interface import implementer
 from aura_proxy import errors
 from aura_proxy.config import Config, RouteConfig
 from aura_proxy.contract import Cors, HeaderContract, TenantSources, copy_end_to_end, dropping
+from aura_proxy.deadlines import Deadlines
 from aura_proxy.header_store import store
 from aura_proxy.errors import GatewayError
 from aura_proxy.relay import Relay, StreamTransform
@@ -314,6 +315,7 @@ class Gateway:
         self._detach = config.sse.resume_ttl if config.sse.on_client_disconnect == "detach" else 0.0
         g = config.gateway
         self._response_timeout = g.response_timeout
+        self._response_deadlines = Deadlines(reactor, g.response_timeout)
         self._connect_timeout = g.connect_timeout
         self._idle_timeout = g.idle_timeout
         self._heartbeat = g.heartbeat_interval
@@ -427,28 +429,26 @@ class Gateway:
         body = body_producer(content, call.request_size, request.method, self._client.cooperator)
 
         finished: Deferred[None] = Deferred(lambda d: self._cancel(call))
-        timeout: list[Optional[IDelayedCall]] = [None]
-        timed_out = [False]
+        timed_out = False
 
         def expire() -> None:
-            timed_out[0] = True
+            nonlocal timed_out
+            timed_out = True
             assert call.upstream_call is not None
             call.upstream_call.cancel()
 
         call.upstream_call = self._client.request(request.method, url, outgoing, body)
-        timeout[0] = self._clock.callLater(self._response_timeout, expire)
+        timeout = self._response_deadlines.add(expire)
 
         def got_response(response: IResponse) -> None:
-            if timeout[0] is not None and timeout[0].active():
-                timeout[0].cancel()
+            self._response_deadlines.discard(timeout)
             self._relay(request, call, route, response, finished)
 
         def got_error(failure: Failure) -> None:
-            if timeout[0] is not None and timeout[0].active():
-                timeout[0].cancel()
+            self._response_deadlines.discard(timeout)
             if finished.called:
                 return
-            error = None if call.client_gone else self._upstream_error(route, failure, timed_out[0])
+            error = None if call.client_gone else self._upstream_error(route, failure, timed_out)
             if error is None:  # the client went away first
                 self._record(request, call, 499)
                 finished.callback(None)
