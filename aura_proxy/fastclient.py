@@ -253,7 +253,7 @@ class _Response:
 
     __slots__ = (
         "version", "code", "phrase", "headers", "length", "request", "previousResponse",
-        "_transport", "_pending", "_reason", "_protocol", "_delivered",
+        "_transport", "_pending", "_reason", "_protocol", "_delivered", "complete_body",
     )
 
     def __init__(
@@ -277,6 +277,9 @@ class _Response:
         self._reason: Optional[Failure] = None
         self._protocol: Optional[IProtocol] = None
         self._delivered = False
+        #: The whole body, when it arrived in the same read as the head (not
+        #: part of IResponse: a caller may skip deliverBody's machinery).
+        self.complete_body: Optional[bytes] = None
 
     def setPreviousResponse(self, response: IResponse) -> None:
         """Redirects are not followed: nothing to remember."""
@@ -830,6 +833,17 @@ class _Connection:
             # No body: the connection is free again now.
             response._reason = Failure(ResponseDone("Response body fully received"))
             self._request_done(bool(rest))
+            d.callback(response)
+            return
+        size: int = length if mode == _M_LENGTH else -1  # type: ignore[assignment]
+        if 0 < size <= len(rest):
+            # The whole body came with the head (most small responses): the
+            # connection is free again before anyone asks for the body.
+            body = rest[:size] if len(rest) > size else rest
+            response.complete_body = body
+            response._pending.append(body)
+            response._reason = Failure(ResponseDone("Response body fully received"))
+            self._request_done(len(rest) > size)
             d.callback(response)
             return
         self._mode = mode

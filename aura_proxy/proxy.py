@@ -480,6 +480,16 @@ class Gateway:
                 out[b"Content-Length"] = [b"%d" % response.length]
             self._add_cors(request)
             out[b"X-Request-Id"] = [call.id.encode("ascii")]
+            body: Optional[bytes] = getattr(response, "complete_body", None)
+            if body is not None:
+                # The whole body came with the head (FastAgent, a small
+                # response): nothing to relay, time or pace.
+                request.write(body)
+                if not getattr(request, "_disconnected", False):
+                    request.finish()
+                self._record(request, call, response.code, response_size=len(body))
+                finished.callback(None)
+                return
 
         transform: Optional[StreamTransform] = None
         stream_id: Optional[str] = None

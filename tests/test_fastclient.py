@@ -636,6 +636,48 @@ class PoolTests(SynchronousTestCase):
         r.result.deliverBody(body)
         return body
 
+    def test_whole_body_with_head(self) -> None:
+        """
+        A body that arrives in the same read as the head is on the response
+        (complete_body) when the Deferred fires, the connection is back in the
+        pool by then, and deliverBody still gives the body and a clean end.
+        """
+        h = Harness()
+        seen: list[tuple[Optional[bytes], int]] = []
+        d = h.request()
+        d.addCallback(lambda response: seen.append(
+            (response.complete_body, h.agent.idle_connections())) or response)
+        r = Results(d)
+        p, t = h.connect()
+        body = self.complete(p, r, b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}")
+        self.assertEqual(seen, [(b'{"a":1}', 1)])
+        self.assertEqual(body.calls, [b'{"a":1}'])
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertFalse(t.disconnecting)
+
+    def test_body_after_head(self) -> None:
+        """A body still to come when the head is read is not a complete_body."""
+        h = Harness()
+        r = Results(h.request())
+        p, t = h.connect()
+        body = self.complete(p, r, b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\"")
+        self.assertIsNone(r.result.complete_body)
+        p.dataReceived(b":1}")
+        self.assertEqual(body.body, b'{"a":1}')
+        self.assertEqual(h.agent.idle_connections(), 1)
+
+    def test_whole_body_and_more(self) -> None:
+        """Bytes after a complete body (the server is out of step) close the connection."""
+        h = Harness()
+        r = Results(h.request())
+        p, t = h.connect()
+        body = self.complete(p, r, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokXX")
+        self.assertEqual(r.result.complete_body, b"ok")
+        self.assertEqual(body.body, b"ok")
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(h.agent.idle_connections(), 0)
+
     def test_reuse_after_complete_body(self) -> None:
         """A connection is reused once its chunked body was fully read."""
         h = Harness()

@@ -15,7 +15,10 @@ from typing import Any, Optional
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -23,7 +26,9 @@ from twisted.web.test.requesthelper import DummyChannel
 from treq.testing import RequestTraversalAgent, StubTreq
 from zope.interface import implementer
 
+from aura_proxy import proxy
 from aura_proxy.config import parse_config
+from aura_proxy.fastclient import _Response
 from aura_proxy.history.record import CallRecord
 from aura_proxy.proxy import Gateway
 from aura_proxy.upstream import UpstreamClient
@@ -255,6 +260,38 @@ class ForwardTests(TestCase):
         self.assertEqual(headers["host"], "aura.internal:9000")
         self.assertEqual(headers["x-forwarded-host"], "gw.example")
         self.assertEqual(headers["content-length"], "16")
+
+    def test_whole_body_with_head(self) -> None:
+        """
+        A response whose whole body came with its head (FastAgent's
+        complete_body) is answered at once, without a relay: same status,
+        headers, body and history row as a relayed one.
+        """
+        def no_relay(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a complete body needs no relay")
+
+        self.patch(proxy, "Relay", no_relay)
+        h = Harness(ControlledAgent())
+        d = h.client.get("http://gw.example/api/aura/x", headers={
+            "X-Tenant-ID": "t1", "Origin": "http://localhost:3000"})
+        h.flush()
+        upstream = _Response((b"HTTP", 1, 1), 201, b"Created", Headers({
+            b"content-type": [b"application/json"], b"x-up": [b"1"],
+            b"access-control-allow-origin": [b"*"]}), 7, None)
+        upstream.complete_body = b'{"a":1}'
+        upstream._pending.append(upstream.complete_body)
+        upstream._reason = Failure(ResponseDone())
+        h.agent.requests[0][2].callback(upstream)
+        response = h.successResultOf(d)
+        self.assertEqual(response.code, 201)
+        self.assertEqual(h.successResultOf(h.client.content(response)), b'{"a":1}')
+        got = response.headers
+        self.assertEqual(got.getRawHeaders("x-up"), ["1"])
+        self.assertEqual(got.getRawHeaders("access-control-allow-origin"), ["http://localhost:3000"])
+        [row] = h.history.records
+        self.assertEqual((row.status_code, row.response_size_bytes, row.is_stream), (201, 7, False))
+        self.assertEqual(got.getRawHeaders("x-request-id"), [row.id])
+        self.assertEqual(h.gateway.active_streams(), 0)
 
     def test_strip_prefix_and_base_path(self) -> None:
         """strip_prefix drops leading segments; the upstream's base path goes in front."""
