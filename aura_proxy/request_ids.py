@@ -11,21 +11,29 @@ of 1000, every index of the shipped schema); PostgreSQL's B-trees gain the
 same way.
 
 The first 48 bits are the Unix time in milliseconds, so an id tells when its
-call started; the other 74 are random (C{os.urandom}), so ids from
-different processes and hosts do not collide.
+call started; 74 of the other bits are random, so ids from different
+processes and hosts do not collide.  They come from the C{random} module's
+generator, seeded from C{os.urandom} (and seeded anew in a forked child):
+a request id is a name, not a secret, and an C{os.urandom} per request was a
+system call per request.
 """
 
 from __future__ import annotations
 
-from os import urandom
+from random import getrandbits
 from time import time_ns
 
 __all__ = ["new_request_id"]
 
+_RAND_B = (1 << 62) - 1
+# Version 7 in bits 76-79, variant 0b10 in bits 62-63.
+_VERSION_VARIANT = 0x7 << 76 | 0b10 << 62
+
 
 def new_request_id() -> str:
     """A new version 7 UUID in its canonical text form."""
-    h = ((time_ns() // 1_000_000).to_bytes(6, "big") + urandom(10)).hex()
-    # Version nibble 7; variant bits 10 (the first hex digit of the fourth
-    # group is one of 8, 9, a, b).
-    return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    rand = getrandbits(74)
+    h = "%032x" % (
+        (time_ns() // 1_000_000) << 80 | _VERSION_VARIANT | (rand >> 62) << 64 | rand & _RAND_B
+    )
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

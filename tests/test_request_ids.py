@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -41,3 +42,27 @@ class RequestIdTests(SynchronousTestCase):
         self.patch(request_ids, "time_ns", lambda: 1_700_000_000_000_000_000)
         ids = {new_request_id() for _ in range(20_000)}
         self.assertEqual(len(ids), 20_000)
+
+    def test_random_bits_placed(self) -> None:
+        """The 74 random bits fill every bit but the time, version and variant ones."""
+        self.patch(request_ids, "time_ns", lambda: 0)
+        self.patch(request_ids, "getrandbits", lambda n: (1 << n) - 1)
+        ones = uuid.UUID(new_request_id()).int
+        self.patch(request_ids, "getrandbits", lambda n: 0)
+        zeros = uuid.UUID(new_request_id()).int
+        self.assertEqual(ones ^ zeros, (1 << 76) - 1 & ~(0xF << 76) & ~(0b11 << 62) | 0xFFF << 64)
+        self.assertEqual(bin(ones ^ zeros).count("1"), 74)
+
+    def test_forked_child_differs(self) -> None:
+        """A forked worker does not repeat its parent's random bits."""
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.write(write, new_request_id().encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        child = os.read(read, 100).decode()
+        os.close(read)
+        self.patch(request_ids, "time_ns", lambda: 0)
+        self.assertNotEqual(child[15:], new_request_id()[15:])
