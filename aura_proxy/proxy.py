@@ -78,6 +78,9 @@ class GatewayRequest(Request):
 
     too_large = False
     body_length = 0
+    #: What L{GatewayResource} serves this request with: cancelled if the
+    #: connection is lost before the response is finished.
+    serving: "Optional[Deferred[None]]" = None
 
     def _limit(self) -> int:
         return getattr(getattr(self.channel, "site", None), "max_request_body", 0) or 0
@@ -106,6 +109,16 @@ class GatewayRequest(Request):
         if self.too_large:
             return
         Request.requestReceived(self, command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        Request.connectionLost(self, reason)
+        serving, self.serving = self.serving, None
+        if serving is not None:
+            serving.cancel()
+
+    def finish(self) -> None:
+        self.serving = None
+        Request.finish(self)
 
     def process(self) -> None:
         """
@@ -227,7 +240,12 @@ class GatewayResource:
             _failed(Failure(), request)
             return NOT_DONE_YET
         # The client went away: stop the upstream request or the relay.
-        request.notifyFinish().addErrback(_cancel, served)
+        if isinstance(request, GatewayRequest):
+            # No notifyFinish Deferred to make and fire for every request.
+            if not served.called:
+                request.serving = served
+        else:
+            request.notifyFinish().addErrback(_cancel, served)
         served.addCallbacks(_served, _failed, callbackArgs=(request,), errbackArgs=(request,))
         return NOT_DONE_YET
 
@@ -237,11 +255,15 @@ def _cancel(reason: Failure, served: "Deferred[None]") -> None:
 
 
 def _served(result: None, request: Request) -> None:
+    if isinstance(request, GatewayRequest):
+        request.serving = None
     if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
         request.finish()
 
 
 def _failed(failure: Failure, request: Request) -> None:
+    if isinstance(request, GatewayRequest):
+        request.serving = None
     if failure.check(CancelledError):
         return
     log.failure("unhandled error serving {path}", failure, path=_text(request.uri or b""))

@@ -45,10 +45,10 @@ class _Gateway:
         return self.answer
 
 
-def _request() -> tuple[Request, _Transport]:
+def _request(factory: type[Request] = Request) -> tuple[Request, _Transport]:
     channel = DummyChannel()
     transport = channel.transport = _Transport()
-    request = Request(channel)
+    request = factory(channel)
     request.method, request.clientproto = b"GET", b"HTTP/1.1"
     request.uri = request.path = b"/api/aura/x"
     return request, transport
@@ -60,11 +60,13 @@ def _response(transport: _Transport) -> tuple[bytes, bytes]:
 
 
 class GatewayResourceTests(SynchronousTestCase):
-    """L{GatewayResource.render}."""
+    """L{GatewayResource.render}, with any twisted.web request."""
+
+    request_factory: type[Request] = Request
 
     def render(self, answer: Union["Deferred[None]", Exception]) -> tuple[Request, _Transport, _Gateway]:
         gateway = _Gateway(answer)
-        request, transport = _request()
+        request, transport = _request(self.request_factory)
         result = GatewayResource(gateway).render(request)  # type: ignore[arg-type]
         self.assertIs(result, NOT_DONE_YET)
         self.assertEqual(gateway.handled, [request])
@@ -144,6 +146,28 @@ class GatewayResourceTests(SynchronousTestCase):
         self.assertTrue(transport.aborted)
         self.assertNotIn(b"500", _response(transport)[0])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class GatewayRequestResourceTests(GatewayResourceTests):
+    """
+    The same with the gateway's own requests, which cancel what serves them
+    without a notifyFinish Deferred.
+    """
+
+    request_factory = GatewayRequest
+
+    def test_no_finish_notification(self) -> None:
+        """A gateway request is served without a notifyFinish Deferred."""
+        request, _, _ = self.render(Deferred())
+        self.assertEqual(request.notifications, [])  # type: ignore[attr-defined]
+
+    def test_served_forgotten(self) -> None:
+        """Once the response is finished, the request no longer holds what served it."""
+        served: Deferred[None] = Deferred()
+        request, _, _ = self.render(served)
+        self.assertIs(request.serving, served)  # type: ignore[attr-defined]
+        served.callback(None)
+        self.assertIsNone(request.serving)  # type: ignore[attr-defined]
 
 
 class _Recorder:
