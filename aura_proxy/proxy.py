@@ -28,7 +28,12 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import IResource
-from twisted.web.http import datetimeToString
+from twisted.web.http import HTTPChannel, datetimeToString
+
+try:
+    from twisted.web.http import _GenericHTTPChannelProtocol
+except ImportError:  # a Twisted that arranges its channels differently: its own
+    _GenericHTTPChannelProtocol = None  # type: ignore[assignment,misc]
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import version as server_version
 from zope.interface import implementer
@@ -52,7 +57,7 @@ from aura_proxy.history.record import CallRecord
 if TYPE_CHECKING:
     from aura_proxy.history import HistoryService
 
-__all__ = ["Gateway", "GatewayRequest", "GatewayResource", "GatewaySite"]
+__all__ = ["Gateway", "GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite"]
 
 log = Logger()
 
@@ -178,10 +183,38 @@ def _http_date(now: int) -> bytes:
     return cache[1]  # type: ignore[no-any-return]
 
 
+class GatewayChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel that sends a response head as one piece.
+
+    twisted.web's C{writeHeaders} hands the transport a list of four pieces
+    per header, each of them checked on its own.
+    """
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))  # type: ignore[union-attr]
+
+
+def _gateway_protocol(site: Site) -> Any:
+    # twisted.web's default wraps a new channel in the protocol that can
+    # switch to HTTP/2 after TLS negotiation; the same, with GatewayChannel.
+    return _GenericHTTPChannelProtocol(GatewayChannel())
+
+
 class GatewaySite(Site):
     """The client-facing site: L{GatewayRequest}s, the body limit, the gateway."""
 
     requestFactory = GatewayRequest
+    if _GenericHTTPChannelProtocol is not None:
+        protocol = _gateway_protocol  # type: ignore[assignment]
 
     def __init__(self, gateway: "Gateway", **kwargs: Any) -> None:
         Site.__init__(self, gateway.resource(), **kwargs)

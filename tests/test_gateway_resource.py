@@ -13,12 +13,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.http import datetimeToString
+from twisted.internet.testing import StringTransport
+from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import version as server_version
 from twisted.web.test.requesthelper import DummyChannel
 
-from aura_proxy.proxy import GatewayRequest, GatewayResource, _http_date
+from aura_proxy.proxy import GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date
 
 
 class _Transport(DummyChannel.TCP):
@@ -227,3 +229,46 @@ class ProcessTests(SynchronousTestCase):
         self.assertEqual(_http_date(784111777), b"Sun, 06 Nov 1994 08:49:37 GMT")
         self.assertIs(_http_date(784111777), _http_date(784111777))
         self.assertEqual(_http_date(784111778), b"Sun, 06 Nov 1994 08:49:38 GMT")
+
+
+class ChannelTests(SynchronousTestCase):
+    """L{GatewayChannel}: the client-facing site's HTTP/1.1 channel."""
+
+    def test_site_builds_it(self) -> None:
+        """Connections to a L{GatewaySite} get a L{GatewayChannel}, inside twisted.web's wrapper."""
+        site = GatewaySite.__new__(GatewaySite)
+        Site.__init__(site, _Recorder())  # type: ignore[arg-type]
+        protocol = site.buildProtocol(None)
+        self.assertIsInstance(protocol._channel, GatewayChannel)
+        self.assertIs(protocol._channel.site, site)
+        self.assertIs(protocol._channel.requestFactory, site.requestFactory)
+
+    def test_head_in_one_write(self) -> None:
+        """A response head is the same bytes as twisted.web's, handed over in one write."""
+        headers = Headers()
+        headers.addRawHeader(b"Content-Type", b"application/json")
+        headers.addRawHeader(b"Set-Cookie", b"a=1")
+        headers.addRawHeader(b"Set-Cookie", b"b=2")
+        stock = StringTransport()
+        stock_channel = HTTPChannel()
+        stock_channel.makeConnection(stock)
+        stock_channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        ours = StringTransport()
+        writes: list[bytes] = []
+        ours.write = writes.append  # type: ignore[method-assign]
+        channel = GatewayChannel()
+        channel.makeConnection(ours)
+        channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        self.assertEqual(writes, [stock.value()])
+        self.assertTrue(writes[0].endswith(b"Set-Cookie: b=2\r\n\r\n"))
+        for channel in (stock_channel, channel):
+            channel.connectionLost(Failure(ConnectionDone()))
+
+    def test_pairs_sanitized(self) -> None:
+        """Headers given as pairs (twisted.web's older form) go through twisted.web's own writer."""
+        ours = StringTransport()
+        channel = GatewayChannel()
+        channel.makeConnection(ours)
+        channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(b"X-A", b"1\r\nX-Evil: 1")])
+        self.assertIn(b"X-A: 1 X-Evil: 1\r\n", ours.value())
+        channel.connectionLost(Failure(ConnectionDone()))
