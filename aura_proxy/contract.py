@@ -52,6 +52,7 @@ def dropping(names: Iterable[bytes]) -> frozenset[bytes]:
 
 
 _REQUEST_DROP = dropping(_RECOMPUTED_REQUEST)
+_CONNECTION = canonical(b"connection")
 _XFF = b"X-Forwarded-For"
 _XFP = b"X-Forwarded-Proto"
 _XFH = b"X-Forwarded-Host"
@@ -76,7 +77,7 @@ def copy_end_to_end(source: Headers, target: Headers, removed: frozenset[bytes])
         (build it once with L{dropping}); headers named in C{source}'s
         C{Connection} are not copied either.
     """
-    if source.hasHeader(b"connection"):
+    if _CONNECTION in store(source):
         removed = removed | _connection_tokens(source)
     out = store(target)
     for name, values in source.getAllRawHeaders():
@@ -90,7 +91,8 @@ class HeaderContract:
     """
 
     def __init__(self, config: HeadersConfig) -> None:
-        self._required = tuple((name, name.lower().encode("ascii")) for name in config.required)
+        self._required = tuple(
+            (name, canonical(name.lower().encode("ascii"))) for name in config.required)
         self._public = config.public_paths
         self._defaults = tuple(
             (name.lower().encode("ascii"), value.encode("utf-8")) for name, value in config.defaults
@@ -116,8 +118,9 @@ class HeaderContract:
         """The first required header that is missing or blank, or None."""
         if not self._required or self.is_public(segments):
             return None
-        for name, raw in self._required:
-            values = headers.getRawHeaders(raw)
+        present = store(headers)
+        for name, stored in self._required:
+            values = present.get(stored)
             if not values or not any(v.strip() for v in values):
                 return name
         return None

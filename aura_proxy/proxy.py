@@ -42,7 +42,7 @@ from aura_proxy import errors
 from aura_proxy.config import Config, RouteConfig
 from aura_proxy.contract import Cors, HeaderContract, TenantSources, copy_end_to_end, dropping
 from aura_proxy.deadlines import Deadlines
-from aura_proxy.header_store import store
+from aura_proxy.header_store import canonical, store
 from aura_proxy.errors import GatewayError
 from aura_proxy.relay import Relay, StreamTransform
 from aura_proxy.request_ids import new_request_id
@@ -73,6 +73,13 @@ _CORS_HEADERS = (
 )
 _RESPONSE_DROP = dropping(_CORS_HEADERS)
 _SSE_DROP = dropping(_CORS_HEADERS + (b"content-length", b"cache-control"))
+# Names as Headers stores them (header_store).
+_LAST_EVENT_ID = canonical(b"last-event-id")
+_HOST = canonical(b"host")
+_REQUEST_ID = canonical(b"x-request-id")
+_CONTENT_TYPE = canonical(b"content-type")
+_CONTENT_LENGTH = canonical(b"content-length")
+_ORIGIN = canonical(b"origin")
 
 
 class GatewayRequest(Request):
@@ -414,7 +421,7 @@ class Gateway:
         if missing is not None:
             return self._fail(request, call, errors.missing_header(missing))
 
-        last_id = headers.getRawHeaders(b"last-event-id")
+        last_id = store(headers).get(_LAST_EVENT_ID)
         if last_id and self._inject_ids:
             resumed = parse_gateway_id(_text(last_id[0]))
             if resumed is not None:
@@ -476,9 +483,9 @@ class Gateway:
             request.requestHeaders,
             client_ip=call.client_ip,
             proto=b"https" if request.isSecure() else b"http",
-            host=request.getHeader(b"host"),
-            extra=() if request.requestHeaders.hasHeader(b"x-request-id")
-            else ((b"X-Request-Id", call.id.encode("ascii")),),
+            host=(store(request.requestHeaders).get(_HOST) or (None,))[-1],
+            extra=() if _REQUEST_ID in store(request.requestHeaders)
+            else ((_REQUEST_ID, call.id.encode("ascii")),),
         )
         content: IO[bytes] = request.content  # type: ignore[assignment]
         body = body_producer(content, call.request_size, request.method, self._client.cooperator)
@@ -521,7 +528,7 @@ class Gateway:
         response: IResponse,
         finished: "Deferred[None]",
     ) -> None:
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        content_type = (store(response.headers).get(_CONTENT_TYPE) or (b"",))[0]
         is_sse = content_type.lower().startswith(b"text/event-stream")
         request.setResponseCode(response.code, response.phrase)
         if is_sse:
@@ -532,9 +539,9 @@ class Gateway:
             if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
                 # The client parser keeps Content-Length to itself; pass it on
                 # so the client gets the same framing as from upstream.
-                out[b"Content-Length"] = [b"%d" % response.length]
+                out[_CONTENT_LENGTH] = [b"%d" % response.length]
             self._add_cors(request)
-            out[b"X-Request-Id"] = [call.id.encode("ascii")]
+            out[_REQUEST_ID] = [call.id.encode("ascii")]
             body: Optional[bytes] = getattr(response, "complete_body", None)
             if body is not None:
                 # The whole body came with the head (FastAgent, a small
@@ -686,7 +693,7 @@ class Gateway:
         self._record(request, call, error.status, response_size=len(error.body()))
 
     def _add_cors(self, request: Request) -> None:
-        origin = request.getHeader(b"origin")
+        origin = (store(request.requestHeaders).get(_ORIGIN) or (None,))[-1]
         for name, value in self._cors.response_headers(origin):
             request.responseHeaders.addRawHeader(name, value)
 
