@@ -196,7 +196,12 @@ class GatewayChannel(HTTPChannel):
 
     twisted.web's C{writeHeaders} hands the transport a list of four pieces
     per header, each of them checked on its own.
+
+    @ivar secure: whether the connection is TLS, once a request asked
+        (twisted.web adapts the transport to find out, for every request).
     """
+
+    secure: Optional[bool] = None
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):
@@ -482,7 +487,7 @@ class Gateway:
         outgoing = self._contract.upstream_headers(
             request.requestHeaders,
             client_ip=call.client_ip,
-            proto=b"https" if request.isSecure() else b"http",
+            proto=b"https" if _is_secure(request) else b"http",
             host=(store(request.requestHeaders).get(_HOST) or (None,))[-1],
             extra=() if _REQUEST_ID in store(request.requestHeaders)
             else ((_REQUEST_ID, call.id.encode("ascii")),),
@@ -809,6 +814,16 @@ class _Counted:
     @property
     def count(self) -> int:
         return self._rewriter.seq
+
+
+def _is_secure(request: Request) -> bool:
+    channel = request.channel
+    if type(channel) is not GatewayChannel:
+        return request.isSecure()  # type: ignore[no-any-return]
+    secure = channel.secure
+    if secure is None:
+        secure = channel.secure = request.isSecure()
+    return secure
 
 
 def _owner(request: Request) -> str:

@@ -20,7 +20,9 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import version as server_version
 from twisted.web.test.requesthelper import DummyChannel
 
-from aura_proxy.proxy import GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date
+from aura_proxy.proxy import (
+    GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date, _is_secure,
+)
 
 
 class _Transport(DummyChannel.TCP):
@@ -272,3 +274,24 @@ class ChannelTests(SynchronousTestCase):
         channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(b"X-A", b"1\r\nX-Evil: 1")])
         self.assertIn(b"X-A: 1 X-Evil: 1\r\n", ours.value())
         channel.connectionLost(Failure(ConnectionDone()))
+
+    def test_secure_asked_once(self) -> None:
+        """Whether a connection is TLS is found out once per connection, and right."""
+        for transport, secure in ((StringTransport(), False), (DummyChannel.SSL(), True)):
+            channel = GatewayChannel()
+            channel.site = Site(_Recorder())  # type: ignore[arg-type]
+            channel.makeConnection(transport)
+            first = Request(channel)
+            self.assertIs(_is_secure(first), secure)
+            self.assertIs(channel.secure, secure)
+            second = Request(channel)
+            second.isSecure = lambda: not secure  # type: ignore[method-assign]
+            self.assertIs(_is_secure(second), secure)
+            channel.connectionLost(Failure(ConnectionDone()))
+
+    def test_secure_other_channels(self) -> None:
+        """Requests on other channels ask twisted.web every time."""
+        request = Request(DummyChannel())
+        self.assertFalse(_is_secure(request))
+        request.isSecure = lambda: True  # type: ignore[method-assign]
+        self.assertTrue(_is_secure(request))
