@@ -38,6 +38,7 @@ No pipelining, no proxies, no HTTP/2.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from errno import EWOULDBLOCK
 from typing import Any, Callable, Optional, Union
 
@@ -1229,6 +1230,13 @@ def _split_url(rest: bytes) -> tuple[bytes, int, bytes, bytes]:
     target = target.partition(b"#")[0]
     if not target or target[:1] == b"?":
         target = b"/" + target
+    host, port, host_value = _authority(netloc)
+    return host, port, host_value, target
+
+
+@lru_cache(maxsize=64)
+def _authority(netloc: bytes) -> tuple[bytes, int, bytes]:
+    """(host, port, Host header value) of a URL's authority; a gateway has few."""
     netloc = netloc.rpartition(b"@")[2]
     if netloc[:1] == b"[":
         close = netloc.find(b"]")
@@ -1254,4 +1262,4 @@ def _split_url(rest: bytes) -> tuple[bytes, int, bytes, bytes]:
         port = 80
     if port != 80:
         host_value += b":%d" % (port,)
-    return host, port, host_value, target
+    return host, port, host_value
