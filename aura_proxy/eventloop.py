@@ -9,6 +9,14 @@ reactor's poll step with the same loop without the wrapper; an exception
 escaping a read or write is still logged, as Twisted would.  The commonest
 case, a socket that is only readable, is handled in the loop itself, as
 Twisted's C{_doReadOrWrite} would handle it, saving a call per read.
+
+It also sends what plain TCP connections were given to write at the end of
+the loop turn (L{defer_writes}), where Twisted registers the socket for
+writability with epoll, waits for the next poll to report it writable,
+sends, and unregisters it: two C{epoll_ctl} calls and an event per write,
+four per proxied request.  Sends still go out together after the turn's
+events are handled; a send that does not take everything registers the
+socket as Twisted would.
 """
 
 from __future__ import annotations
@@ -18,10 +26,18 @@ import sys
 from select import EPOLLIN
 from typing import Any, Optional
 
+from functools import partial
+
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.posixbase import _NO_FILEDESC
+from twisted.internet.tcp import Client, Server
 from twisted.logger import Logger
 
-__all__ = ["use_lean_poll"]
+__all__ = ["use_lean_poll", "defer_writes"]
+
+#: Flushes of one turn before the rest is left to epoll (a producer that
+#: writes again every time its transport drains could keep a flush going).
+_FLUSH_ROUNDS = 4
 
 log = Logger()
 
@@ -41,8 +57,37 @@ def use_lean_poll(reactor: Any) -> bool:
     selectables = reactor._selectables
     do_read_or_write = reactor._doReadOrWrite
     disconnect = reactor._disconnectSelectable
+    pending: set[Any] = set()
+    reactor._aura_pending_writes = pending  # type: ignore[attr-defined]
+
+    def flush() -> None:
+        for _ in range(_FLUSH_ROUNDS):
+            if not pending:
+                return
+            batch = list(pending)
+            pending.clear()
+            for transport in batch:
+                if transport.disconnected:
+                    continue
+                try:
+                    why = transport.doWrite()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    legacy_log.err()
+                if why:
+                    disconnect(transport, why, False)
+                elif transport.dataBuffer or transport._tempDataLen:
+                    # The socket took only part: wait for it as Twisted would.
+                    FileDescriptor.startWriting(transport)
+        for transport in pending:
+            if not transport.disconnected:
+                FileDescriptor.startWriting(transport)
+        pending.clear()
 
     def do_poll(timeout: Optional[float]) -> None:
+        if pending:
+            # Written outside the poll step (timed calls, callFromThread).
+            flush()
         if timeout is None:
             timeout = -1
         try:
@@ -73,7 +118,25 @@ def use_lean_poll(reactor: Any) -> bool:
                     disconnect(selectable, why, in_read)
             except BaseException:
                 log.failure("while handling a socket event of {selectable!r}", selectable=selectable)
+        if pending:
+            flush()
 
     reactor.doIteration = do_poll  # type: ignore[method-assign]
     reactor.doPoll = do_poll  # type: ignore[method-assign]
+    return True
+
+
+def defer_writes(reactor: Any, transport: Any) -> bool:
+    """
+    Have the lean loop of C{reactor} send what C{transport}, a connected
+    plain TCP connection, is given to write at the end of each loop turn.
+
+    @return: whether it will (only with L{use_lean_poll} on C{reactor}, and
+        only for Twisted's own TCP connections, once connected).
+    """
+    pending: Optional[set[Any]] = getattr(reactor, "_aura_pending_writes", None)
+    if pending is None or type(transport) not in (Server, Client) or not transport.connected:
+        return False
+    # Twisted's write() and loseConnection() ask for writability this way.
+    transport.startWriting = partial(pending.add, transport)
     return True

@@ -85,6 +85,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
+from aura_proxy.eventloop import defer_writes
+
 __all__ = ["FastAgent"]
 
 log = Logger()
@@ -493,6 +495,7 @@ class _Connection:
             transport.protocol = self  # type: ignore[attr-defined]
         if type(transport) is TCPClient and transport.protocol is self:  # type: ignore[attr-defined]
             _read_directly(transport, self)  # type: ignore[arg-type]
+            defer_writes(self._agent._reactor, transport)
         self.connectionMade()
 
     def connectionMade(self) -> None:

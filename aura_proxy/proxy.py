@@ -42,6 +42,7 @@ from aura_proxy import errors
 from aura_proxy.config import Config, RouteConfig
 from aura_proxy.contract import Cors, HeaderContract, TenantSources, copy_end_to_end, dropping
 from aura_proxy.deadlines import Deadlines
+from aura_proxy.eventloop import defer_writes
 from aura_proxy.header_store import canonical, store
 from aura_proxy.errors import GatewayError
 from aura_proxy.relay import Relay, StreamTransform
@@ -248,6 +249,7 @@ class GatewaySite(Site):
                     set_no_delay(True)
                 except OSError:
                     pass
+            defer_writes(self.reactor, transport)
             make_connection(transport)
 
         protocol.makeConnection = no_delay_first
