@@ -53,9 +53,9 @@ def dropping(names: Iterable[bytes]) -> frozenset[bytes]:
 
 _REQUEST_DROP = dropping(_RECOMPUTED_REQUEST)
 _CONNECTION = canonical(b"connection")
-_XFF = b"X-Forwarded-For"
-_XFP = b"X-Forwarded-Proto"
-_XFH = b"X-Forwarded-Host"
+_XFF = canonical(b"x-forwarded-for")
+_XFP = canonical(b"x-forwarded-proto")
+_XFH = canonical(b"x-forwarded-host")
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:

@@ -38,8 +38,8 @@ No pipelining, no proxies, no HTTP/2.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from errno import EWOULDBLOCK
+from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
 from twisted.internet import error

@@ -25,18 +25,18 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import IResource
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import version as server_version
+from zope.interface import implementer
 
 try:
     from twisted.web.http import _GenericHTTPChannelProtocol
 except ImportError:  # a Twisted that arranges its channels differently: its own
     _GenericHTTPChannelProtocol = None  # type: ignore[assignment,misc]
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from twisted.web.server import version as server_version
-from zope.interface import implementer
 
 from aura_proxy import errors
 from aura_proxy.config import Config, RouteConfig
@@ -146,6 +146,7 @@ class GatewayRequest(Request):
         self.site = site = self.channel.site  # type: ignore[union-attr,attr-defined]
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", _SERVER)
+        # Wall-clock time, as twisted.web's own: the Date header tells the time of day.
         headers.setRawHeaders(b"date", [_http_date(int(time()))])
         self.prepath = []
         self.postpath = []
@@ -486,13 +487,13 @@ class Gateway:
 
     def _forward(self, request: Request, call: _Call, route: RouteConfig) -> "Deferred[None]":
         url = _upstream_url(route, request.uri)
+        incoming = store(request.requestHeaders)
         outgoing = self._contract.upstream_headers(
             request.requestHeaders,
             client_ip=call.client_ip,
             proto=b"https" if _is_secure(request) else b"http",
-            host=(store(request.requestHeaders).get(_HOST) or (None,))[-1],
-            extra=() if _REQUEST_ID in store(request.requestHeaders)
-            else ((_REQUEST_ID, call.id.encode("ascii")),),
+            host=(incoming.get(_HOST) or (None,))[-1],
+            extra=() if _REQUEST_ID in incoming else ((_REQUEST_ID, call.id.encode("ascii")),),
         )
         content: IO[bytes] = request.content  # type: ignore[assignment]
         body = body_producer(content, call.request_size, request.method, self._client.cooperator)
