@@ -303,15 +303,12 @@ def _cancel(reason: Failure, served: "Deferred[None]") -> None:
 
 
 def _served(result: None, request: Request) -> None:
-    if isinstance(request, GatewayRequest):
-        request.serving = None
+    # A GatewayRequest forgets what serves it in finish() or connectionLost().
     if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
         request.finish()
 
 
 def _failed(failure: Failure, request: Request) -> None:
-    if isinstance(request, GatewayRequest):
-        request.serving = None
     if failure.check(CancelledError):
         return
     log.failure("unhandled error serving {path}", failure, path=_text(request.uri or b""))
