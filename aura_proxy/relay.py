@@ -330,7 +330,7 @@ def _direct_transport(request: Request) -> Optional[TCPConnection]:
     """
     The client's TCP connection if body bytes may be written to its socket
     directly: plain TCP (not TLS), headers already sent, a body expected.
-    (L{aura_proxy.proxy.GatewaySite} has turned Nagle off on it.)
+    (L{aura_proxy.site.GatewaySite} has turned Nagle off on it.)
     """
     transport = request.transport
     if not isinstance(transport, TCPConnection) or transport.TLS or not transport.connected:

@@ -21,7 +21,8 @@ from twisted.web.server import Site
 from aura_proxy.admin import Admin
 from aura_proxy.eventloop import use_lean_poll
 from aura_proxy.config import Config, ConfigError, SseConfig, load_config
-from aura_proxy.proxy import Gateway, GatewaySite
+from aura_proxy.proxy import Gateway
+from aura_proxy.site import GatewaySite
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.upstream import UpstreamClient
 

@@ -1,5 +1,5 @@
 """
-Tests for L{aura_proxy.proxy.GatewayResource}: how the client-facing site's
+Tests for L{aura_proxy.site.GatewayResource}: how the client-facing site's
 one resource hands a request to the gateway and finishes it.
 """
 
@@ -20,8 +20,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import version as server_version
 from twisted.web.test.requesthelper import DummyChannel
 
-from aura_proxy.proxy import (
-    GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date, _is_secure,
+from aura_proxy.site import (
+    GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date, is_secure,
 )
 
 
@@ -282,16 +282,16 @@ class ChannelTests(SynchronousTestCase):
             channel.site = Site(_Recorder())  # type: ignore[arg-type]
             channel.makeConnection(transport)
             first = Request(channel)
-            self.assertIs(_is_secure(first), secure)
+            self.assertIs(is_secure(first), secure)
             self.assertIs(channel.secure, secure)
             second = Request(channel)
             second.isSecure = lambda: not secure  # type: ignore[method-assign]
-            self.assertIs(_is_secure(second), secure)
+            self.assertIs(is_secure(second), secure)
             channel.connectionLost(Failure(ConnectionDone()))
 
     def test_secure_other_channels(self) -> None:
         """Requests on other channels ask twisted.web every time."""
         request = Request(DummyChannel())
-        self.assertFalse(_is_secure(request))
+        self.assertFalse(is_secure(request))
         request.isSecure = lambda: True  # type: ignore[method-assign]
-        self.assertTrue(_is_secure(request))
+        self.assertTrue(is_secure(request))

@@ -33,7 +33,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from aura_proxy.config import parse_config
-from aura_proxy.proxy import Gateway, GatewaySite
+from aura_proxy.proxy import Gateway
+from aura_proxy.site import GatewaySite
 from aura_proxy.upstream import UpstreamClient
 
 __all__ = [

@@ -1,0 +1,297 @@
+"""
+The client-facing HTTP site: twisted.web's side of the gateway.
+
+L{GatewaySite} builds L{GatewayChannel}s and L{GatewayRequest}s; every path
+is served by one leaf resource, L{GatewayResource}, which hands the request
+to L{aura_proxy.proxy.Gateway}, where the request path is.
+"""
+
+from __future__ import annotations
+
+from time import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import version as server_version
+from zope.interface import implementer
+
+try:
+    from twisted.web.http import _GenericHTTPChannelProtocol
+except ImportError:  # a Twisted that arranges its channels differently: its own
+    _GenericHTTPChannelProtocol = None  # type: ignore[assignment,misc]
+
+from aura_proxy import errors
+from aura_proxy.eventloop import defer_writes
+
+if TYPE_CHECKING:
+    from aura_proxy.proxy import Gateway
+
+__all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "is_secure"]
+
+log = Logger()
+
+class GatewayRequest(Request):
+    """
+    A request that refuses an oversized body while it arrives, instead of
+    spooling all of it first.
+    """
+
+    too_large = False
+    body_length = 0
+    #: What L{GatewayResource} serves this request with: cancelled if the
+    #: connection is lost before the response is finished.
+    serving: "Optional[Deferred[None]]" = None
+
+    def _limit(self) -> int:
+        return getattr(getattr(self.channel, "site", None), "max_request_body", 0) or 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        limit = self._limit()
+        if length is not None and limit and length > limit:
+            self.too_large = True
+            # Answer before the body arrives; the connection closes after.
+            self._reject()
+            return
+        Request.gotLength(self, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self.body_length += len(data)
+        limit = self._limit()
+        if limit and self.body_length > limit:
+            self.too_large = True
+            self._reject()
+            return
+        Request.handleContentChunk(self, data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.too_large:
+            return
+        Request.requestReceived(self, command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        Request.connectionLost(self, reason)
+        serving, self.serving = self.serving, None
+        if serving is not None:
+            serving.cancel()
+
+    def finish(self) -> None:
+        self.serving = None
+        Request.finish(self)
+
+    def process(self) -> None:
+        """
+        Hand the request to the site's one resource.
+
+        twisted.web's own C{process} also splits and unquotes the path into
+        C{postpath}, walks the resource tree and formats the C{Date} header
+        anew for every request; the gateway's resource is a leaf that routes
+        by its own patterns, so none of that is needed, and the date is
+        formatted once a second.
+        """
+        self.site = site = self.channel.site  # type: ignore[union-attr,attr-defined]
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", _SERVER)
+        # Wall-clock time, as twisted.web's own: the Date header tells the time of day.
+        headers.setRawHeaders(b"date", [_http_date(int(time()))])
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def _reject(self) -> None:
+        channel = self.channel
+        # The request line is known to the channel only until requestReceived.
+        self.method = getattr(channel, "_command", b"")
+        self.uri = getattr(channel, "_path", b"")
+        self.path = self.uri.partition(b"?")[0]
+        self.clientproto = getattr(channel, "_version", b"HTTP/1.1")
+        error = errors.body_too_large(self._limit())
+        body = error.body()
+        transport = self.channel.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+        site = getattr(self.channel, "site", None)
+        gateway = getattr(site, "gateway", None)
+        if gateway is not None:
+            gateway.rejected_body(self, error)
+
+
+_SERVER = [server_version]
+_date_cache: list[Any] = [None, b""]
+
+
+def _http_date(now: int) -> bytes:
+    """The C{Date} header value for Unix time C{now}, formatted once per second."""
+    cache = _date_cache
+    if cache[0] != now:
+        cache[1] = datetimeToString(now)
+        cache[0] = now
+    return cache[1]  # type: ignore[no-any-return]
+
+
+class GatewayChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel that sends a response head as one piece.
+
+    twisted.web's C{writeHeaders} hands the transport a list of four pieces
+    per header, each of them checked on its own.
+
+    @ivar secure: whether the connection is TLS, once a request asked
+        (twisted.web adapts the transport to find out, for every request).
+    """
+
+    secure: Optional[bool] = None
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))  # type: ignore[union-attr]
+
+
+def _gateway_protocol(site: Site) -> Any:
+    # twisted.web's default wraps a new channel in the protocol that can
+    # switch to HTTP/2 after TLS negotiation; the same, with GatewayChannel.
+    return _GenericHTTPChannelProtocol(GatewayChannel())
+
+
+class GatewaySite(Site):
+    """The client-facing site: L{GatewayRequest}s, the body limit, the gateway."""
+
+    requestFactory = GatewayRequest
+    if _GenericHTTPChannelProtocol is not None:
+        protocol = _gateway_protocol  # type: ignore[assignment]
+
+    def __init__(self, gateway: "Gateway", **kwargs: Any) -> None:
+        Site.__init__(self, gateway.resource(), **kwargs)
+        self.gateway = gateway
+        self.max_request_body = gateway.config.gateway.max_request_body
+        if not gateway.config.gateway.access_log:
+            self.log = lambda request: None  # type: ignore[method-assign]
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = Site.buildProtocol(self, addr)
+        make_connection = protocol.makeConnection
+
+        def no_delay_first(transport: Any) -> None:
+            # Responses are written in pieces (headers, then body or events):
+            # Nagle would hold each small piece back for the client's ACK.
+            set_no_delay = getattr(transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                try:
+                    set_no_delay(True)
+                except OSError:
+                    pass
+            defer_writes(self.reactor, transport)
+            make_connection(transport)
+
+        protocol.makeConnection = no_delay_first
+        return protocol
+
+
+@implementer(IResource)
+class GatewayResource:
+    """
+    Every path of the client-facing site, served by L{Gateway.handle}.
+
+    A plain twisted.web leaf rather than a Klein route: the gateway routes by
+    its own patterns, and Klein's per-request routing (a werkzeug URL map bound
+    and matched, and closures that leave each request in a reference cycle)
+    cost more than twisted.web itself (C{bench/stack-floor}).  Klein serves
+    the admin site.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self._gateway = gateway
+
+    def getChildWithDefault(self, name: bytes, request: Request) -> IResource:
+        raise RuntimeError("a leaf resource has no children")  # isLeaf: never called
+
+    def putChild(self, path: bytes, child: IResource) -> None:
+        raise NotImplementedError("the gateway resource routes by its own patterns")
+
+    def render(self, request: Request) -> int:
+        """Start serving C{request}; its response is finished when handle() ends."""
+        try:
+            served = self._gateway.handle(request)
+        except Exception:
+            _failed(Failure(), request)
+            return NOT_DONE_YET
+        # The client went away: stop the upstream request or the relay.
+        if isinstance(request, GatewayRequest):
+            # No notifyFinish Deferred to make and fire for every request.
+            if not served.called:
+                request.serving = served
+        else:
+            request.notifyFinish().addErrback(_cancel, served)
+        served.addCallbacks(_served, _failed, callbackArgs=(request,), errbackArgs=(request,))
+        return NOT_DONE_YET
+
+
+def _cancel(reason: Failure, served: "Deferred[None]") -> None:
+    served.cancel()
+
+
+def _served(result: None, request: Request) -> None:
+    # A GatewayRequest forgets what serves it in finish() or connectionLost().
+    if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+        request.finish()
+
+
+def _failed(failure: Failure, request: Request) -> None:
+    if failure.check(CancelledError):
+        return
+    log.failure("unhandled error serving {path}", failure, path=_text(request.uri or b""))
+    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+        return
+    if request.startedWriting:
+        # Half a response is out: the client must not take it for the whole.
+        transport = request.channel.transport  # type: ignore[union-attr]
+        if transport is not None:
+            getattr(transport, "abortConnection", transport.loseConnection)()
+        return
+    body = errors.internal_error().body()
+    request.setResponseCode(500)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
+
+
+
+def is_secure(request: Request) -> bool:
+    """Whether C{request} came over TLS, found out once per L{GatewayChannel}."""
+    channel = request.channel
+    if type(channel) is not GatewayChannel:
+        return request.isSecure()  # type: ignore[no-any-return]
+    secure = channel.secure
+    if secure is None:
+        secure = channel.secure = request.isSecure()
+    return secure
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
