@@ -100,6 +100,7 @@ class Pipeline:
     Runs requests through an ordered list of stages.
 
     @ivar config: the configuration the stages were built from.
+    @ivar clock: the time source (call start and end times).
     @ivar stages: the request stages, in order.
     @ivar response: where an upstream response goes.
     @ivar ended: what runs when a call ends, in order.
@@ -114,6 +115,7 @@ class Pipeline:
         ended: Sequence[EndStage],
     ) -> None:
         self.config = config
+        self.clock = clock
         self.stages = tuple(request)
         self.response = response
         self.ended = tuple(ended)
