@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from aura_proxy.relay import Relay
     from aura_proxy.resume.replay import Replay
 
-__all__ = ["Call"]
+__all__ = ["Call", "body_length"]
 
 
 class Call:
@@ -46,13 +46,15 @@ class Call:
         "status", "response_size", "is_sse", "end_reason",
     )
 
-    def __init__(self, pipeline: "Pipeline", request: Request, started: float) -> None:
+    def __init__(
+        self, pipeline: "Pipeline", request: Request, started: float, request_size: int = 0
+    ) -> None:
         self.pipeline = pipeline
         self.request = request
         self.id = new_request_id()
         self.started = started
         self.client_ip: Optional[str] = getattr(request.getClientAddress(), "host", None)
-        self.request_size = _body_length(request)
+        self.request_size = request_size
         self.segments: list[str] = []
         self.route: Optional[RouteConfig] = None
         self.finished: Optional[Deferred[None]] = None
@@ -95,7 +97,8 @@ class Call:
         return f"route {route} ({self.request.uri.decode('utf-8', 'replace')})"
 
 
-def _body_length(request: Request) -> int:
+def body_length(request: Request) -> int:
+    """The size of the request body twisted.web has received (0 when none)."""
     content = getattr(request, "content", None)
     if content is None:
         return 0

@@ -29,7 +29,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from aura_proxy.answers import error_answer
-from aura_proxy.call import Call
+from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
@@ -133,7 +133,7 @@ class Pipeline:
         (for a stream: when the stream ends).  Cancelling it (L{GatewayResource}
         does, when the client disconnects) cancels or closes the upstream request.
         """
-        call = Call(self, request, self._seconds())
+        call = Call(self, request, self._seconds(), body_length(request))
         request.defaultContentType = None
         for run in self._runs:
             answer = run(request, call)
@@ -179,6 +179,7 @@ class Pipeline:
         answered by the site): the stages that classify it tell its tenant,
         path and route.
         """
+        # Its body is not the gateway's to measure: the site stopped reading it.
         call = Call(self, request, self._seconds())
         for run in self._classifying:
             if run(request, call) is not None:

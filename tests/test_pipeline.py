@@ -209,15 +209,18 @@ class PipelineTests(TestCase):
         """
         A request the site refused for its body size is recorded with the
         tenant, path and route the classifying stages find, and the size of
-        the 413 answer.
+        the 413 answer; the part of the body that arrived is not counted (as before).
         """
         h = Harness(Echo())
         error = errors.body_too_large(10)
-        h.gateway.rejected_body(bare_request(b"/api/aura/x?q=1"), error)
+        request = bare_request(b"/api/aura/x?q=1")
+        request.content = BytesIO(b"the part that came before the limit")
+        h.gateway.rejected_body(request, error)
         [row] = h.history.records
         self.assertEqual(
-            (row.status_code, row.route, row.tenant_id, row.path, row.query_string, row.response_size_bytes),
-            (413, "aura", "t1", "/api/aura/x", "q=1", len(error.body())),
+            (row.status_code, row.route, row.tenant_id, row.path, row.query_string,
+             row.request_size_bytes, row.response_size_bytes),
+            (413, "aura", "t1", "/api/aura/x", "q=1", 0, len(error.body())),
         )
 
     def test_rejected_body_on_a_malformed_path(self) -> None:

@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from aura_proxy.call import Call
+from aura_proxy.call import Call, body_length
 from aura_proxy.config import parse_config
 from aura_proxy.errors import GatewayError
 from aura_proxy.fastclient import _Response
@@ -76,7 +76,7 @@ def make_call(uri: bytes = b"/api/aura/x", method: bytes = b"GET", **headers: st
     request.content = BytesIO(b"body")
     for name, value in headers.items():
         request.requestHeaders.addRawHeader(name.replace("_", "-").encode(), value.encode())
-    return Call(NotingPipeline(), request, 100.0)  # type: ignore[arg-type]
+    return Call(NotingPipeline(), request, 100.0, body_length(request))  # type: ignore[arg-type]
 
 
 def asked(call: Call) -> list[tuple[Any, ...]]:
