@@ -391,6 +391,21 @@ class RelayResponseTests(SynchronousTestCase):
         self.assertEqual((call.status, call.response_size, call.relay), (201, 7, None))
         self.assertEqual(asked(call), [("end", 201)])
 
+    def test_rewriter_follows_fast_path(self) -> None:
+        """Streams are stamped by the C rewriter where built, and by the Python one with fast_path = off."""
+        import os
+
+        from aura_proxy import sse
+
+        for fast_path, python in (("on", not sse.ACCELERATED), ("off", True)):
+            config = parse_config(CONFIG.replace("[gateway]", f"[gateway]\nfast_path = {fast_path}", 1), "t.ini")
+            stage = RelayResponse(config, self.clock, None, self.streams)
+            counted = stage._stamper("s1", make_call().request)
+            state = counted._rewriter._st  # type: ignore[attr-defined]
+            self.assertEqual(type(state).__module__ == "aura_proxy.sse", python, fast_path)
+            if os.environ.get("AURA_PROXY_REQUIRE_C"):
+                self.assertEqual(python, fast_path == "off")
+
     def test_sse_relayed_and_registered(self) -> None:
         """
         An SSE response opens with the SSE headers, is relayed with stamped

@@ -65,6 +65,8 @@ class RelayResponse(ResponseStage):
         g = config.gateway
         self._idle_timeout = g.idle_timeout
         self._heartbeat = g.heartbeat_interval
+        # fast_path = off: the Python SSE rewriter, not the C one.
+        self._accelerate = g.fast_path
         self._inject_ids = config.sse.inject_ids
         self._resume = resume if config.sse.inject_ids else None
         # How long a stream's upstream is still read after its client left.
@@ -143,11 +145,12 @@ class RelayResponse(ResponseStage):
     def _stamper(self, stream_id: str, request: Request) -> StreamTransform:
         """The SSE rewriter of a new stream, logging each event when resume is on."""
         if self._resume is None:
-            rewriter = SseRewriter.for_stream(stream_id, carry_upstream=True)
+            rewriter = SseRewriter.for_stream(stream_id, carry_upstream=True, accelerate=self._accelerate)
         else:
             self._resume.open(stream_id, stream_owner(request))
             rewriter = SseRewriter.for_stream(
-                stream_id, carry_upstream=True, on_event=self._resume.appender(stream_id)
+                stream_id, carry_upstream=True, on_event=self._resume.appender(stream_id),
+                accelerate=self._accelerate,
             )
         return _Counted(rewriter)
 
