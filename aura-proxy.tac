@@ -1,28 +1,30 @@
 """
-aura-proxy for `twistd -y aura-proxy.tac` (the same service as `twistd aura-proxy`).
+aura-proxy for `twistd -y aura-proxy.tac` (the same service as `twistd aura-proxy`,
+built by aura_proxy.assembly: with `[gateway] workers = N` the supervisor of N
+worker processes).
 
 The configuration file is $AURA_PROXY_CONFIG, default etc/aura-proxy.ini
 relative to the working directory; an invalid one stops the start with the
-same messages as `python -m aura_proxy check`.
+same messages as `python -m aura_proxy check`. AURA_PROXY_DEMO=1 also starts
+the demo agent.
 """
 
 import os
-import sys
 
 from twisted.application.service import Application
 from twisted.internet import reactor
 
-from aura_proxy.config import ConfigError, load_config
-from aura_proxy.tap import build_service, prepare_process
+from aura_proxy.assembly import exit_with, service_from_file
+from aura_proxy.config import ConfigError
 
 try:
-    config = load_config(os.environ.get("AURA_PROXY_CONFIG", "etc/aura-proxy.ini"))
+    service = service_from_file(
+        os.environ.get("AURA_PROXY_CONFIG", "etc/aura-proxy.ini"),
+        reactor,
+        demo=os.environ.get("AURA_PROXY_DEMO") == "1",
+    )
 except ConfigError as e:
-    sys.stderr.write(f"invalid configuration:\n{e}\n")
-    raise SystemExit(1)
+    exit_with(e)
 
 application = Application("aura-proxy")
-build_service(config, reactor, demo=os.environ.get("AURA_PROXY_DEMO") == "1").setServiceParent(
-    application
-)
-prepare_process(reactor)
+service.setServiceParent(application)

@@ -69,7 +69,7 @@ setup(
             "mypy-zope>=1.0",
         ],
     },
-    entry_points={"console_scripts": ["aura-proxy-check=aura_proxy.__main__:main"]},
+    entry_points={"console_scripts": ["aura-proxy-check=aura_proxy.__main__:check_command"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

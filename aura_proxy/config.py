@@ -544,6 +544,14 @@ def parse_config(text: str, source: str) -> Config:
                 f"strips {strip} segments but {pattern.text} matches fewer",
             )
 
+    if not any(section.startswith("route:") for section in parser.sections()):
+        # A gateway without routes answers every request 404: not a configuration to start.
+        reader.problem(
+            "route:NAME", None,
+            "no route: every request would be answered 404 (add at least one "
+            "[route:NAME] section with path and upstream)",
+        )
+
     if gateway.workers > 1:
         _check_workers(reader, gateway, sse)
 

@@ -1,7 +1,7 @@
 """
 The floor of the gateway's web stack: a server that answers every GET with
 the same 28-byte JSON body, no proxying, tuned as the gateway tunes itself
-(aura_proxy.tap.prepare_process: the lean epoll loop, the GC's pace).
+(aura_proxy.process.prepare_process: the lean epoll loop, the GC's pace).
 
     python bench/stack_floor_server.py twisted|klein PORT
 
@@ -23,7 +23,7 @@ from twisted.internet import reactor  # noqa: E402
 from twisted.web import resource, server  # noqa: E402
 from twisted.web.server import Request  # noqa: E402
 
-from aura_proxy.tap import prepare_process  # noqa: E402
+from aura_proxy.process import prepare_process  # noqa: E402
 
 BODY = b'{"ok":true,"n":1,"msg":"hi"}'
 

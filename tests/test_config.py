@@ -8,7 +8,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.trial.unittest import TestCase
 
-from aura_proxy.__main__ import main
+from aura_proxy.__main__ import check_command, main
 from aura_proxy.config import ConfigError, default_config_text, load_config, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,10 +63,12 @@ class DefaultsTests(TestCase):
 
     def test_listen_backlog(self) -> None:
         """A tcp: listener gets a deep listen queue unless it names its own backlog."""
-        self.assertEqual(parse_config("[gateway]\nlisten = tcp:1\n", "x").gateway.listen, "tcp:1:backlog=4096")
-        self.assertEqual(
-            parse_config("[gateway]\nlisten = tcp:1:backlog=10\n", "x").gateway.listen, "tcp:1:backlog=10")
-        self.assertEqual(parse_config("[gateway]\nlisten = unix:/tmp/s\n", "x").gateway.listen, "unix:/tmp/s")
+        def listen(value: str) -> str:
+            return parse_config(f"[gateway]\nlisten = {value}\n" + MINIMAL, "x").gateway.listen
+
+        self.assertEqual(listen("tcp:1"), "tcp:1:backlog=4096")
+        self.assertEqual(listen("tcp:1:backlog=10"), "tcp:1:backlog=10")
+        self.assertEqual(listen("unix:/tmp/s"), "unix:/tmp/s")
 
     def test_shipped_file_checks(self) -> None:
         """C{python -m aura_proxy check etc/aura-proxy.ini} accepts the shipped file."""
@@ -140,7 +142,7 @@ class ProblemTests(TestCase):
         """C{check} prints every problem to stderr and exits 1."""
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write("[gateway]\nidle_timeout = 0\nbogus = 1\n")
+            f.write("[gateway]\nidle_timeout = 0\nbogus = 1\n" + MINIMAL)
         err = io.StringIO()
         with redirect_stderr(err):
             self.assertEqual(main(["check", path]), 1)
@@ -158,6 +160,69 @@ class ProblemTests(TestCase):
         """Without a subcommand the command prints its usage and exits 2."""
         with redirect_stderr(io.StringIO()):
             self.assertEqual(main([]), 2)
+
+
+class NoRouteTests(TestCase):
+    """A configuration without any route can serve nothing: refused like any other mistake."""
+
+    def test_refused(self) -> None:
+        """Without a [route:NAME] section the file is refused, naming file and section."""
+        found = problems("[gateway]\nlisten = tcp:8080\n")
+        self.assertEqual(found, [
+            "gw.ini: [route:NAME]: no route: every request would be answered 404 (add at least "
+            "one [route:NAME] section with path and upstream)"
+        ])
+
+    def test_invalid_routes_not_reported_twice(self) -> None:
+        """A route section that is itself wrong is reported under its own name, not as "no route"."""
+        found = problems("[route:lonely]\npath = /api/lonely/**\n")
+        self.assertEqual(found, ["gw.ini: [route:lonely] upstream: missing (every route needs path and upstream)"])
+
+    def test_check_refuses(self) -> None:
+        """C{check} no longer answers "OK (0 routes)": it prints the problem and exits 1."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[gateway]\nlisten = tcp:8080\n")
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            self.assertEqual(main(["check", path]), 1)
+        self.assertEqual(out.getvalue(), "")
+        self.assertEqual(err.getvalue(), f"{path}: [route:NAME]: no route: every request would be answered "
+                         "404 (add at least one [route:NAME] section with path and upstream)\n")
+
+
+class CheckCommandTests(TestCase):
+    """The installed C{aura-proxy-check FILE [FILE...]} command."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_files_without_subcommand(self) -> None:
+        """C{aura-proxy-check FILE FILE} checks the files (it once printed its usage)."""
+        good, bad = self.write(MINIMAL), self.write(MINIMAL + "[gateway]\nbogus = 1\n")
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            self.assertEqual(check_command([good]), 0)
+            self.assertEqual(check_command([good, bad]), 1)
+        self.assertEqual(out.getvalue(), f"{good}: OK (1 routes)\n" * 2)
+        self.assertIn(f"{bad}: [gateway] bogus: unknown key", err.getvalue())
+
+    def test_old_form_accepted(self) -> None:
+        """C{aura-proxy-check check FILE}, the form it used to need, still works."""
+        with redirect_stdout(io.StringIO()):
+            self.assertEqual(check_command(["check", self.write(MINIMAL)]), 0)
+
+    def test_usage(self) -> None:
+        """Without a file: its own usage on stderr, exit 2; with C{--help}: on stdout, exit 0."""
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            self.assertEqual(check_command([]), 2)
+            self.assertEqual(check_command(["--help"]), 0)
+        self.assertEqual(err.getvalue(), "usage: aura-proxy-check FILE [FILE...]\n")
+        self.assertEqual(out.getvalue(), "usage: aura-proxy-check FILE [FILE...]\n")
 
 
 class WorkersKeyTests(TestCase):

@@ -21,22 +21,21 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.test.requesthelper import DummyRequest
 
+from treq.testing import StubTreq
+
+from aura_proxy.assembly import StopInOrder, supervisor_service
 from aura_proxy.config import parse_config
-from tests.integration.gateway import sleep
-from tests.test_config import problems
+from aura_proxy.worker import _AdoptedPort, main, worker_config, worker_service
 from aura_proxy.workers import (
     CONFIG_FD,
     LISTEN_FD,
     WorkerSupervisor,
-    _AdoptedPort,
-    _Health,
     bind_socket,
     listen_address,
-    main,
-    worker_config,
 )
+from tests.integration.gateway import sleep
+from tests.test_config import problems
 
 ROUTE = """
 [route:aura]
@@ -185,6 +184,21 @@ class ConfigForWorkerTests(TestCase):
         self.assertEqual(mine.history.dsn, config.history.dsn)
         self.assertEqual((mine.gateway, mine.routes, mine.sse), (config.gateway, config.routes, config.sse))
 
+    def test_worker_tree(self) -> None:
+        """
+        A worker builds its tree through the assembly: process tuning first,
+        its own spool directory, the inherited socket as listener, no admin port.
+        """
+        fake = MemoryReactorClock()
+        config = parse_config(ini(history="spool_dir = /var/spool/aura"), "gw.ini")
+        tree = worker_service(config, 3, fake, listen_fd=99)
+        self.assertEqual(
+            [type(s).__name__ for s in tree], ["ProcessTuning", "HistoryService", "_Drain", "_AdoptedPort"])
+        [port] = [s for s in tree if isinstance(s, _AdoptedPort)]
+        self.assertEqual(port._fd, 99)
+        self.assertIs(port._factory, tree.site)
+        self.assertEqual(tree.gateway.config.history.spool_dir, os.path.join("/var/spool/aura", "worker-3"))
+
     def test_worker_main_refuses_bad_config(self) -> None:
         """A worker given an invalid configuration exits 2 with the usual messages."""
         path = self.mktemp()
@@ -249,12 +263,13 @@ class SupervisorTests(TestCase):
     """L{WorkerSupervisor} with a fake reactor: no real process is started."""
 
     def make(self, workers: int = 2, **kwargs: Any) -> tuple[WorkerSupervisor, FakeReactor]:
-        """A started supervisor of C{workers} fake workers."""
+        """A started supervisor of C{workers} fake workers (the parent's tree, as the assembly builds it)."""
         fake = FakeReactor()
         text = ini(f"workers = {workers}")
-        supervisor = WorkerSupervisor(parse_config(text, "gw.ini"), text, fake, **kwargs)
-        supervisor.privilegedStartService()
-        supervisor.startService()
+        self.tree = supervisor_service(parse_config(text, "gw.ini"), text, fake, **kwargs)
+        [supervisor] = [s for s in self.tree if isinstance(s, WorkerSupervisor)]
+        self.tree.privilegedStartService()
+        self.tree.startService()
         self.addCleanup(lambda: supervisor._socket.close() if supervisor._socket is not None else None)
         return supervisor, fake
 
@@ -270,7 +285,7 @@ class SupervisorTests(TestCase):
         self.assertEqual(len(fake.spawned), 3)
         assert supervisor._socket is not None
         for i, (process, argv, fds) in enumerate(fake.spawned, start=1):
-            self.assertEqual(argv[1:3], ["-m", "aura_proxy.workers"])
+            self.assertEqual(argv[1:3], ["-m", "aura_proxy.worker"])
             self.assertEqual(argv[argv.index("--index") + 1], str(i))
             self.assertIn("--watch-parent", argv)
             self.assertEqual(fds[LISTEN_FD], supervisor._socket.fileno())
@@ -280,8 +295,14 @@ class SupervisorTests(TestCase):
         self.assertEqual([w.pid for w in supervisor.workers], [p.pid for p, _, _ in fake.spawned])
 
     def test_parent_serves_admin_only(self) -> None:
-        """The parent listens on admin_listen (through the reactor); the public socket is its own."""
+        """
+        The parent's tree is the supervisor and the admin site (listening on
+        admin_listen through the reactor): no gateway, no process tuning; the
+        public socket is the supervisor's own.
+        """
         supervisor, fake = self.make()
+        self.assertIsInstance(self.tree, StopInOrder)
+        self.assertEqual([type(s).__name__ for s in self.tree], ["WorkerSupervisor", "StreamServerEndpointService"])
         self.assertEqual(len(fake.tcpServers), 1)
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
 
@@ -334,11 +355,9 @@ class SupervisorTests(TestCase):
         self.flushLoggedErrors(OSError)
 
     def test_health(self) -> None:
-        """/healthz lists index, pid, restarts and liveness of every worker; 503 when none runs."""
+        """The report lists index, pid, restarts and liveness of every worker; unavailable when none runs."""
         supervisor, fake = self.make()
-        health = _Health(supervisor)
-        request = DummyRequest([b""])
-        body = json.loads(health.render_GET(request))  # type: ignore[arg-type]
+        body = supervisor.health()
         self.assertEqual(body["status"], "ok")
         self.assertEqual(
             body["workers"],
@@ -347,17 +366,31 @@ class SupervisorTests(TestCase):
         )
         self.process(supervisor, 1).end(signal=9)
         self.process(supervisor, 2).end(signal=9)
-        request = DummyRequest([b""])
-        body = json.loads(health.render_GET(request))  # type: ignore[arg-type]
-        self.assertEqual(request.responseCode, 503)
+        body = supervisor.health()
         self.assertEqual(body["status"], "unavailable")
-        self.assertEqual([w["alive"] for w in body["workers"]], [False, False])
+        self.assertEqual([w["alive"] for w in body["workers"]], [False, False])  # type: ignore[union-attr]
+
+    async def test_admin_healthz(self) -> None:
+        """The parent's admin site answers /healthz with its workers; 503 once none runs."""
+        supervisor, fake = self.make()
+        [(_, site, _, _)] = fake.tcpServers
+        http = StubTreq(site.resource)
+        response = await http.get("http://admin/healthz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
+        body = json.loads(await response.text())
+        self.assertEqual([w["pid"] for w in body["workers"]], [w.pid for w in supervisor.workers])
+        self.process(supervisor, 1).end(signal=9)
+        self.process(supervisor, 2).end(signal=9)
+        response = await http.get("http://admin/healthz")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(json.loads(await response.text())["status"], "unavailable")
 
     def test_stop_drains(self) -> None:
         """Stop sends SIGTERM to every worker and finishes once all have ended, without restarts."""
         supervisor, fake = self.make()
         first, second = self.process(supervisor, 1), self.process(supervisor, 2)
-        stopped = supervisor.stopService()
+        stopped = self.tree.stopService()
         self.assertEqual((first.signals, second.signals), (["TERM"], ["TERM"]))
         self.assertNoResult(stopped)
         first.end()
@@ -405,7 +438,7 @@ class AcceptOneAtATimeTests(TestCase):
         from twisted.internet import reactor
         from twisted.internet.protocol import Factory
 
-        from aura_proxy.workers import _accept_one_at_a_time
+        from aura_proxy.worker import _accept_one_at_a_time
 
         port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)

@@ -4,12 +4,14 @@ An in-process gateway (and helpers around it) for integration tests.
 (trial has no setUpClass, so tests start the FastAPI upstream per test with
 L{tests.integration.upstreams.start_fastapi_upstream}.)
 
-L{start_gateway} builds the gateway the way L{aura_proxy.tap.build_service}
-does (L{Gateway} + L{GatewaySite} + L{UpstreamClient}), without call history,
-and listens on 127.0.0.1 on a free port with the real reactor.  Its cleanup
-stops listening, closes every client connection still open, waits for the
-relays to end and closes the upstream pool, so that trial finds a clean
-reactor.
+L{start_gateway} builds the gateway through the assembly
+(L{aura_proxy.assembly.gateway_service}: L{Gateway} + L{GatewaySite} +
+L{UpstreamClient}, the drain of open streams), with its own site (a
+L{TrackingSite}) and listener (127.0.0.1, a free port, the real reactor), no
+admin port and no process tuning (the test runner's process is not a
+gateway's).  Its cleanup stops the tree as twistd does: the listener stops
+and aborts every client connection still open, then open relays end and the
+upstream pool closes, so that trial finds a clean reactor.
 
 L{client} is a treq client without connection reuse; L{ChunkCollector}
 reads a body as it arrives; L{RawClient} speaks raw TCP; L{start_site} and
@@ -22,6 +24,7 @@ import time
 from typing import Any, Callable, Optional
 
 from treq.client import HTTPClient
+from twisted.application.service import Service
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -32,10 +35,10 @@ from twisted.trial.unittest import FailTest, SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from aura_proxy.assembly import gateway_service
 from aura_proxy.config import parse_config
 from aura_proxy.proxy import Gateway
 from aura_proxy.site import GatewaySite
-from aura_proxy.upstream import UpstreamClient
 
 __all__ = [
     "BASE_INI",
@@ -361,41 +364,68 @@ async def wait_until(
         await sleep(interval)
 
 
-def start_gateway(
-    testcase: SynchronousTestCase, ini_text: str, clock: Any = None
-) -> tuple[int, Gateway]:
+class _TestListener(Service):
     """
-    Build the gateway for C{ini_text} and listen on 127.0.0.1, port 0.
+    The tree's public listener in tests: 127.0.0.1, a free port; stopping
+    it stops listening and aborts the site's open connections.
+    """
 
-    @return: the port and the L{Gateway}; C{gateway.site} is the
-        L{TrackingSite}, C{gateway.client} the L{UpstreamClient}.
-    """
-    the_reactor = reactor if clock is None else clock
-    config = parse_config(ini_text, "test-gateway.ini")
-    g = config.gateway
-    upstream = UpstreamClient(the_reactor, g.connect_timeout, g.max_idle_connections)
-    gateway = Gateway(config, the_reactor, upstream, None)
-    site = TrackingSite(gateway, reactor=the_reactor)
+    def __init__(self, site: TrackingSite) -> None:
+        self._site = site
+        self._port: Any = None
+
+    @property
+    def port(self) -> int:
+        return int(self._port.getHost().port)
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._port = reactor.listenTCP(0, self._site, interface="127.0.0.1")
+
+    async def _stop(self) -> None:
+        await self._port.stopListening()
+        await self._site.close_all()
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+
+def _tracking_site(gateway: Gateway, *, reactor: Any) -> TrackingSite:
+    site = TrackingSite(gateway, reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
-    listening = reactor.listenTCP(0, site, interface="127.0.0.1")
-    gateway.site = site  # type: ignore[attr-defined]
-    gateway.client = upstream  # type: ignore[attr-defined]
+    return site
+
+
+def start_gateway(testcase: SynchronousTestCase, ini_text: str) -> tuple[int, Gateway]:
+    """
+    Build the gateway for C{ini_text} through the assembly and listen on
+    127.0.0.1, port 0.
+
+    @return: the port and the L{Gateway}.
+    """
+    config = parse_config(ini_text, "test-gateway.ini")
+    listeners: list[_TestListener] = []
+
+    def listener(site: GatewaySite) -> _TestListener:
+        assert isinstance(site, TrackingSite)
+        listeners.append(_TestListener(site))
+        return listeners[-1]
+
+    tree = gateway_service(
+        config, reactor, listener=listener, site_factory=_tracking_site, admin=False, tuning=False
+    )
+    tree.privilegedStartService()
+    tree.startService()
 
     async def cleanup() -> None:
-        await listening.stopListening()
-        await site.close_all()
-        # A relay ends once its upstream connection is closed.
-        gateway.streams.stop_all("shutdown")
-        deadline = time.monotonic() + 5
-        while gateway.active_streams() and time.monotonic() < deadline:
-            await sleep(0.02)
-        await upstream.close()
+        await tree.stopService()
         # Let connectionLost of closed connections run.
         await sleep(0.01)
 
     testcase.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
-    return listening.getHost().port, gateway
+    return listeners[0].port, tree.gateway
 
 
 def client() -> tuple[HTTPClient, Agent]:

@@ -134,11 +134,16 @@ class InstallTests(TestCase):
         problem = wait_for_http(f"http://127.0.0.1:{admin}/healthz", time.monotonic() + 15, process)
         self.assertIsNone(problem, f"{problem}\n{tail(log_path)}")
 
+        # The installed check command takes the files themselves.
+        check = _run([str(venv / "bin" / "aura-proxy-check"), str(config)], elsewhere)
+        self.assertEqual((check.returncode, check.stdout), (0, f"{config}: OK (1 routes)\n"), check.stderr)
+
     def test_pipInstall(self) -> None:
         """
         After `pip install .` into a fresh venv, `twistd --help` run from
         another directory lists aura-proxy, the package and plugin come from
-        that venv, and `twistd -n aura-proxy --config FILE` answers /healthz.
+        that venv, `twistd -n aura-proxy --config FILE` answers /healthz and
+        `aura-proxy-check FILE` accepts the file.
         """
         self.check_installed(editable=False)
 
@@ -146,7 +151,7 @@ class InstallTests(TestCase):
         """
         After `pip install -e .` into a fresh venv, `twistd --help` run from
         another directory lists aura-proxy, the package and plugin come from
-        the installed source tree, and `twistd -n aura-proxy --config FILE`
-        answers /healthz.
+        the installed source tree, `twistd -n aura-proxy --config FILE`
+        answers /healthz and `aura-proxy-check FILE` accepts the file.
         """
         self.check_installed(editable=True)

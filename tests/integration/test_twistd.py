@@ -38,7 +38,7 @@ def config_text(listen: int, admin: int, upstream_port: int, extra: str = "") ->
         f"[sse]\ninject_ids = false\nresume = off\non_client_disconnect = cancel\n{extra}"))
 
 
-#: What a tuned gateway process logs at start (aura_proxy.tap.prepare_process).
+#: What a tuned gateway process logs at start (aura_proxy.process.prepare_process).
 HOT_PATH = "hot path: chunked reads, SSE rewriter, event store and client writes in C, lean epoll loop on"
 
 class TwistdTests(TestCase):
@@ -122,8 +122,9 @@ class TwistdTests(TestCase):
     def test_invalidConfigs(self) -> None:
         """
         An invalid configuration (unknown key, bad value, duplicate route
-        path, route without upstream) makes twistd exit non-zero with a
-        message naming the file, the section and the key.
+        path, route without upstream, no route at all) makes twistd exit 1
+        with only the problems on stderr, each naming the file, the section
+        and the key: not twistd's usage text.
         """
         base = config_text(self.listen, self.admin, 1)
         cases = {
@@ -135,14 +136,20 @@ class TwistdTests(TestCase):
                           "[route:again] path", "duplicate route"),
             "noupstream": (base + "\n[route:lonely]\npath = /api/lonely/**\n",
                            "[route:lonely] upstream", "missing"),
+            "noroute": (base.split("[route:aura]")[0] + "[headers]\nrequired = X-Tenant-ID\n",
+                        "[route:NAME]", "no route"),
         }
         for name, (text, where, what) in cases.items():
             path = self.write_config(text, f"{name}.ini")
             result = self.run_twistd(path)
             output = result.stdout + result.stderr
-            self.assertNotEqual(result.returncode, 0, f"{name}: twistd started: {output}")
+            self.assertEqual(result.returncode, 1, f"{name}: twistd started: {output}")
             self.assertIn(f"{path}: {where}", output, name)
             self.assertIn(what, output, name)
+            self.assertNotIn("Usage:", output, name)
+            self.assertEqual(result.stdout, "", name)
+            lines = result.stderr.splitlines()
+            self.assertTrue(lines and all(line.startswith(f"{path}: [") for line in lines), (name, lines))
 
     def test_checkCommand(self) -> None:
         """
@@ -171,6 +178,12 @@ class TwistdTests(TestCase):
         result = check()
         self.assertEqual(result.returncode, 2)
         self.assertIn("usage:", result.stderr)
+        # A file without any route can serve nothing: refused, not "OK (0 routes)".
+        empty = self.write_config(
+            f"[gateway]\nlisten = tcp:{self.listen}\nadmin_listen = tcp:{self.admin}\n", "empty.ini")
+        result = check(empty)
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertIn(f"{empty}: [route:NAME]: no route", result.stderr)
 
     async def test_tac(self) -> None:
         """
@@ -190,6 +203,37 @@ class TwistdTests(TestCase):
         events = await self.stream("/api/aura/stream?count=2&interval=0.01")
         self.assertEqual([e.get("id") for e in events], ["1", "2", None])
         self.assertIn(HOT_PATH, Path(process.log_path).read_text())
+
+    async def test_tacWithWorkers(self) -> None:
+        """
+        twistd -n -y aura-proxy.tac with workers = 2 runs the supervisor and
+        two workers, as twistd aura-proxy does (it once ran one process):
+        /healthz lists both, and each is a tuned gateway that serves.
+        """
+        up = start_fastapi_upstream(self)
+        config = self.write_config(config_text(self.listen, self.admin, up).replace(
+            "heartbeat_interval = 0", "heartbeat_interval = 0\nworkers = 2"))
+        process = start_process(
+            self,
+            [TWISTD, "-n", "--pidfile=", "-y", str(REPO_ROOT / "aura-proxy.tac")],
+            f"http://127.0.0.1:{self.admin}/healthz",
+            cwd=self.workdir,
+            env={"AURA_PROXY_CONFIG": config},
+        )
+        await wait_until(
+            lambda: [w["alive"] for w in get_json(f"http://127.0.0.1:{self.admin}/healthz")["workers"]]
+            == [True, True],
+            15.0, "two live workers",
+        )
+        events = await self.stream("/api/aura/stream?count=2&interval=0.01")
+        self.assertEqual([e.get("id") for e in events], ["1", "2", None])
+
+        def tuned(name: str) -> bool:
+            return any(f"[{name}]" in line and HOT_PATH in line
+                       for line in Path(process.log_path).read_text().splitlines())
+
+        for name in ("worker-1", "worker-2"):
+            await wait_until(lambda: tuned(name), 10.0, f"{name}'s hot-path line")
 
     async def sigterm_with_open_stream(self) -> ChunkCollector:
         """Start twistd, open an endless stream, SIGTERM; return the stream."""

@@ -1,0 +1,283 @@
+"""
+The service tree, built from a configuration, in one place.
+
+Every way to run the gateway goes through here: C{twistd aura-proxy}
+(L{aura_proxy.tap.makeService}), C{twistd -y aura-proxy.tac}, each worker
+process of C{workers > 1} (L{aura_proxy.worker}) and the integration tests.
+
+  - L{make_service} decides, from the configuration alone, between one
+    process serving the gateway and the supervisor of C{workers > 1};
+  - L{gateway_service} is one process serving the gateway: process tuning,
+    call history, the drain of open streams (and the resume log), the demo
+    agent when asked, the public listener, the admin site;
+  - L{supervisor_service} is the parent of C{workers > 1}: the supervisor,
+    the demo agent when asked, the admin site reporting the workers.
+
+Both trees stop in order, last child first, each once the one before it has
+stopped (L{StopInOrder}): the listeners first, then open streams are ended
+(and recorded), then call history is flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, NoReturn, Optional, Protocol
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.logger import Logger
+
+from aura_proxy.admin import admin_service, gateway_health
+from aura_proxy.config import (
+    DEFAULT_CONFIG_NAME,
+    Config,
+    ConfigError,
+    SseConfig,
+    default_config_text,
+    parse_config,
+)
+from aura_proxy.history import HistoryService, make_history
+from aura_proxy.process import ProcessTuning
+from aura_proxy.proxy import Gateway
+from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
+from aura_proxy.site import GatewaySite
+from aura_proxy.upstream import UpstreamClient
+from aura_proxy.workers import WorkerSupervisor
+
+__all__ = [
+    "GatewayService",
+    "StopInOrder",
+    "exit_with",
+    "gateway_service",
+    "make_resume_log",
+    "make_service",
+    "read_config",
+    "service_from_file",
+    "supervisor_service",
+]
+
+_log = Logger()
+
+#: Makes the public listener's service for the gateway's site.
+Listener = Callable[[GatewaySite], IService]
+
+
+class SiteFactory(Protocol):
+    """Makes the gateway's client-facing site (L{GatewaySite} or a subclass)."""
+
+    def __call__(self, gateway: Gateway, *, reactor: Any) -> GatewaySite: ...
+
+
+class StopInOrder(MultiService):
+    """
+    A MultiService whose children stop one after the other, last added first,
+    each once the one before it has finished stopping (Twisted's stops them
+    all at once): streams must have ended, and been recorded, before call
+    history flushes.
+    """
+
+    async def _stop_children(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                _log.failure("stopping {service} failed", service=service)
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+
+class _Drain(Service):
+    """On shutdown: end every open stream (recorded as C{shutdown}), close the pool."""
+
+    name = "drain"
+
+    def __init__(self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog]) -> None:
+        self._gateway = gateway
+        self._client = client
+        self._resume = resume
+
+    def startService(self) -> None:
+        Service.startService(self)
+        start = getattr(self._resume, "start", None)
+        if start is not None:
+            start()
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        done: list[Deferred[Any]] = [self._gateway.shutdown(), maybeDeferred(self._client.close)]
+        if self._resume is not None:
+            done.append(maybeDeferred(self._resume.stop))
+        return gatherResults(done).addCallback(lambda _: None)
+
+
+class GatewayService(StopInOrder):
+    """
+    One process serving the gateway, as L{gateway_service} builds it; its
+    parts are at hand for the tests and the worker.
+
+    @ivar gateway: the request path.
+    @ivar site: the client-facing site.
+    @ivar client: the upstream connection pool.
+    @ivar history: call history, or None when disabled.
+    @ivar resume: the stream log, or None when resume is off.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        site: GatewaySite,
+        client: UpstreamClient,
+        history: Optional[HistoryService],
+        resume: Optional[ResumeLog],
+    ) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.site = site
+        self.client = client
+        self.history = history
+        self.resume = resume
+
+
+def make_resume_log(config: SseConfig, reactor: Any) -> Optional[ResumeLog]:
+    """The stream log C{[sse] resume} names, or None for C{off}."""
+    if config.resume == "off" or not config.inject_ids:
+        return None
+    if config.resume == "memory":
+        return MemoryResumeLog(reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes)
+    from aura_proxy.resume.redis import RedisResumeLog
+
+    return RedisResumeLog(
+        reactor, config.resume, config.resume_ttl, config.resume_max_events, config.resume_max_bytes
+    )
+
+
+def _demo(reactor: Any) -> IService:
+    from aura_proxy.demo import demo_service
+
+    return demo_service(reactor)
+
+
+def gateway_service(
+    config: Config,
+    reactor: Any,
+    *,
+    demo: bool = False,
+    listener: Optional[Listener] = None,
+    site_factory: SiteFactory = GatewaySite,
+    admin: bool = True,
+    tuning: bool = True,
+) -> GatewayService:
+    """
+    One process serving the gateway.
+
+    Children, in start order (they stop in the reverse one): process tuning,
+    call history, the drain of open streams (and the resume log), the demo
+    agent, the public listener, the admin site.
+
+    @param demo: also serve the demo agent on 127.0.0.1:9000.
+    @param listener: makes the public listener's service for the site
+        (default: C{[gateway] listen} through strports); a worker process
+        adopts its parent's socket instead (L{aura_proxy.worker}).
+    @param site_factory: makes the client-facing site (the integration tests
+        use one that tracks its connections).
+    @param admin: whether to serve C{admin_listen} (worker processes do not:
+        their parent does).
+    @param tuning: whether starting the tree tunes the process
+        (L{aura_proxy.process}); off only for tests run inside trial's process.
+    """
+    g = config.gateway
+    history = make_history(config.history, reactor)
+    client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections)
+    resume = make_resume_log(config.sse, reactor)
+    gateway = Gateway(config, reactor, client, history, resume)
+    site = site_factory(gateway, reactor=reactor)
+    top = GatewayService(gateway, site, client, history, resume)
+    if tuning:
+        ProcessTuning(reactor).setServiceParent(top)
+    if history is not None:
+        history.setServiceParent(top)
+    _Drain(gateway, client, resume).setServiceParent(top)
+    if demo:
+        _demo(reactor).setServiceParent(top)
+    if listener is None:
+        strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
+    else:
+        listener(site).setServiceParent(top)
+    if admin:
+        admin_service(g.admin_listen, gateway_health(gateway, history), reactor).setServiceParent(top)
+    return top
+
+
+def supervisor_service(
+    config: Config, config_text: str, reactor: Any, *, demo: bool = False, **supervisor: Any
+) -> StopInOrder:
+    """
+    The parent process of C{workers > 1}: the L{WorkerSupervisor}, the demo
+    agent when asked, and the admin site reporting every worker.
+
+    @param config_text: the text C{config} was parsed from, handed to workers.
+    @param supervisor: more keyword arguments of L{WorkerSupervisor} (timeouts).
+    """
+    top = StopInOrder()
+    workers = WorkerSupervisor(config, config_text, reactor, **supervisor)
+    workers.setServiceParent(top)
+    if demo:
+        _demo(reactor).setServiceParent(top)
+    admin_service(config.gateway.admin_listen, workers.health, reactor).setServiceParent(top)
+    return top
+
+
+def make_service(config: Config, config_text: str, reactor: Any, *, demo: bool = False) -> MultiService:
+    """
+    The service that runs C{config}: one gateway process, or with
+    C{[gateway] workers > 1} the supervisor of that many worker processes.
+
+    @param config_text: the text C{config} was parsed from (the supervisor
+        hands it to its workers).
+    """
+    if config.gateway.workers > 1:
+        return supervisor_service(config, config_text, reactor, demo=demo)
+    return gateway_service(config, reactor, demo=demo)
+
+
+def read_config(path: Optional[str]) -> tuple[Config, str]:
+    """
+    The configuration in the file C{path} (None: the embedded defaults) and
+    its text, read once.
+
+    @raise ConfigError: if it cannot be read or is not valid.
+    """
+    if path is None:
+        text, source = default_config_text(), DEFAULT_CONFIG_NAME
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([f"{path}: cannot read ({e})"])
+        source = os.fspath(path)
+    return parse_config(text, source), text
+
+
+def service_from_file(path: Optional[str], reactor: Any, *, demo: bool = False) -> MultiService:
+    """
+    L{make_service} for the configuration file C{path} (None: the embedded
+    defaults): what C{twistd aura-proxy} and the C{.tac} file run.
+
+    @raise ConfigError: if it cannot be read or is not valid.
+    """
+    config, text = read_config(path)
+    return make_service(config, text, reactor, demo=demo)
+
+
+def exit_with(error: ConfigError) -> NoReturn:
+    """
+    Refuse to start: every problem of C{error} on stderr, one line each
+    (file, section, key: what is wrong), and exit status 1.
+    """
+    sys.stderr.write(f"{error}\n")
+    raise SystemExit(1)

@@ -1,0 +1,238 @@
+"""
+One worker process of C{[gateway] workers = N}: C{python -m aura_proxy.worker},
+started by the supervisor (L{aura_proxy.workers.WorkerSupervisor}), never by hand.
+
+A worker builds the gateway through the same assembly as a single process
+(L{aura_proxy.assembly.gateway_service}, process tuning included), with the
+listener replaced by C{reactor.adoptStreamPort} on the inherited socket (the
+kernel spreads connections over the processes accepting on it), without the
+admin port (the parent serves it), and with its own history spool directory
+(C{spool_dir/worker-INDEX}).  It reads its configuration text from a pipe
+(fd 4), so it runs exactly what the parent checked.  It stops on SIGTERM or
+SIGINT, and also when its parent disappears (its stdin pipe, whose other end
+only the parent holds, reaches end of file), so a killed parent never leaves
+orphans holding the port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from dataclasses import replace
+from typing import Any, Callable, Optional, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.logger import ILogObserver, LogEvent, Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from aura_proxy.assembly import GatewayService, gateway_service
+from aura_proxy.twisted_internals import accept_one_at_a_time
+from aura_proxy.config import DEFAULT_CONFIG_NAME, Config, ConfigError, default_config_text, parse_config
+from aura_proxy.workers import LISTEN_FD
+
+__all__ = ["main", "worker_config", "worker_service"]
+
+log = Logger("aura_proxy.worker")
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """C{config} as worker C{index} runs it: with its own spool directory."""
+    spool_dir = os.path.join(config.history.spool_dir, f"worker-{index}")
+    return replace(config, history=replace(config.history, spool_dir=spool_dir))
+
+
+class _AdoptedPort(Service):
+    """Accepts on an inherited listening socket (the parent's) while running."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Site) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._factory = factory
+        self._port: Optional[IListeningPort] = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        probe = socket.socket(fileno=self._fd)
+        family = probe.family
+        probe.detach()
+        self._port = port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        # The port holds a duplicate of the descriptor.
+        os.close(self._fd)
+        _accept_one_at_a_time(port)
+
+    def stopService(self) -> Optional["Deferred[None]"]:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is None:
+            return None
+        return port.stopListening()
+
+
+def _accept_one_at_a_time(port: Any) -> None:
+    """
+    Make a shared listening port accept one connection per readiness event.
+
+    Twisted's port accepts up to a hundred connections each time the socket
+    is readable, growing that number while clients keep coming: the worker
+    that wakes first takes a whole burst (wrk's 50 connections all went to
+    one of two workers), and the others idle.  Accepting one at a time lets
+    every worker that is waiting in its poll take its share; a worker busy
+    with its streams polls later and so takes fewer.  (Where this Twisted's
+    port is not as expected, it accepts as Twisted does.)
+    """
+    accept_one_at_a_time(port)
+
+
+def worker_service(config: Config, index: int, reactor: Any, listen_fd: int = LISTEN_FD) -> GatewayService:
+    """The gateway of worker C{index}, accepting on the inherited C{listen_fd}."""
+    return gateway_service(
+        worker_config(config, index),
+        reactor,
+        listener=lambda site: _AdoptedPort(reactor, listen_fd, site),
+        admin=False,
+    )
+
+
+@implementer(ILogObserver)
+class _NamedObserver:
+    """Puts the worker's name in every event's system (C{[worker-2,...]})."""
+
+    def __init__(self, name: str, observer: ILogObserver) -> None:
+        self._name = name
+        self._observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        system = event.get("log_system", "-")
+        named = self._name if system in (None, "-") else f"{self._name},{system}"
+        self._observer(dict(event, log_system=named))
+
+
+@implementer(IReadDescriptor)
+class _ParentWatch:
+    """Reads the worker's stdin; end of file means the parent is gone."""
+
+    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
+        self._fd = fd
+        self._gone = gone
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "parent-watch"
+
+    def doRead(self) -> Optional[Exception]:  # type: ignore[override]  # the reactor wants exceptions
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return CONNECTION_LOST
+        return None if data else CONNECTION_DONE
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor has removed this reader already.
+        self._gone()
+
+
+def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m aura_proxy.worker",
+        description="One aura-proxy worker process (started by the gateway when [gateway] workers > 1).",
+    )
+    parser.add_argument("--index", type=int, required=True, help="the worker's index, from 1")
+    parser.add_argument("--listen-fd", type=int, default=LISTEN_FD, help="the inherited listening socket")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config-fd", type=int, help="read the configuration text from this descriptor")
+    source.add_argument("--config", help="read the configuration from this file (default: embedded)")
+    parser.add_argument("--source", default=None, help="the configuration's file name, for messages")
+    parser.add_argument(
+        "--watch-parent", action="store_true",
+        help="stop when stdin reaches end of file (a pipe from the parent process)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one worker until SIGTERM, SIGINT or its parent's end; the exit status."""
+    args = _arguments(argv)
+    try:
+        if args.config_fd is not None:
+            with os.fdopen(args.config_fd, "rb") as pipe:
+                text = pipe.read().decode("utf-8")
+            config = parse_config(text, args.source or DEFAULT_CONFIG_NAME)
+        elif args.config:
+            with open(args.config, encoding="utf-8") as f:
+                config = parse_config(f.read(), args.source or args.config)
+        else:
+            config = parse_config(default_config_text(), DEFAULT_CONFIG_NAME)
+    except (ConfigError, OSError, UnicodeDecodeError) as e:
+        sys.stderr.write(f"aura-proxy worker {args.index}: invalid configuration:\n{e}\n")
+        return 2
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    name = f"worker-{args.index}"
+    globalLogBeginner.beginLoggingTo(
+        [_NamedObserver(name, textFileLogObserver(sys.stdout))], redirectStandardIO=False
+    )
+
+    status = [0]
+    stopping = [False]
+
+    def stop() -> None:
+        if not stopping[0]:
+            stopping[0] = True
+            reactor.stop()  # type: ignore[attr-defined]
+
+    def on_signal(number: int, frame: Any) -> None:
+        log.info("{name}: received {sig}, shutting down", name=name, sig=signal.Signals(number).name)
+        reactor.callFromThread(stop)  # type: ignore[attr-defined]
+
+    def parent_gone() -> None:
+        if stopping[0]:
+            return  # the reactor's shutdown disconnects every reader: not news
+        log.warn("{name}: the parent process is gone, shutting down", name=name)
+        stop()
+
+    try:
+        service = worker_service(config, args.index, reactor, args.listen_fd)
+        service.privilegedStartService()
+    except Exception:
+        log.failure("{name}: cannot start", name=name)
+        return 1
+
+    def start() -> None:
+        # Replace the reactor's handlers: a second signal (the parent's
+        # SIGTERM after a terminal's SIGINT) must not stop it twice.
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            service.startService()
+        except Exception:
+            log.failure("{name}: cannot start", name=name)
+            status[0] = 1
+            stop()
+            return
+        if args.watch_parent:
+            reactor.addReader(_ParentWatch(0, parent_gone))  # type: ignore[attr-defined,arg-type]
+        log.info("{name} serving (pid {pid})", name=name, pid=os.getpid())
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return status[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
