@@ -142,12 +142,14 @@ class GatewayService(StopInOrder):
         self.resume = resume
 
 
-def make_resume_log(config: SseConfig, reactor: Any) -> Optional[ResumeLog]:
-    """The stream log C{[sse] resume} names, or None for C{off}."""
+def make_resume_log(config: SseConfig, reactor: Any, fast_path: bool = True) -> Optional[ResumeLog]:
+    """The stream log C{[sse] resume} names, or None for C{off}; C{fast_path}: its C store where built."""
     if config.resume == "off" or not config.inject_ids:
         return None
     if config.resume == "memory":
-        return MemoryResumeLog(reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes)
+        return MemoryResumeLog(
+            reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes, accelerate=fast_path
+        )
     from aura_proxy.resume.redis import RedisResumeLog
 
     return RedisResumeLog(
@@ -191,13 +193,13 @@ def gateway_service(
     """
     g = config.gateway
     history = make_history(config.history, reactor)
-    client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections)
-    resume = make_resume_log(config.sse, reactor)
+    client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
+    resume = make_resume_log(config.sse, reactor, g.fast_path)
     gateway = Gateway(config, reactor, client, history, resume)
     site = site_factory(gateway, reactor=reactor)
     top = GatewayService(gateway, site, client, history, resume)
     if tuning:
-        ProcessTuning(reactor).setServiceParent(top)
+        ProcessTuning(reactor, g.fast_path).setServiceParent(top)
     if history is not None:
         history.setServiceParent(top)
     _Drain(gateway, client, resume).setServiceParent(top)

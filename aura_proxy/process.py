@@ -29,44 +29,66 @@ class ProcessTuning(Service):
 
     name = "process-tuning"
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, fast_path: bool = True) -> None:
+        """@param fast_path: C{[gateway] fast_path}; off keeps Twisted's own poll loop."""
         self._reactor = reactor
+        self._fast_path = fast_path
 
     def startService(self) -> None:
         Service.startService(self)
-        prepare_process(self._reactor)
+        prepare_process(self._reactor, self._fast_path)
 
 
-def prepare_process(reactor: Any) -> None:
+def prepare_process(reactor: Any, fast_path: bool = True) -> None:
     """
-    Tune a process that serves the gateway: the lean epoll loop, the garbage
-    collector's pace, and one log line saying which parts of the hot path run
-    in C.
+    Tune a process that serves the gateway: the lean epoll loop (with
+    C{fast_path}), the garbage collector's pace, and one log line saying
+    which fast paths of the hot path are on.
     """
-    lean = use_lean_poll(reactor)
+    lean = use_lean_poll(reactor) if fast_path else False
     tune_gc()
-    log_hot_path(lean)
+    log_hot_path(lean, fast_path)
 
 
-def log_hot_path(lean: bool) -> None:
-    """The start-up line: which parts of the hot path run in C, and the loop."""
-    from aura_proxy import fastclient, relay, sse
+def log_hot_path(lean: bool, fast_path: bool = True) -> None:
+    """
+    The start-up line: with C{fast_path = on}, which parts of the hot path
+    run in C, whether the lean epoll loop runs, and which fast paths this
+    Twisted's internals switch off (L{aura_proxy.twisted_internals}); a
+    warning when any is missing.
+    """
+    if not fast_path:
+        _log.info(
+            "hot path: fast_path = off: stock Twisted and pure Python (no C module, "
+            "Twisted's own poll loop and transport writes)",
+            fast_path="off",
+        )
+        return
+    from aura_proxy import fastclient, relay, sse, twisted_internals
 
     missing = [name for name, built in (
         ("aura_proxy._sse_stamp", sse.ACCELERATED),
         ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None),
         ("aura_proxy._relay_core", relay.ACCELERATED),
     ) if not built]
-    if missing:
+    internals = "; ".join(
+        f"{internal.serves} off ({internal.name}: {internal.why})"
+        for internal in twisted_internals.unavailable()
+    )
+    loop = "on" if lean else "off (not an epoll reactor)"
+    if missing or internals:
         _log.warn(
-            "hot path: {missing} not built (no C compiler at install time?): the Python "
-            "code does that work, more slowly; lean epoll loop {lean}",
-            missing=", ".join(missing), lean="on" if lean else "off (not an epoll reactor)",
+            "hot path: fast_path = on, but {missing} not built (no C compiler at install "
+            "time?): the Python code does that work, more slowly; lean epoll loop {lean}; "
+            "this Twisted: {internals}",
+            missing=", ".join(missing) or "nothing", lean=loop,
+            internals=internals or "every internal found", fast_path="on",
         )
     else:
         _log.info(
-            "hot path: chunked reads, SSE rewriter, event store and client writes in C, lean epoll loop {lean}",
-            lean="on" if lean else "off (not an epoll reactor)",
+            "hot path: fast_path = on: chunked reads, SSE rewriter, event store and client "
+            "writes in C, lean epoll loop {lean}, every Twisted internal found",
+            lean=loop, fast_path="on",
         )
 
 

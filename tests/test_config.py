@@ -261,3 +261,36 @@ class WorkersKeyTests(TestCase):
             self.assertEqual(main(["check", path]), 1)
         self.assertIn(f"{path}: [gateway] workers: workers = 3 cannot be used with [sse] resume = memory",
                       err.getvalue())
+
+
+class FastPathTests(TestCase):
+    """C{[gateway] fast_path}, and the environment variable that overrides it."""
+
+    def setUp(self) -> None:
+        saved = os.environ.pop("AURA_PROXY_FAST_PATH", None)
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, "AURA_PROXY_FAST_PATH", saved)
+        self.addCleanup(os.environ.pop, "AURA_PROXY_FAST_PATH", None)
+
+    def test_default_on(self) -> None:
+        """The fast paths are on unless the file says off."""
+        self.assertTrue(parse_config(MINIMAL, "gw.ini").gateway.fast_path)
+        self.assertFalse(parse_config("[gateway]\nfast_path = off\n" + MINIMAL, "gw.ini").gateway.fast_path)
+
+    def test_bad_value(self) -> None:
+        """A value other than on/off is refused with file, section and key."""
+        [problem] = problems("[gateway]\nfast_path = fast\n" + MINIMAL)
+        self.assertTrue(problem.startswith("gw.ini: [gateway] fast_path: "), problem)
+
+    def test_environment_overrides(self) -> None:
+        """AURA_PROXY_FAST_PATH=off switches a file's fast_path = on off, and =on the other way."""
+        os.environ["AURA_PROXY_FAST_PATH"] = "off"
+        self.assertFalse(parse_config("[gateway]\nfast_path = on\n" + MINIMAL, "gw.ini").gateway.fast_path)
+        os.environ["AURA_PROXY_FAST_PATH"] = "on"
+        self.assertTrue(parse_config("[gateway]\nfast_path = off\n" + MINIMAL, "gw.ini").gateway.fast_path)
+
+    def test_environment_bad_value(self) -> None:
+        """A bad AURA_PROXY_FAST_PATH is a configuration error naming the variable."""
+        os.environ["AURA_PROXY_FAST_PATH"] = "maybe"
+        [problem] = problems(MINIMAL)
+        self.assertEqual(problem, "gw.ini: environment AURA_PROXY_FAST_PATH: expected true or false, got 'maybe'")

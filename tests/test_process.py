@@ -53,6 +53,28 @@ class PrepareProcessTests(SynchronousTestCase):
         self.assertEqual(event["missing"], "aura_proxy._sse_stamp, aura_proxy._chunked_read, aura_proxy._relay_core")
         self.assertEqual(event["lean"], "off (not an epoll reactor)")
 
+    def test_missing_internal_warns(self) -> None:
+        """A Twisted internal that is not found makes the line a warning naming the fast path it switched off."""
+        from tests.test_twisted_internals import switched_off
+
+        switched_off(self, "write_buffers")
+        process.log_hot_path(True)
+        [event] = self.hot_path_events()
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertIn("writes sent straight to the client's socket", event["internals"])
+        self.assertIn("switched off by a test", event["internals"])
+
+    def test_fast_path_off(self) -> None:
+        """With fast_path = off the epoll reactor keeps its own loop, and the line says stock Twisted."""
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        process.prepare_process(reactor, fast_path=False)
+        self.assertNotEqual(reactor.doIteration.__name__, "do_poll")
+        self.assertFalse(hasattr(reactor, "_aura_pending_writes"))
+        [event] = self.hot_path_events()
+        self.assertEqual((event["log_level"], event["fast_path"]), (LogLevel.info, "off"))
+        self.assertIn("stock Twisted", event["log_format"])
+
 
 class ProcessTuningTests(SynchronousTestCase):
     """ProcessTuning: the child service of the tree that tunes the process when it starts."""
@@ -74,3 +96,10 @@ class ProcessTuningTests(SynchronousTestCase):
         self.assertEqual(reactor.doIteration.__name__, "do_poll")
         self.assertEqual(gc.get_threshold()[0], 50_000)
         self.assertTrue(service.running)
+
+    def test_fast_path_off_keeps_the_loop(self) -> None:
+        """ProcessTuning with fast_path off leaves the reactor's own poll loop."""
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        process.ProcessTuning(reactor, fast_path=False).startService()
+        self.assertNotEqual(reactor.doIteration.__name__, "do_poll")

@@ -20,6 +20,7 @@ L{start_hang_server} are in-process fake upstreams.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -98,6 +99,17 @@ resume = off
 on_client_disconnect = cancel
 {extra}
 """
+
+#: What a tuned gateway process logs at start (aura_proxy.process.log_hot_path),
+#: with the fast paths on, or off for the whole run (AURA_PROXY_FAST_PATH=off,
+#: as .ci/run's stock-mode pass sets it).
+HOT_PATH = (
+    "hot path: fast_path = off: stock Twisted and pure Python"
+    if os.environ.get("AURA_PROXY_FAST_PATH", "").lower() in ("off", "false", "no", "0")
+    else "hot path: fast_path = on: chunked reads, SSE rewriter, event store and client "
+    "writes in C, lean epoll loop on, every Twisted internal found"
+)
+
 
 #: The [gateway] keys of a test configuration (start_gateway listens itself).
 GATEWAY_DEFAULTS = {

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import ResponseDone
 
 from tests.integration.gateway import (
-    ChunkCollector, client, parse_events, twistd_ini, wait_until,
+    HOT_PATH, ChunkCollector, client, parse_events, twistd_ini, wait_until,
 )
 from tests.integration.upstreams import (
     REPO_ROOT,
@@ -38,8 +38,6 @@ def config_text(listen: int, admin: int, upstream_port: int, extra: str = "") ->
         f"[sse]\ninject_ids = false\nresume = off\non_client_disconnect = cancel\n{extra}"))
 
 
-#: What a tuned gateway process logs at start (aura_proxy.process.prepare_process).
-HOT_PATH = "hot path: chunked reads, SSE rewriter, event store and client writes in C, lean epoll loop on"
 
 class TwistdTests(TestCase):
     """Each test runs its own twistd (and, where needed, FastAPI upstream)."""

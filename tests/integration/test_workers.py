@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests.integration.gateway import twistd_ini
+from tests.integration.gateway import HOT_PATH, twistd_ini
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -106,7 +106,7 @@ class WorkersTests(TestCase):
 
     def test_workers_are_tuned(self) -> None:
         """Each worker process tunes itself for the hot path (lean epoll loop, GC) and says so."""
-        line = "hot path: chunked reads, SSE rewriter, event store and client writes in C, lean epoll loop on"
+        line = HOT_PATH
 
         def logged(name: str) -> bool:
             log = Path(self.gateway.log_path).read_text()  # type: ignore[attr-defined]
