@@ -97,6 +97,10 @@ _Key = tuple[bytes, int]
 MAX_HEAD = 65536
 #: A chunk-size line (with extensions) or trailer section larger than this is refused.
 _MAX_CHUNK_LINE = 4096
+#: The largest chunk size accepted (15 hex digits, leading zeros aside); a
+#: larger one is broken framing.  Sizes stay far from 2**63, so every form of
+#: the parser (this one, aura_proxy/_chunked_read.c) holds them in an int64.
+_MAX_CHUNK_SIZE = 0xFFFFFFFFFFFFFFF
 _MAX_TRAILERS = 65536
 
 #: Methods retried once when a reused connection turns out to be closed.
@@ -1177,6 +1181,8 @@ def _chunk_size(line: bytes) -> int:
     if not size or len(size) > 16 or size.translate(None, _HEX):
         raise _ProtocolError("bad chunk-size line %r" % (line[:40],))
     n = int(size, 16)
+    if n > _MAX_CHUNK_SIZE:
+        raise _ProtocolError("chunk size %r above the maximum" % (size,))
     if len(_SIZES) < _MAX_SIZES and len(line) <= 17:
         _SIZES[line] = n
     return n
