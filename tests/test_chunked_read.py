@@ -238,6 +238,51 @@ class CReadTests(ReadTestsMixin, SynchronousTestCase):
             t.doRead()
         self.assertEqual(t.socket.recv(100), b"3\r\nabc\r\n")
 
+    def test_uninitialised(self) -> None:
+        """A ChunkedReader that __init__ never ran on refuses do_read with RuntimeError (it crashed)."""
+        from aura_proxy._chunked_read import ChunkedReader
+
+        reader = ChunkedReader.__new__(ChunkedReader)
+        with self.assertRaises(RuntimeError):
+            reader.do_read()
+
+    def test_reinitialised_during_read(self) -> None:
+        """
+        A consumer that re-initialises the reader in the middle of a read
+        (dropping the last reference to the connection) does not disturb that
+        read: its failure goes to the connection the read was for, and the
+        next read uses the new connection.
+        """
+        from aura_proxy._chunked_read import ChunkedReader
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        boom = RuntimeError("consumer broke")
+        failed: List[BaseException] = []
+        other = Conn(mode=4)
+
+        def take(data: bytes) -> None:
+            # The reader held the only reference to its connection.
+            reader.__init__(a, other, CONNECTION_DONE, CONNECTION_LOST)  # type: ignore[misc]
+            raise boom
+
+        class Reinitialising(Conn):
+            def _delivery_failed(self, exc: BaseException) -> None:
+                failed.append(exc)
+
+        conn = Reinitialising()
+        conn._deliver = take
+        reader = ChunkedReader(a, conn, CONNECTION_DONE, CONNECTION_LOST)
+        del conn
+        b.send(b"3\r\nabc\r\n")
+        self.assertIsNone(reader.do_read())
+        self.assertEqual(failed, [boom])
+        b.send(b"more")
+        self.assertIsNone(reader.do_read())
+        self.assertEqual(other.raw, [b"more"])
+
     def test_bad_size(self) -> None:
         """The read size is checked."""
         from aura_proxy._chunked_read import ChunkedReader
