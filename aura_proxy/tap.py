@@ -174,20 +174,22 @@ def prepare_process(reactor: Any) -> None:
     a C{.tac}): the lean epoll loop, the garbage collector's pace, and one
     log line saying which parts of the hot path run in C.
     """
-    from aura_proxy import fastclient, relay, sse
+    from aura_proxy import c_extensions, fastclient, relay, sse
 
     lean = use_lean_poll(reactor)
     tune_gc()
-    missing = [name for name, built in (
-        ("aura_proxy._sse_stamp", sse.ACCELERATED),
-        ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None),
-        ("aura_proxy._relay_core", relay.ACCELERATED),
-    ) if not built]
-    if missing:
+    unused = [(name, reason) for name, used, reason in (
+        ("aura_proxy._sse_stamp", sse.ACCELERATED, sse.C_DISABLED_REASON),
+        ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None, fastclient.C_DISABLED_REASON),
+        ("aura_proxy._relay_core", relay.ACCELERATED, None),
+    ) if not used]
+    if unused:
         _log.warn(
-            "hot path: {missing} not built (no C compiler at install time?): the Python "
-            "code does that work, more slowly; lean epoll loop {lean}",
-            missing=", ".join(missing), lean="on" if lean else "off (not an epoll reactor)",
+            "hot path: {missing} not used ({why}): the Python code does that work, more "
+            "slowly; lean epoll loop {lean}",
+            missing=", ".join(name for name, _ in unused),
+            why="; ".join(f"{name}: {reason or c_extensions.NOT_BUILT}" for name, reason in unused),
+            lean="on" if lean else "off (not an epoll reactor)",
         )
     else:
         _log.info(
