@@ -18,22 +18,42 @@
 #include <string.h>
 #include <sys/socket.h>
 
+/*
+ * Values shared with aura_proxy/fastclient.py, which defines them: the module
+ * exports them as CONSTANTS and fastclient does not use this module unless
+ * they equal its own (a stale build then reads in Python, and says so).
+ */
 /* fastclient._M_CHUNKED */
 #define MODE_CHUNKED 0
-/* Reads are at most this large (Twisted's bufferSize for TCP). */
+/* Reads are at most this large (fastclient._C_READ_BUFFER; Twisted's bufferSize for TCP). */
 #define MAX_READ 65536
+/* fastclient._MAX_CHUNK_SIZE: larger sizes are broken framing (the Python parser says so). */
+#define MAX_CHUNK_SIZE 0xFFFFFFFFFFFFFFFLL
+/* The fastclient._Connection attributes read and called here (CONNECTION_ATTRIBUTES). */
+#define A_MODE "_mode"
+#define A_BUF "_buf"
+#define A_LEFT "_left"
+#define A_DELIVER "_deliver"
+#define A_DATA_RECEIVED "dataReceived"
+#define A_FAILED "_delivery_failed"
+
 /* Chunk-size lines longer than this are left to Python. */
 #define MAX_HEX 8
 /* At most this many chunks in one read are decoded here. */
 #define MAX_CHUNKS 64
 
+/* Every size decoded here is one the Python parser accepts too: larger ones go to it and it refuses them. */
+_Static_assert(MAX_HEX < 16 && ((1ULL << (4 * MAX_HEX)) - 1) <= (unsigned long long)MAX_CHUNK_SIZE,
+               "chunk sizes decoded in C must not exceed MAX_CHUNK_SIZE");
+
+/* One read's bytes.  No Python code runs between the recv into it and the copy out of it. */
 static char read_buffer[MAX_READ];
 
 static PyObject *s_mode, *s_buf, *s_left, *s_deliver, *s_dataReceived, *s_fileno, *s_failed;
 
 typedef struct {
     PyObject_HEAD
-    PyObject *sock;   /* the socket object */
+    PyObject *sock;   /* the socket object; NULL until __init__ */
     PyObject *conn;   /* the fastclient._Connection */
     PyObject *done;   /* what doRead returns at end of stream */
     PyObject *lost;   /* ... and on a socket error */
@@ -52,18 +72,69 @@ hexval(char c)
     return -1;
 }
 
-/* 1 and the connection's attribute `name` is `expected` (an int), else 0; -1 on error. */
+/*
+ * 1 if the connection's attribute `name` is the int `expected`, else 0; -1 on
+ * error.  Any int is fine (one beyond a C long long is simply not `expected`).
+ */
 static int
-attr_is_int(PyObject *conn, PyObject *name, long expected)
+attr_is_int(PyObject *conn, PyObject *name, long long expected)
 {
     PyObject *v = PyObject_GetAttr(conn, name);
     if (v == NULL)
         return -1;
-    long x = PyLong_Check(v) ? PyLong_AsLong(v) : -1;
+    int overflow = 0;
+    long long x = PyLong_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : expected - 1;
     Py_DECREF(v);
     if (x == -1 && PyErr_Occurred())
         return -1;
-    return x == expected;
+    return !overflow && x == expected;
+}
+
+/*
+ * 1, and *deliver a new reference to the body's consumer, if the connection
+ * is at a chunk boundary of a chunked body being delivered; 0 if not; -1 on
+ * error.
+ */
+static int
+at_chunk_boundary(PyObject *conn, PyObject **deliver)
+{
+    int ok = attr_is_int(conn, s_mode, MODE_CHUNKED);
+    if (ok > 0)
+        ok = attr_is_int(conn, s_left, 0);
+    if (ok > 0) {
+        PyObject *pending = PyObject_GetAttr(conn, s_buf);
+        if (pending == NULL)
+            return -1;
+        ok = PyBytes_Check(pending) && PyBytes_GET_SIZE(pending) == 0;
+        Py_DECREF(pending);
+    }
+    if (ok > 0) {
+        PyObject *d = PyObject_GetAttr(conn, s_deliver);
+        if (d == NULL)
+            return -1;
+        if (d == Py_None) {
+            Py_DECREF(d);
+            return 0;
+        }
+        *deliver = d;
+    }
+    return ok;
+}
+
+/* Hand the pending exception to conn._delivery_failed, as the Python parser breaks the connection. */
+static PyObject *
+report_failure(PyObject *conn)
+{
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL && exc != NULL)
+        PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyObject *r = PyObject_CallMethodOneArg(conn, s_failed, exc ? exc : Py_None);
+    Py_XDECREF(exc);
+    return r;
 }
 
 /*
@@ -102,99 +173,93 @@ whole_chunks(const char *buf, Py_ssize_t n, Py_ssize_t *starts, Py_ssize_t *size
     return count;
 }
 
+/*
+ * Read the socket once.  The connection's state is read first: an error
+ * there leaves the bytes in the socket.  Once bytes are taken, they reach the
+ * connection (dataReceived, the consumer, or _delivery_failed if they cannot
+ * be handed over); only the connection's own methods can still raise, as in
+ * the Python form of doRead.
+ */
 static PyObject *
 Reader_do_read(Reader *self, PyObject *unused)
 {
-    PyObject *fdobj = PyObject_CallMethodNoArgs(self->sock, s_fileno);
-    if (fdobj == NULL)
+    if (self->sock == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ChunkedReader is not initialised: call __init__ first");
         return NULL;
+    }
+    /* Held for the whole read: the Python code called below may re-initialise this reader. */
+    PyObject *sock = Py_NewRef(self->sock), *conn = Py_NewRef(self->conn);
+    PyObject *done = Py_NewRef(self->done), *lost = Py_NewRef(self->lost);
+    Py_ssize_t size = self->size;
+    PyObject *deliver = NULL, *result = NULL;
+
+    PyObject *fdobj = PyObject_CallMethodNoArgs(sock, s_fileno);
+    if (fdobj == NULL)
+        goto out;
     long fd = PyLong_AsLong(fdobj);
     Py_DECREF(fdobj);
     if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    if (fd < 0)
-        return Py_NewRef(self->lost);
+        goto out;
+    if (fd < 0) {
+        result = Py_NewRef(lost);
+        goto out;
+    }
+    /* Decode here only at a chunk boundary of a chunked body being delivered. */
+    int ok = at_chunk_boundary(conn, &deliver);
+    if (ok < 0)
+        goto out;
     Py_ssize_t n;
     do {
-        n = recv((int)fd, read_buffer, (size_t)self->size, 0);
+        n = recv((int)fd, read_buffer, (size_t)size, 0);
     } while (n < 0 && errno == EINTR);
     if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            Py_RETURN_NONE;
-        return Py_NewRef(self->lost);
+        result = Py_NewRef(errno == EAGAIN || errno == EWOULDBLOCK ? Py_None : lost);
+        goto out;
     }
-    if (n == 0)
-        return Py_NewRef(self->done);
+    if (n == 0) {
+        result = Py_NewRef(done);
+        goto out;
+    }
 
-    /* Decode here only at a chunk boundary of a chunked body being delivered. */
-    PyObject *conn = self->conn;
-    int ok = attr_is_int(conn, s_mode, MODE_CHUNKED);
-    if (ok < 0)
-        return NULL;
-    PyObject *deliver = NULL;
-    if (ok) {
-        ok = attr_is_int(conn, s_left, 0);
-        if (ok < 0)
-            return NULL;
-    }
-    if (ok) {
-        PyObject *pending = PyObject_GetAttr(conn, s_buf);
-        if (pending == NULL)
-            return NULL;
-        ok = PyBytes_Check(pending) && PyBytes_GET_SIZE(pending) == 0;
-        Py_DECREF(pending);
-    }
-    if (ok) {
-        deliver = PyObject_GetAttr(conn, s_deliver);
-        if (deliver == NULL)
-            return NULL;
-        ok = deliver != Py_None;
-    }
     Py_ssize_t starts[MAX_CHUNKS], sizes[MAX_CHUNKS], total = 0;
     int chunks = ok ? whole_chunks(read_buffer, n, starts, sizes, &total) : 0;
+    PyObject *r;
     if (chunks == 0) {
-        Py_XDECREF(deliver);
         PyObject *data = PyBytes_FromStringAndSize(read_buffer, n);
-        if (data == NULL)
-            return NULL;
-        PyObject *r = PyObject_CallMethodOneArg(conn, s_dataReceived, data);
-        Py_DECREF(data);
-        if (r == NULL)
-            return NULL;
-        Py_DECREF(r);
-        Py_RETURN_NONE;
+        if (data == NULL) {
+            r = report_failure(conn);
+        } else {
+            r = PyObject_CallMethodOneArg(conn, s_dataReceived, data);
+            Py_DECREF(data);
+        }
+    } else {
+        PyObject *payload = PyBytes_FromStringAndSize(NULL, total);
+        if (payload == NULL) {
+            r = report_failure(conn);
+        } else {
+            char *o = PyBytes_AS_STRING(payload);
+            for (int i = 0; i < chunks; i++) {
+                memcpy(o, read_buffer + starts[i], sizes[i]);
+                o += sizes[i];
+            }
+            r = PyObject_CallOneArg(deliver, payload);
+            Py_DECREF(payload);
+            /* As the Python parser does: a failing consumer breaks the connection. */
+            if (r == NULL)
+                r = report_failure(conn);
+        }
     }
-    PyObject *payload = PyBytes_FromStringAndSize(NULL, total);
-    if (payload == NULL) {
-        Py_DECREF(deliver);
-        return NULL;
-    }
-    char *o = PyBytes_AS_STRING(payload);
-    for (int i = 0; i < chunks; i++) {
-        memcpy(o, read_buffer + starts[i], sizes[i]);
-        o += sizes[i];
-    }
-    PyObject *r = PyObject_CallOneArg(deliver, payload);
-    Py_DECREF(deliver);
-    Py_DECREF(payload);
     if (r != NULL) {
         Py_DECREF(r);
-        Py_RETURN_NONE;
+        result = Py_NewRef(Py_None);
     }
-    /* As the Python parser does: a failing consumer breaks the connection. */
-    PyObject *type, *exc, *tb;
-    PyErr_Fetch(&type, &exc, &tb);
-    PyErr_NormalizeException(&type, &exc, &tb);
-    if (tb != NULL && exc != NULL)
-        PyException_SetTraceback(exc, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    r = PyObject_CallMethodOneArg(conn, s_failed, exc ? exc : Py_None);
-    Py_XDECREF(exc);
-    if (r == NULL)
-        return NULL;
-    Py_DECREF(r);
-    Py_RETURN_NONE;
+out:
+    Py_XDECREF(deliver);
+    Py_DECREF(sock);
+    Py_DECREF(conn);
+    Py_DECREF(done);
+    Py_DECREF(lost);
+    return result;
 }
 
 static int
@@ -275,22 +340,29 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__chunked_read(void)
 {
-    if (!(s_mode = PyUnicode_InternFromString("_mode")) ||
-        !(s_buf = PyUnicode_InternFromString("_buf")) ||
-        !(s_left = PyUnicode_InternFromString("_left")) ||
-        !(s_deliver = PyUnicode_InternFromString("_deliver")) ||
-        !(s_dataReceived = PyUnicode_InternFromString("dataReceived")) ||
+    if (!(s_mode = PyUnicode_InternFromString(A_MODE)) ||
+        !(s_buf = PyUnicode_InternFromString(A_BUF)) ||
+        !(s_left = PyUnicode_InternFromString(A_LEFT)) ||
+        !(s_deliver = PyUnicode_InternFromString(A_DELIVER)) ||
+        !(s_dataReceived = PyUnicode_InternFromString(A_DATA_RECEIVED)) ||
         !(s_fileno = PyUnicode_InternFromString("fileno")) ||
-        !(s_failed = PyUnicode_InternFromString("_delivery_failed")))
+        !(s_failed = PyUnicode_InternFromString(A_FAILED)))
         return NULL;
     if (PyType_Ready(&ReaderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&ReaderType);
-    if (PyModule_AddObject(m, "ChunkedReader", (PyObject *)&ReaderType) < 0) {
-        Py_DECREF(&ReaderType);
+    PyObject *constants = Py_BuildValue("{sisisL}", "MODE_CHUNKED", MODE_CHUNKED, "MAX_READ", MAX_READ,
+                                        "MAX_CHUNK_SIZE", (long long)MAX_CHUNK_SIZE);
+    PyObject *attributes = Py_BuildValue("(ssssss)", A_MODE, A_BUF, A_LEFT, A_DELIVER, A_DATA_RECEIVED, A_FAILED);
+    int ok = constants != NULL && attributes != NULL
+        && PyModule_AddObjectRef(m, "ChunkedReader", (PyObject *)&ReaderType) == 0
+        && PyModule_AddObjectRef(m, "CONSTANTS", constants) == 0
+        && PyModule_AddObjectRef(m, "CONNECTION_ATTRIBUTES", attributes) == 0;
+    Py_XDECREF(constants);
+    Py_XDECREF(attributes);
+    if (!ok) {
         Py_DECREF(m);
         return NULL;
     }

@@ -18,11 +18,27 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
+#include <stddef.h>
 #include <string.h>
 
+/*
+ * Values shared with aura_proxy/sse.py, which defines them: the module exports
+ * them as CONSTANTS and sse does not use this module unless they equal its
+ * own (a stale build then runs in Python, and says so).
+ */
 /* Upstream ids longer than this are not carried (sse.MAX_CARRIED_UPSTREAM_ID). */
 #define MAX_CARRIED 96
+/* The line put first in a stamped block (sse._ID_FIELD), before the gateway id. */
+#define ID_FIELD "id: "
+#define ID_FIELD_LEN ((Py_ssize_t)sizeof(ID_FIELD) - 1)
+/* Between the sequence number and the carried upstream id (sse._CARRY_SEPARATOR). */
+#define CARRY_SEPARATOR "."
+/* A blank line after a line's LF: the end of a block (sse._LFLF). */
+#define BLOCK_END "\n\n"
+/* The carried id's encoding: base64url without padding (sse._BASE64URL_ALPHABET). */
+static const char B64URL[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
 /* "." + base64url of MAX_CARRIED bytes without padding. */
 #define MAX_SUFFIX (1 + (MAX_CARRIED * 4 + 2) / 3)
 /* Decimal digits of a long long, with room to spare. */
@@ -48,12 +64,24 @@ typedef struct {
     Py_ssize_t slots, head, count;
     long long first_seq;   /* events before this one are no longer kept */
     long long last_seq;
-    Py_ssize_t max_events, max_bytes;
+    Py_ssize_t max_events, max_bytes;  /* 0 until __init__ */
     int ended;             /* the stream ended: add() keeps nothing more */
     PyObject *subscribers; /* set of attachments (with .subscriber), or NULL */
+    int busy;              /* add or events_after running: __init__ is refused */
+    unsigned long long version;  /* bumped by every change of the buffers */
 } EventStore;
 
 static PyTypeObject EventStoreType;
+
+/* 0 if __init__ has run; else -1 with RuntimeError (made by __new__ alone, or a subclass skipped it). */
+static int
+store_ready(EventStore *self)
+{
+    if (self->max_events > 0)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "EventStore is not initialised: call __init__ first");
+    return -1;
+}
 
 static int
 EventStore_init(EventStore *self, PyObject *args, PyObject *kwds)
@@ -66,6 +94,12 @@ EventStore_init(EventStore *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "max_events and max_bytes must be at least 1");
         return -1;
     }
+    if (self->busy) {
+        /* Called from a subscriber or a finalizer: the running method still uses the buffers. */
+        PyErr_SetString(PyExc_RuntimeError, "EventStore.__init__ called while the store is in use");
+        return -1;
+    }
+    self->version++;
     PyMem_Free(self->data);
     PyMem_Free(self->seqs);
     PyMem_Free(self->ends);
@@ -87,6 +121,7 @@ EventStore_init(EventStore *self, PyObject *args, PyObject *kwds)
 static int
 store_reserve(EventStore *self, Py_ssize_t n)
 {
+    self->version++;
     if (self->used + n > self->cap) {
         Py_ssize_t kept = self->used - self->dead;
         if (self->dead > 0 && kept + n <= self->cap && self->dead >= kept) {
@@ -169,6 +204,8 @@ store_notify(EventStore *self, long long seq, PyObject *block)
 static int
 store_add(EventStore *self, long long seq, const char *buf, Py_ssize_t n, PyObject *block)
 {
+    if (store_ready(self) < 0)
+        return -1;
     if (self->ended)
         return 0;
     if (store_reserve(self, n) < 0)
@@ -188,11 +225,12 @@ store_add(EventStore *self, long long seq, const char *buf, Py_ssize_t n, PyObje
     if (self->subscribers == NULL || PySet_GET_SIZE(self->subscribers) == 0)
         return 0;
     if (block != NULL)
-        return store_notify(self, seq, block);
-    block = PyBytes_FromStringAndSize(buf, n);
-    if (block == NULL)
+        Py_INCREF(block);
+    else if ((block = PyBytes_FromStringAndSize(buf, n)) == NULL)
         return -1;
+    self->busy++;
     int rc = store_notify(self, seq, block);
+    self->busy--;
     Py_DECREF(block);
     return rc;
 }
@@ -229,46 +267,88 @@ EventStore_call(EventStore *self, PyObject *args, PyObject *kwds)
 static PyObject *
 EventStore_events_after(EventStore *self, PyObject *arg)
 {
+    if (store_ready(self) < 0)
+        return NULL;
     long long after = PyLong_AsLongLong(arg);
     if (after == -1 && PyErr_Occurred())
         return NULL;
+    /* Making the list and tuples can run a finalizer's Python code (the
+     * garbage collector runs then), which could add to this store and move
+     * its bytes: such a change is an error, as a dict changed during
+     * iteration is. */
+    unsigned long long version = self->version;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
+    self->busy++;
     Py_ssize_t start = self->dead;
-    for (Py_ssize_t i = self->head; i < self->count; i++) {
+    for (Py_ssize_t i = self->head;; i++) {
+        if (self->version != version) {
+            PyErr_SetString(PyExc_RuntimeError, "EventStore changed during events_after");
+            goto error;
+        }
+        if (i >= self->count)
+            break;
         Py_ssize_t end = self->ends[i];
-        if (self->seqs[i] > after) {
+        long long seq = self->seqs[i];
+        if (seq > after) {
             /* Not Py_BuildValue's y#: it makes None of an empty event before the first allocation. */
             PyObject *block = PyBytes_FromStringAndSize(end > start ? self->data + start : NULL, end - start);
-            PyObject *item = block == NULL ? NULL : Py_BuildValue("(LN)", self->seqs[i], block);
+            PyObject *item = block == NULL ? NULL : Py_BuildValue("(LN)", seq, block);
             if (item == NULL || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);
-                Py_DECREF(out);
-                return NULL;
+                goto error;
             }
             Py_DECREF(item);
         }
         start = end;
     }
+    self->busy--;
     return out;
+error:
+    self->busy--;
+    Py_DECREF(out);
+    return NULL;
 }
 
 static Py_ssize_t
 EventStore_len(EventStore *self)
 {
+    if (store_ready(self) < 0)
+        return -1;
     return self->count - self->head;
 }
 
 static PyObject *
 EventStore_get_size(EventStore *self, void *closure)
 {
+    if (store_ready(self) < 0)
+        return NULL;
     return PyLong_FromSsize_t(self->used - self->dead);
+}
+
+/* The read-only numbers (first_seq, last_seq, max_events, max_bytes), by offset. */
+static PyObject *
+EventStore_get_long_long(EventStore *self, void *offset)
+{
+    if (store_ready(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(*(long long *)((char *)self + (Py_ssize_t)offset));
+}
+
+static PyObject *
+EventStore_get_ssize(EventStore *self, void *offset)
+{
+    if (store_ready(self) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(*(Py_ssize_t *)((char *)self + (Py_ssize_t)offset));
 }
 
 static PyObject *
 EventStore_get_subscribers(EventStore *self, void *closure)
 {
+    if (store_ready(self) < 0)
+        return NULL;
     PyObject *s = self->subscribers ? self->subscribers : Py_None;
     Py_INCREF(s);
     return s;
@@ -277,6 +357,8 @@ EventStore_get_subscribers(EventStore *self, void *closure)
 static int
 EventStore_set_subscribers(EventStore *self, PyObject *value, void *closure)
 {
+    if (store_ready(self) < 0)
+        return -1;
     if (value == NULL || value == Py_None) {
         Py_CLEAR(self->subscribers);
         return 0;
@@ -293,12 +375,16 @@ EventStore_set_subscribers(EventStore *self, PyObject *value, void *closure)
 static PyObject *
 EventStore_get_ended(EventStore *self, void *closure)
 {
+    if (store_ready(self) < 0)
+        return NULL;
     return PyBool_FromLong(self->ended);
 }
 
 static int
 EventStore_set_ended(EventStore *self, PyObject *value, void *closure)
 {
+    if (store_ready(self) < 0)
+        return -1;
     if (value == NULL) {
         PyErr_SetString(PyExc_TypeError, "ended cannot be deleted");
         return -1;
@@ -341,15 +427,15 @@ static PyGetSetDef EventStore_getset[] = {
      "Attachments that get each new event (their .subscriber.replay_event), or None.", NULL},
     {"ended", (getter)EventStore_get_ended, (setter)EventStore_set_ended,
      "Whether the stream ended: add() keeps nothing more.", NULL},
-    {NULL},
-};
-
-static PyMemberDef EventStore_members[] = {
-    {"first_seq", T_LONGLONG, offsetof(EventStore, first_seq), READONLY,
-     "The oldest sequence number that can still be kept (1 until the first eviction)."},
-    {"last_seq", T_LONGLONG, offsetof(EventStore, last_seq), READONLY, "The newest event's sequence number."},
-    {"max_events", T_PYSSIZET, offsetof(EventStore, max_events), READONLY, "Events kept at most."},
-    {"max_bytes", T_PYSSIZET, offsetof(EventStore, max_bytes), READONLY, "Bytes kept at most (the newest event always)."},
+    {"first_seq", (getter)EventStore_get_long_long, NULL,
+     "The oldest sequence number that can still be kept (1 until the first eviction).",
+     (void *)offsetof(EventStore, first_seq)},
+    {"last_seq", (getter)EventStore_get_long_long, NULL, "The newest event's sequence number.",
+     (void *)offsetof(EventStore, last_seq)},
+    {"max_events", (getter)EventStore_get_ssize, NULL, "Events kept at most.",
+     (void *)offsetof(EventStore, max_events)},
+    {"max_bytes", (getter)EventStore_get_ssize, NULL, "Bytes kept at most (the newest event always).",
+     (void *)offsetof(EventStore, max_bytes)},
     {NULL},
 };
 
@@ -379,13 +465,12 @@ static PyTypeObject EventStoreType = {
     .tp_call = (ternaryfunc)EventStore_call,
     .tp_as_sequence = &EventStore_as_sequence,
     .tp_methods = EventStore_methods,
-    .tp_members = EventStore_members,
     .tp_getset = EventStore_getset,
 };
 
 typedef struct {
     PyObject_HEAD
-    PyObject *prefix;     /* bytes: "<stream id>." */
+    PyObject *prefix;     /* bytes: "<stream id>."; NULL until __init__ */
     int carry;            /* ids carry the upstream's id */
     long long seq;        /* blocks stamped so far */
     PyObject *upstream;   /* bytes, or NULL for none yet */
@@ -394,12 +479,20 @@ typedef struct {
     PyObject *suffix_of;  /* the upstream value suffix encodes, or NULL */
     PyObject *on_event;   /* callable(seq, block), or NULL */
     EventStore *store;    /* on_event, when it is an EventStore: added to directly */
-    PyObject *fallback;   /* callable(data) -> bytes: the Python rewriter */
+    PyObject *fallback;   /* callable(data) -> bytes: the Python rewriter; NULL until __init__ */
     int slow;             /* the Python rewriter holds state: use fallback */
+    int feeding;          /* feed is running: __init__ is refused */
 } Stamper;
 
-static const char B64URL[] =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/* 0 if __init__ has run; else -1 with RuntimeError (made by __new__ alone). */
+static int
+stamper_ready(Stamper *self)
+{
+    if (self->prefix != NULL && self->fallback != NULL)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Stamper is not initialised: call __init__ first");
+    return -1;
+}
 
 /* The suffix ("" or ".<base64url>") for the current upstream id. */
 static void
@@ -416,7 +509,7 @@ update_suffix(Stamper *self)
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(up);
     Py_ssize_t n = PyBytes_GET_SIZE(up), i = 0;
     char *o = self->suffix;
-    *o++ = '.';
+    *o++ = CARRY_SEPARATOR[0];
     for (; i + 2 < n; i += 3) {
         unsigned v = (s[i] << 16) | (s[i + 1] << 8) | s[i + 2];
         *o++ = B64URL[(v >> 18) & 63];
@@ -512,10 +605,11 @@ rewrite_block(Stamper *self, const char *p, Py_ssize_t n, char *o, int *stamped)
             return NULL;
         Py_XSETREF(self->upstream, value);
     }
-    self->seq += 1;
+    /* Unsigned: a seq set to LLONG_MAX wraps instead of overflowing. */
+    self->seq = (long long)((unsigned long long)self->seq + 1);
     *stamped = 1;
-    memcpy(o, "id: ", 4);
-    o = write_id(self, o + 4, self->seq);
+    memcpy(o, ID_FIELD, ID_FIELD_LEN);
+    o = write_id(self, o + ID_FIELD_LEN, self->seq);
     *o++ = '\n';
     if (!has_id_line) {
         memcpy(o, p, n);
@@ -547,39 +641,40 @@ rewrite_block(Stamper *self, const char *p, Py_ssize_t n, char *o, int *stamped)
     return o;
 }
 
-static PyObject *
-call_fallback(Stamper *self, PyObject *data)
-{
-    return PyObject_CallOneArg(self->fallback, data);
-}
-
 /* At most this many stamped blocks per read are handed to on_event from the stack. */
 #define STACK_EVENTS 16
 
+/*
+ * feed's work.  The Python code it calls (on_event, an EventStore's
+ * subscribers, fallback) cannot re-initialise this stamper (Stamper_feed
+ * refuses that), so prefix, on_event and store stay as they are; what it
+ * may change (upstream, seq) is re-read after each call.
+ */
 static PyObject *
-Stamper_feed(Stamper *self, PyObject *data)
+stamper_feed(Stamper *self, PyObject *data, PyObject *on_event, EventStore *store, PyObject *fallback)
 {
     if (self->slow || !PyBytes_CheckExact(data))
-        return call_fallback(self, data);
+        return PyObject_CallOneArg(fallback, data);
     const char *buf = PyBytes_AS_STRING(data);
     Py_ssize_t len = PyBytes_GET_SIZE(data);
     if (len == 0 || memchr(buf, '\r', len) != NULL)
-        return call_fallback(self, data);
+        return PyObject_CallOneArg(fallback, data);
     /* Count the blocks: pieces between non-overlapping "\n\n", as bytes.split
      * finds them.  Whatever follows the last one must be empty, or the read
      * ends inside a block: the Python rewriter keeps such rests. */
     Py_ssize_t pieces = 0, pos = 0;
     for (;;) {
-        const char *hit = memmem(buf + pos, len - pos, "\n\n", 2);
+        const char *hit = memmem(buf + pos, len - pos, BLOCK_END, 2);
         if (hit == NULL)
             break;
         pieces++;
         pos = hit - buf + 2;
     }
     if (pos != len)
-        return call_fallback(self, data);
+        return PyObject_CallOneArg(fallback, data);
 
-    Py_ssize_t bound = len + pieces * (5 + max_id_len(self));
+    /* Per block at most: the id line (field, id, LF). */
+    Py_ssize_t bound = len + pieces * (ID_FIELD_LEN + max_id_len(self) + 1);
     PyObject *out = PyBytes_FromStringAndSize(NULL, bound);
     if (out == NULL)
         return NULL;
@@ -590,7 +685,7 @@ Stamper_feed(Stamper *self, PyObject *data)
     long long *seqs = seqs_small;
     Py_ssize_t nev = 0;
     int heap = 0;
-    if (self->on_event != NULL && self->store == NULL && pieces > STACK_EVENTS) {
+    if (on_event != NULL && store == NULL && pieces > STACK_EVENTS) {
         starts = PyMem_Malloc(pieces * sizeof(Py_ssize_t));
         ends = PyMem_Malloc(pieces * sizeof(Py_ssize_t));
         seqs = PyMem_Malloc(pieces * sizeof(long long));
@@ -603,7 +698,7 @@ Stamper_feed(Stamper *self, PyObject *data)
     pos = 0;
     while (pos < len) {
         const char *p = buf + pos;
-        const char *hit = memmem(p, len - pos, "\n\n", 2);
+        const char *hit = memmem(p, len - pos, BLOCK_END, 2);
         Py_ssize_t n = hit - p;
         pos += n + 2;
         if (n == 0) {
@@ -623,10 +718,10 @@ Stamper_feed(Stamper *self, PyObject *data)
         o = rewrite_block(self, p, n, o, &stamped);
         if (o == NULL)
             goto error;
-        if (stamped && self->store != NULL) {
-            if (store_add(self->store, self->seq, block_start, o - block_start, NULL) < 0)
+        if (stamped && store != NULL) {
+            if (store_add(store, self->seq, block_start, o - block_start, NULL) < 0)
                 goto error;
-        } else if (stamped && self->on_event != NULL) {
+        } else if (stamped && on_event != NULL) {
             starts[nev] = block_start - o0;
             ends[nev] = o - o0;
             seqs[nev] = self->seq;
@@ -652,7 +747,7 @@ Stamper_feed(Stamper *self, PyObject *data)
             goto error;
         }
         PyObject *args[2] = {seq, block};
-        PyObject *r = PyObject_Vectorcall(self->on_event, args, 2, NULL);
+        PyObject *r = PyObject_Vectorcall(on_event, args, 2, NULL);
         Py_DECREF(seq);
         Py_DECREF(block);
         if (r == NULL)
@@ -677,8 +772,27 @@ error_out_gone:
 }
 
 static PyObject *
+Stamper_feed(Stamper *self, PyObject *data)
+{
+    if (stamper_ready(self) < 0)
+        return NULL;
+    /* Strong references for the whole call, whatever the Python code it runs does. */
+    PyObject *on_event = Py_XNewRef(self->on_event), *fallback = Py_NewRef(self->fallback);
+    Py_INCREF(data);
+    self->feeding++;
+    PyObject *out = stamper_feed(self, data, on_event, self->store, fallback);
+    self->feeding--;
+    Py_DECREF(data);
+    Py_DECREF(fallback);
+    Py_XDECREF(on_event);
+    return out;
+}
+
+static PyObject *
 Stamper_make_id(Stamper *self, PyObject *arg)
 {
+    if (stamper_ready(self) < 0)
+        return NULL;
     long long seq = PyLong_AsLongLong(arg);
     if (seq == -1 && PyErr_Occurred())
         return NULL;
@@ -709,6 +823,11 @@ Stamper_init(Stamper *self, PyObject *args, PyObject *kwds)
     }
     if (!PyCallable_Check(fallback)) {
         PyErr_SetString(PyExc_TypeError, "fallback must be callable");
+        return -1;
+    }
+    if (self->feeding) {
+        /* From on_event, a subscriber or fallback: feed's buffers are sized for the current prefix. */
+        PyErr_SetString(PyExc_RuntimeError, "Stamper.__init__ called during feed");
         return -1;
     }
     Py_INCREF(prefix);
@@ -764,6 +883,8 @@ Stamper_dealloc(Stamper *self)
 static PyObject *
 Stamper_get_upstream(Stamper *self, void *closure)
 {
+    if (stamper_ready(self) < 0)
+        return NULL;
     PyObject *up = self->upstream ? self->upstream : Py_None;
     Py_INCREF(up);
     return up;
@@ -772,6 +893,8 @@ Stamper_get_upstream(Stamper *self, void *closure)
 static int
 Stamper_set_upstream(Stamper *self, PyObject *value, void *closure)
 {
+    if (stamper_ready(self) < 0)
+        return -1;
     if (value == NULL || value == Py_None) {
         Py_CLEAR(self->upstream);
         return 0;
@@ -785,16 +908,64 @@ Stamper_set_upstream(Stamper *self, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *
+Stamper_get_seq(Stamper *self, void *closure)
+{
+    if (stamper_ready(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(self->seq);
+}
+
+static int
+Stamper_set_seq(Stamper *self, PyObject *value, void *closure)
+{
+    if (stamper_ready(self) < 0)
+        return -1;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "seq cannot be deleted");
+        return -1;
+    }
+    long long seq = PyLong_AsLongLong(value);
+    if (seq == -1 && PyErr_Occurred())
+        return -1;
+    if (seq < 0) {
+        PyErr_SetString(PyExc_ValueError, "seq must not be negative");
+        return -1;
+    }
+    self->seq = seq;
+    return 0;
+}
+
+static PyObject *
+Stamper_get_slow(Stamper *self, void *closure)
+{
+    if (stamper_ready(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->slow);
+}
+
+static int
+Stamper_set_slow(Stamper *self, PyObject *value, void *closure)
+{
+    if (stamper_ready(self) < 0)
+        return -1;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "slow cannot be deleted");
+        return -1;
+    }
+    int truth = PyObject_IsTrue(value);
+    if (truth < 0)
+        return -1;
+    self->slow = truth;
+    return 0;
+}
+
 static PyGetSetDef Stamper_getset[] = {
     {"upstream", (getter)Stamper_get_upstream, (setter)Stamper_set_upstream,
      "The upstream's last event id buffer (bytes), or None.", NULL},
-    {NULL},
-};
-
-static PyMemberDef Stamper_members[] = {
-    {"seq", T_LONGLONG, offsetof(Stamper, seq), 0, "Blocks stamped so far."},
-    {"slow", T_INT, offsetof(Stamper, slow), 0,
-     "Non-zero while the Python rewriter holds state: feed() goes to fallback."},
+    {"seq", (getter)Stamper_get_seq, (setter)Stamper_set_seq, "Blocks stamped so far.", NULL},
+    {"slow", (getter)Stamper_get_slow, (setter)Stamper_set_slow,
+     "Non-zero while the Python rewriter holds state: feed() goes to fallback.", NULL},
     {NULL},
 };
 
@@ -818,7 +989,6 @@ static PyTypeObject StamperType = {
     .tp_traverse = (traverseproc)Stamper_traverse,
     .tp_clear = (inquiry)Stamper_clear,
     .tp_methods = Stamper_methods,
-    .tp_members = Stamper_members,
     .tp_getset = Stamper_getset,
 };
 
@@ -837,15 +1007,17 @@ PyInit__sse_stamp(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&StamperType);
-    if (PyModule_AddObject(m, "Stamper", (PyObject *)&StamperType) < 0) {
-        Py_DECREF(&StamperType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&EventStoreType);
-    if (PyModule_AddObject(m, "EventStore", (PyObject *)&EventStoreType) < 0) {
-        Py_DECREF(&EventStoreType);
+    PyObject *constants = Py_BuildValue(
+        "{sisy#sy#sy#sy#}", "MAX_CARRIED_UPSTREAM_ID", MAX_CARRIED,
+        "ID_FIELD", ID_FIELD, ID_FIELD_LEN, "CARRY_SEPARATOR", CARRY_SEPARATOR, (Py_ssize_t)(sizeof(CARRY_SEPARATOR) - 1),
+        "BLOCK_END", BLOCK_END, (Py_ssize_t)(sizeof(BLOCK_END) - 1),
+        "BASE64URL_ALPHABET", B64URL, (Py_ssize_t)(sizeof(B64URL) - 1));
+    int ok = constants != NULL
+        && PyModule_AddObjectRef(m, "Stamper", (PyObject *)&StamperType) == 0
+        && PyModule_AddObjectRef(m, "EventStore", (PyObject *)&EventStoreType) == 0
+        && PyModule_AddObjectRef(m, "CONSTANTS", constants) == 0;
+    Py_XDECREF(constants);
+    if (!ok) {
         Py_DECREF(m);
         return NULL;
     }

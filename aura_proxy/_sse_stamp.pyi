@@ -1,6 +1,9 @@
 """Type stub of the C extension aura_proxy/_sse_stamp.c (see there)."""
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
+
+#: The values it was compiled with (aura_proxy.sse checks them at import).
+CONSTANTS: dict[str, Union[int, bytes]]
 
 class Stamper:
     seq: int

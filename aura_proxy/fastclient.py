@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from errno import EWOULDBLOCK
 from functools import lru_cache
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail, gatherResults
@@ -57,13 +57,6 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory
 from twisted.internet.tcp import Client as TCPClient
 
-_ChunkedReader: Optional[type[_chunked_read.ChunkedReader]]
-try:
-    from aura_proxy import _chunked_read
-
-    _ChunkedReader = _chunked_read.ChunkedReader
-except ImportError:  # built without a C compiler: the Python parser reads everything
-    _ChunkedReader = None
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -78,10 +71,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
+from aura_proxy import c_extensions
 from aura_proxy import twisted_internals as internals
 from aura_proxy.eventloop import defer_writes
 from aura_proxy.twisted_internals import DataLoss as _DataLoss
 from aura_proxy.twisted_internals import ParseError, WrongBodyLength
+
+if TYPE_CHECKING:
+    from aura_proxy import _chunked_read
 
 __all__ = ["FastAgent"]
 
@@ -93,6 +90,12 @@ _Key = tuple[bytes, int]
 MAX_HEAD = 65536
 #: A chunk-size line (with extensions) or trailer section larger than this is refused.
 _MAX_CHUNK_LINE = 4096
+#: The largest chunk size accepted (15 hex digits, leading zeros aside); a
+#: larger one is broken framing.  Sizes stay far from 2**63, so every form of
+#: the parser (this one, aura_proxy/_chunked_read.c) holds them in an int64.
+_MAX_CHUNK_SIZE = 0xFFFFFFFFFFFFFFF
+#: The C reader's read buffer (Twisted's bufferSize for TCP): reads are at most this large.
+_C_READ_BUFFER = 65536
 _MAX_TRAILERS = 65536
 
 #: Methods retried once when a reused connection turns out to be closed.
@@ -974,7 +977,7 @@ def _read_directly(transport: TCPClient, protocol: _Connection, accelerate: bool
     if _ChunkedReader is not None and accelerate:
         reader = _ChunkedReader(
             transport.socket, protocol, CONNECTION_DONE, CONNECTION_LOST,
-            min(transport.bufferSize, 65536),  # its read buffer's size
+            min(transport.bufferSize, _C_READ_BUFFER),
         )
         internals.replace_do_read(transport, reader.do_read)
         return
@@ -1178,6 +1181,8 @@ def _chunk_size(line: bytes) -> int:
     if not size or len(size) > 16 or size.translate(None, _HEX):
         raise _ProtocolError("bad chunk-size line %r" % (line[:40],))
     n = int(size, 16)
+    if n > _MAX_CHUNK_SIZE:
+        raise _ProtocolError("chunk size %r above the maximum" % (size,))
     if len(_SIZES) < _MAX_SIZES and len(line) <= 17:
         _SIZES[line] = n
     return n
@@ -1267,3 +1272,32 @@ def _authority(netloc: bytes) -> tuple[bytes, int, bytes]:
     if port != 80:
         host_value += b":%d" % (port,)
     return host, port, host_value
+
+
+# -- the C reader -----------------------------------------------------------------
+
+
+def _load_chunked_reader() -> tuple[Optional[type[_chunked_read.ChunkedReader]], Optional[str]]:
+    """
+    The C reader (L{aura_proxy._chunked_read}) if it is built with this
+    module's constants and the connection attributes it uses exist; else
+    None and why not.
+    """
+    module, reason = c_extensions.load("aura_proxy._chunked_read", {
+        "MODE_CHUNKED": _M_CHUNKED,
+        "MAX_READ": _C_READ_BUFFER,
+        "MAX_CHUNK_SIZE": _MAX_CHUNK_SIZE,
+    })
+    if module is None:
+        return None, reason
+    missing = [name for name in module.CONNECTION_ATTRIBUTES if not hasattr(_Connection, name)]
+    if missing:
+        return None, "reads _Connection attributes that do not exist (%s): not used" % ", ".join(missing)
+    return module.ChunkedReader, None  # type: ignore[no-any-return]
+
+
+#: The C reader's type, or None (then the Python parser reads everything).
+_ChunkedReader: Optional[type[_chunked_read.ChunkedReader]]
+#: Why the C reader is not used (not built, or built with other constants), or None.
+C_DISABLED_REASON: Optional[str]
+_ChunkedReader, C_DISABLED_REASON = _load_chunked_reader()

@@ -64,25 +64,27 @@ def log_hot_path(lean: bool, fast_path: bool = True) -> None:
             fast_path="off",
         )
         return
-    from aura_proxy import fastclient, relay, sse, twisted_internals
+    from aura_proxy import c_extensions, fastclient, relay, sse, twisted_internals
 
-    missing = [name for name, built in (
-        ("aura_proxy._sse_stamp", sse.ACCELERATED),
-        ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None),
-        ("aura_proxy._relay_core", relay.ACCELERATED),
-    ) if not built]
+    unused = [(name, reason) for name, used, reason in (
+        ("aura_proxy._sse_stamp", sse.ACCELERATED, sse.C_DISABLED_REASON),
+        ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None, fastclient.C_DISABLED_REASON),
+        ("aura_proxy._relay_core", relay.ACCELERATED, None),
+    ) if not used]
     internals = "; ".join(
         f"{internal.serves} off ({internal.name}: {internal.why})"
         for internal in twisted_internals.unavailable()
     )
     loop = "on" if lean else "off (not an epoll reactor)"
-    if missing or internals:
+    if unused or internals:
         _log.warn(
-            "hot path: fast_path = on, but {missing} not built (no C compiler at install "
-            "time?): the Python code does that work, more slowly; lean epoll loop {lean}; "
-            "this Twisted: {internals}",
-            missing=", ".join(missing) or "nothing", lean=loop,
-            internals=internals or "every internal found", fast_path="on",
+            "hot path: fast_path = on, but C modules not used: {missing} ({why}): the "
+            "Python code does that work, more slowly; lean epoll loop {lean}; this "
+            "Twisted: {internals}",
+            missing=", ".join(name for name, _ in unused) or "none",
+            why="; ".join(f"{name}: {reason or c_extensions.NOT_BUILT}" for name, reason in unused)
+            or "all used",
+            lean=loop, internals=internals or "every internal found", fast_path="on",
         )
     else:
         _log.info(

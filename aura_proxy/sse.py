@@ -32,18 +32,16 @@ import binascii
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, List, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional
 
-_Stamper: Optional[type[_sse_stamp.Stamper]]
-try:
+from aura_proxy import c_extensions
+
+if TYPE_CHECKING:
     from aura_proxy import _sse_stamp
-
-    _Stamper = _sse_stamp.Stamper
-except ImportError:  # built without a C compiler: the Python code does it all
-    _Stamper = None
 
 __all__ = [
     "ACCELERATED",
+    "C_DISABLED_REASON",
     "DEFAULT_MAX_BUFFER",
     "Event",
     "SseRewriter",
@@ -58,22 +56,46 @@ __all__ = [
     "MAX_CARRIED_UPSTREAM_ID",
 ]
 
-#: Whether the C stamper (L{aura_proxy._sse_stamp}) is built and used by
-#: L{SseRewriter.for_stream}.
-ACCELERATED = _Stamper is not None
-
 #: Default cap, in bytes, on the partial block an L{SseRewriter} buffers.
 DEFAULT_MAX_BUFFER = 1024 * 1024
+
+#: The longest upstream id (bytes) a gateway id carries.
+MAX_CARRIED_UPSTREAM_ID = 96
 
 _BOM = b"\xef\xbb\xbf"
 _LF = b"\n"
 _CRLF = b"\r\n"
 _LFLF = b"\n\n"
+#: The line a stamped block starts with, before the gateway id.
+_ID_FIELD = b"id: "
+#: Between a gateway id's sequence number and the upstream id it carries.
+_CARRY_SEPARATOR = b"."
+#: The carried upstream id's alphabet: base64url (RFC 4648, section 5), unpadded.
+_BASE64URL_ALPHABET = bytes(base64.urlsafe_b64encode(bytes([i << 2]))[0] for i in range(64))
 _CRLFCRLF = b"\r\n\r\n"
 _NOT_A_BLOCK_START = (b"", b"\n", b"\r")
 _COLON = 0x3A
 _LF_BYTE = 0x0A
 _CR_BYTE = 0x0D
+
+#: Why L{aura_proxy._sse_stamp} is not used (not built, or built with other
+#: constants), or None.
+C_DISABLED_REASON: Optional[str]
+# The C stamper and event store, if built with the constants above.
+_c_module, C_DISABLED_REASON = c_extensions.load("aura_proxy._sse_stamp", {
+    "MAX_CARRIED_UPSTREAM_ID": MAX_CARRIED_UPSTREAM_ID,
+    "ID_FIELD": _ID_FIELD,
+    "CARRY_SEPARATOR": _CARRY_SEPARATOR,
+    "BLOCK_END": _LFLF,
+    "BASE64URL_ALPHABET": _BASE64URL_ALPHABET,
+})
+_Stamper: Optional[type[_sse_stamp.Stamper]] = None if _c_module is None else _c_module.Stamper
+#: The memory resume log's C store (L{aura_proxy.resume.log}), or None.
+_CEventStore: Optional[type[_sse_stamp.EventStore]] = None if _c_module is None else _c_module.EventStore
+
+#: Whether the C stamper (L{aura_proxy._sse_stamp}) is built and used by
+#: L{SseRewriter.for_stream}.
+ACCELERATED = _Stamper is not None
 
 # One line and its end (the general scanner).  CRLF is tried before CR, so a
 # CR followed by LF in the same buffer is one line end.
@@ -134,14 +156,10 @@ def event_id_factory(
             return prefix + b"%d" % seq
         if up is not last[0]:
             last[0] = up
-            suffix[0] = b"." + base64.urlsafe_b64encode(up).rstrip(b"=")
+            suffix[0] = _CARRY_SEPARATOR + base64.urlsafe_b64encode(up).rstrip(b"=")
         return prefix + b"%d" % seq + suffix[0]
 
     return make_id_carrying
-
-
-#: The longest upstream id (bytes) a gateway id carries.
-MAX_CARRIED_UPSTREAM_ID = 96
 
 
 # 22 base64url characters carry 132 bits; for 128 bits of data the last one
@@ -687,7 +705,7 @@ class SseRewriter:
                 # Common case: a data block without id lines.
                 st = self._st
                 st.seq = seq = st.seq + 1
-                block = b"id: " + self._make_id(seq) + sep + piece + term
+                block = _ID_FIELD + self._make_id(seq) + sep + piece + term
                 if self._record:
                     self._recorded(seq, block)
                 return block
@@ -703,9 +721,9 @@ class SseRewriter:
                     st.seq = seq = st.seq + 1
                     gid = self._make_id(seq)
                     if nl < 0:
-                        block = b"id: " + gid + term
+                        block = _ID_FIELD + gid + term
                     else:
-                        block = b"id: " + gid + sep + piece[nl + len(sep):] + term
+                        block = _ID_FIELD + gid + sep + piece[nl + len(sep):] + term
                     if self._record:
                         self._recorded(seq, block)
                     return block
@@ -715,13 +733,13 @@ class SseRewriter:
             return piece + term
         seq, gid = self._stamp(upstream)
         if drop is None:
-            block = b"id: " + gid + sep + piece + term
+            block = _ID_FIELD + gid + sep + piece + term
         else:
             kept = [line for i, line in enumerate(lines) if i not in drop]
             if kept:
-                block = b"id: " + gid + sep + sep.join(kept) + term
+                block = _ID_FIELD + gid + sep + sep.join(kept) + term
             else:
-                block = b"id: " + gid + sep + sep
+                block = _ID_FIELD + gid + sep + sep
         if self._record:
             self._recorded(seq, block)
         return block
@@ -769,7 +787,7 @@ class SseRewriter:
         seq, gid = self._stamp(upstream)
         # Same rule as the fast paths, so the output does not depend on how
         # reads were split: CRLF if the block's first line ends in CRLF.
-        idline = b"id: " + gid + (_CRLF if ends[0] == _CRLF else _LF)
+        idline = _ID_FIELD + gid + (_CRLF if ends[0] == _CRLF else _LF)
         if drop is None:
             block = idline + body + blank
         else:

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
@@ -205,6 +206,83 @@ class CReadTests(ReadTestsMixin, SynchronousTestCase):
         t.socket.close()
         self.assertIs(t.doRead(), CONNECTION_LOST)
 
+    def test_huge_left_goes_to_python(self) -> None:
+        """
+        Inside a chunk whose remaining size does not fit a C long (a state only
+        a parser without the chunk-size limit could leave), the read goes to
+        dataReceived: doRead raises nothing and loses no byte.
+        """
+        conn = self.read(b"abc", left=2**63 + 5)
+        self.assertEqual((conn.raw, conn.delivered), ([b"abc"], []))
+
+    def test_state_error_leaves_the_bytes(self) -> None:
+        """
+        When the connection's state cannot be read, the error comes out of
+        doRead before the socket is read: the bytes are still there for the
+        next read, not lost.
+        """
+
+        class Broken(Conn):
+            @property
+            def _left(self) -> int:  # type: ignore[override]
+                raise RuntimeError("no state")
+
+            @_left.setter
+            def _left(self, value: int) -> None:
+                pass
+
+        conn = Broken()
+        peer, t = self.pair(conn)
+        peer.send(b"3\r\nabc\r\n")
+        with self.assertRaises(RuntimeError):
+            t.doRead()
+        self.assertEqual(t.socket.recv(100), b"3\r\nabc\r\n")
+
+    def test_uninitialised(self) -> None:
+        """A ChunkedReader that __init__ never ran on refuses do_read with RuntimeError (it crashed)."""
+        from aura_proxy._chunked_read import ChunkedReader
+
+        reader = ChunkedReader.__new__(ChunkedReader)
+        with self.assertRaises(RuntimeError):
+            reader.do_read()
+
+    def test_reinitialised_during_read(self) -> None:
+        """
+        A consumer that re-initialises the reader in the middle of a read
+        (dropping the last reference to the connection) does not disturb that
+        read: its failure goes to the connection the read was for, and the
+        next read uses the new connection.
+        """
+        from aura_proxy._chunked_read import ChunkedReader
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        boom = RuntimeError("consumer broke")
+        failed: List[BaseException] = []
+        other = Conn(mode=4)
+
+        def take(data: bytes) -> None:
+            # The reader held the only reference to its connection.
+            reader.__init__(a, other, CONNECTION_DONE, CONNECTION_LOST)  # type: ignore[misc]
+            raise boom
+
+        class Reinitialising(Conn):
+            def _delivery_failed(self, exc: BaseException) -> None:
+                failed.append(exc)
+
+        conn = Reinitialising()
+        conn._deliver = take
+        reader = ChunkedReader(a, conn, CONNECTION_DONE, CONNECTION_LOST)
+        del conn
+        b.send(b"3\r\nabc\r\n")
+        self.assertIsNone(reader.do_read())
+        self.assertEqual(failed, [boom])
+        b.send(b"more")
+        self.assertIsNone(reader.do_read())
+        self.assertEqual(other.raw, [b"more"])
+
     def test_bad_size(self) -> None:
         """The read size is checked."""
         from aura_proxy._chunked_read import ChunkedReader
@@ -343,6 +421,41 @@ class PropertyTests(SynchronousTestCase):
             results.append((b"".join(got), conn._mode, conn._left, conn._buf))
         self.assertEqual(results[0], results[1])
         self.assertEqual(results[0][0], b"".join(c.split(b"\r\n", 1)[1][:-2] for c in chunks))
+
+
+class ChunkSizeLimitTests(SynchronousTestCase):
+    """A chunk size above the limit ends the body the same way in both forms."""
+
+    skip = NO_C
+
+    def test_same_refusal(self) -> None:
+        """
+        After a chunk-size line above fastclient._MAX_CHUNK_SIZE (here 2**63,
+        which the C reader could not hold in a C long), both forms deliver the
+        chunks before it, nothing after it, and break the connection; doRead
+        raises nothing on the reads that follow.
+        """
+        reads = [b"3\r\nabc\r\n", b"8000000000000000\r\nxyz", b"more"]
+        results = []
+        for accelerate in (True, False):
+            conn = _chunked_connection()
+            conn.transport = StringTransport()
+            got: List[bytes] = []
+            conn._deliver = got.append
+            a, b = socket.socketpair()
+            try:
+                a.setblocking(False)
+                t = Transport(a)
+                _read_directly(t, conn, accelerate=accelerate)  # type: ignore[arg-type]
+                for r in reads:
+                    b.sendall(r)
+                    self.assertIsNone(t.doRead())
+            finally:
+                a.close()
+                b.close()
+            results.append((b"".join(got), conn._mode, conn.transport.disconnecting))
+        self.assertEqual(results[0], results[1])
+        self.assertEqual(results[0], (b"abc", fastclient._M_DEAD, True))
 
 
 def _pending(sock: socket.socket) -> bool:

@@ -10,6 +10,7 @@ C{AURA_PROXY_REQUIRE_C=1} (C{./dev test} sets it, so CI cannot skip it).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections import deque
 from typing import Any, List, Tuple
@@ -199,6 +200,85 @@ class CStoreTests(_StorageContract, SynchronousTestCase):
         self.assertRaises(TypeError, store, seq=1, block=b"x")
         self.assertRaises(TypeError, setattr, store, "subscribers", [])
         self.assertEqual(len(store), 0)
+
+    def test_uninitialised(self) -> None:
+        """
+        A store that __init__ never ran on (made by __new__, or a subclass
+        that skipped it) refuses every method and attribute with RuntimeError,
+        and so does a stamper adding to it.
+        """
+        from aura_proxy._sse_stamp import Stamper
+
+        EventStore = c_store()
+        store = EventStore.__new__(EventStore)
+        for use in (
+            lambda: store.add(1, b"x"), lambda: store(1, b"x"), lambda: store.events_after(0),
+            lambda: len(store), lambda: store.size, lambda: store.first_seq, lambda: store.last_seq,
+            lambda: store.max_events, lambda: store.max_bytes, lambda: store.ended,
+            lambda: store.subscribers, lambda: setattr(store, "ended", True),
+            lambda: setattr(store, "subscribers", None),
+        ):
+            self.assertRaises(RuntimeError, use)
+        stamper = Stamper(b"p.", False, store, lambda d: d)
+        stamper.slow = 0
+        self.assertRaises(RuntimeError, stamper.feed, b"data: a\n\n")
+
+    def test_reinitialised_by_a_subscriber(self) -> None:
+        """
+        A subscriber that re-initialises the store it is handed events by is
+        refused with RuntimeError; the store keeps what it had.
+        """
+        store = c_store()(5, 100)
+        refused: List[BaseException] = []
+
+        class Reinitialising(Recorder):
+            def replay_event(self, seq: int, block: bytes) -> None:
+                try:
+                    store.__init__(1, 1)
+                except RuntimeError as e:
+                    refused.append(e)
+
+        store.subscribers = {Attachment(Reinitialising())}
+        store.add(1, b"a")
+        store.add(2, b"b")
+        self.assertEqual(len(refused), 2)
+        self.assertEqual((store.events_after(0), store.max_events), ([(1, b"a"), (2, b"b")], 5))
+        store.subscribers = None
+        store.__init__(1, 1)
+        self.assertEqual((len(store), store.max_events), (0, 1))
+
+    def test_changed_during_events_after(self) -> None:
+        """
+        A store changed while events_after makes its list (by a finalizer the
+        garbage collector runs then) fails it with RuntimeError instead of
+        reading moved bytes.
+        """
+        store = c_store()(100, 10_000)
+        for seq in range(1, 4):
+            store.add(seq, b"x" * 10)
+
+        class Adds:
+            def __del__(self) -> None:
+                store.add(99, b"late")
+
+        thresholds = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *thresholds)
+        self.addCleanup(gc.enable)
+        # Lists and pairs come from free lists, which skip the collector:
+        # empty them, so that the list events_after makes is a new object.
+        held = [[(i, -i)] for i in range(3000)]
+        gc.disable()
+        cycle: List[Any] = [Adds()]
+        cycle.append(cycle)
+        del cycle
+        events_after = store.events_after
+        gc.set_threshold(1)
+        with self.assertRaises(RuntimeError):
+            # The first object events_after makes starts a collection.
+            gc.enable()
+            events_after(0)
+        del held
+        self.assertEqual(store.last_seq, 99)
 
     @settings(max_examples=200, deadline=None)
     @given(lf_reads(), st.booleans(), st.integers(min_value=1, max_value=6))

@@ -467,6 +467,36 @@ class ResponseTests(SynchronousTestCase):
         self.assertTrue(body.reason.check(ResponseFailed))
         self.assertTrue(t.disconnected)
 
+    def test_chunk_size_above_the_limit(self) -> None:
+        """
+        A chunk size above fastclient._MAX_CHUNK_SIZE (more than 15 significant
+        hex digits: 2**63 is 16) is broken framing, like a bad chunk-size line:
+        the body ends with ResponseFailed, nothing of that chunk is delivered,
+        and the connection is aborted.
+        """
+        for size in (b"1000000000000000", b"8000000000000000", b"ffffffffffffffff"):
+            p, t, r = self.get()
+            p.dataReceived(OK_CHUNKED + chunk(b"abc"))
+            body = Collector()
+            r.result.deliverBody(body)
+            p.dataReceived(size + b"\r\nxyz")
+            self.assertEqual(body.body, b"abc", size)
+            assert body.reason is not None
+            self.assertTrue(body.reason.check(ResponseFailed), size)
+            self.assertTrue(t.disconnected, size)
+
+    def test_largest_chunk_size(self) -> None:
+        """The largest size allowed (15 hex digits, leading zeros aside) is read as a chunk."""
+        for size in (b"fffffffffffffff", b"0fffffffffffffff"):
+            p, t, r = self.get()
+            p.dataReceived(OK_CHUNKED)
+            body = Collector()
+            r.result.deliverBody(body)
+            p.dataReceived(size + b"\r\nxyz")
+            self.assertEqual(body.body, b"xyz", size)
+            self.assertIsNone(body.reason, size)
+            self.assertFalse(t.disconnected, size)
+
     def test_truncated_chunked(self) -> None:
         """A chunked body cut short ends with a failure that is not ResponseDone/PotentialDataLoss."""
         p, t, r = self.get()

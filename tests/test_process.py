@@ -53,6 +53,20 @@ class PrepareProcessTests(SynchronousTestCase):
         self.assertEqual(event["missing"], "aura_proxy._sse_stamp, aura_proxy._chunked_read, aura_proxy._relay_core")
         self.assertEqual(event["lean"], "off (not an epoll reactor)")
 
+    def test_unused_extension_says_why(self) -> None:
+        """A C module built with other constants than the Python code's: the warning gives the reason."""
+        self.patch(sse, "ACCELERATED", True)
+        self.patch(relay, "ACCELERATED", True)
+        self.patch(fastclient, "_ChunkedReader", None)
+        self.patch(fastclient, "C_DISABLED_REASON", "compiled with MAX_READ = 1, the Python code has 65536")
+        process.prepare_process(SelectReactor())
+        [event] = self.hot_path_events()
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["missing"], "aura_proxy._chunked_read")
+        self.assertEqual(
+            event["why"], "aura_proxy._chunked_read: compiled with MAX_READ = 1, the Python code has 65536"
+        )
+
     def test_missing_internal_warns(self) -> None:
         """A Twisted internal that is not found makes the line a warning naming the fast path it switched off."""
         from tests.test_twisted_internals import switched_off

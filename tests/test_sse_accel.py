@@ -198,3 +198,92 @@ class StamperTests(SynchronousTestCase):
         out = s.feed(b"data: x\n\n" * 100)
         self.assertEqual(out, b"".join(b"id: p.%d\ndata: x\n\n" % i for i in range(1, 101)))
         self.assertEqual(got, [(i, b"id: p.%d\ndata: x\n\n" % i) for i in range(1, 101)])
+
+    def test_uninitialised(self) -> None:
+        """A Stamper that __init__ never ran on refuses every method and attribute with RuntimeError (it crashed)."""
+        from aura_proxy._sse_stamp import Stamper
+
+        s = Stamper.__new__(Stamper)
+        for use in (
+            lambda: s.feed(b"data: a\n\n"), lambda: s.make_id(1), lambda: s.seq, lambda: s.slow,
+            lambda: s.upstream, lambda: setattr(s, "seq", 1), lambda: setattr(s, "slow", 0),
+            lambda: setattr(s, "upstream", b"x"),
+        ):
+            self.assertRaises(RuntimeError, use)
+
+    def test_reinitialised_by_on_event(self) -> None:
+        """
+        An on_event that re-initialises the stamper during feed (here: to no
+        on_event at all) is refused with RuntimeError; the read's events all
+        reach the on_event it started with.
+        """
+        from aura_proxy._sse_stamp import Stamper
+
+        got: List[Tuple[int, bytes]] = []
+        refused: List[BaseException] = []
+
+        def on_event(seq: int, block: bytes) -> None:
+            got.append((seq, block))
+            try:
+                s.__init__(b"other.", False, None, lambda d: d)  # type: ignore[misc]
+            except RuntimeError as e:
+                refused.append(e)
+
+        s = Stamper(b"p.", False, on_event, lambda d: d)
+        s.slow = 0
+        self.assertEqual(s.feed(b"data: a\n\ndata: b\n\n"), b"id: p.1\ndata: a\n\nid: p.2\ndata: b\n\n")
+        self.assertEqual(got, [(1, b"id: p.1\ndata: a\n\n"), (2, b"id: p.2\ndata: b\n\n")])
+        self.assertEqual(len(refused), 2)
+
+    def test_reinitialised_by_a_store_subscriber(self) -> None:
+        """
+        A subscriber of the stamper's EventStore that re-initialises the
+        stamper mid-read with a much longer prefix (the output buffer is sized
+        for the current one) is refused; the read is stamped with the prefix
+        it started with.
+        """
+        from aura_proxy._sse_stamp import EventStore, Stamper
+
+        refused: List[BaseException] = []
+
+        class Reinitialising:
+            def replay_event(self, seq: int, block: bytes) -> None:
+                try:
+                    s.__init__(b"x" * 4096 + b".", True, store, lambda d: d)  # type: ignore[misc]
+                except RuntimeError as e:
+                    refused.append(e)
+
+        class Attachment:
+            subscriber = Reinitialising()
+
+        store = EventStore(100, 100_000)
+        store.subscribers = {Attachment()}
+        s = Stamper(b"p.", False, store, lambda d: d)
+        s.slow = 0
+        out = s.feed(b"data: x\n\n" * 50)
+        self.assertEqual(out, b"".join(b"id: p.%d\ndata: x\n\n" % i for i in range(1, 51)))
+        self.assertEqual(len(refused), 50)
+        self.assertEqual(len(store), 50)
+
+    def test_feed_holds_its_callables(self) -> None:
+        """
+        A fallback that drops every other reference to itself and to
+        on_event (by re-initialising, refused, or by the rewriter letting go)
+        still runs to its end: feed holds them for the call.
+        """
+        from aura_proxy._sse_stamp import Stamper
+
+        refused: List[BaseException] = []
+
+        def fallback(data: bytes) -> bytes:
+            try:
+                s.__init__(b"q.", False, None, lambda d: d)  # type: ignore[misc]
+            except RuntimeError as e:
+                refused.append(e)
+            return b"<python>"
+
+        s = Stamper(b"p.", False, None, fallback)
+        del fallback
+        self.assertEqual(s.feed(b"data: a\r\n\r\n"), b"<python>")
+        self.assertEqual(len(refused), 1)
+        self.assertEqual(s.make_id(1), b"p.1")

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from aura_proxy.sse import _CEventStore
+
 __all__ = ["Subscriber", "Attachment", "ResumeLog", "MemoryResumeLog", "FOREIGN"]
 
 
@@ -184,10 +186,8 @@ class _PyEventStore:
 if TYPE_CHECKING:
     _EventStore = _PyEventStore
 else:
-    try:
-        from aura_proxy._sse_stamp import EventStore as _EventStore
-    except ImportError:  # built without the C extensions
-        _EventStore = _PyEventStore
+    # The C store if aura_proxy.sse uses its module (built, with the same constants).
+    _EventStore = _CEventStore or _PyEventStore
 
 
 def _stream_init(store_init: Callable[..., None]) -> Callable[..., None]:
