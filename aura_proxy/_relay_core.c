@@ -174,6 +174,9 @@ RelayCore_dataReceived(RelayCore *self, PyObject *data)
         PyErr_SetString(PyExc_TypeError, "dataReceived wants bytes");
         return NULL;
     }
+    /* Nothing read: no bytes for the client (an empty chunk would end its body). */
+    if (PyBytes_GET_SIZE(data) == 0)
+        Py_RETURN_NONE;
     PyObject *now = PyObject_CallNoArgs(self->seconds);
     if (now == NULL)
         return NULL;

@@ -70,6 +70,9 @@ class _PyRelayCore:
 
     def dataReceived(self, data: bytes) -> None:
         """One upstream read: rewrite it, count it, write it to the client."""
+        if not data:
+            # Nothing read: no bytes for the client (an empty chunk would end its body).
+            return
         self._last_read = self._seconds()
         if self._feed is not None:
             data = self._feed(data)

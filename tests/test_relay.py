@@ -356,6 +356,13 @@ class DirectWriteTests(_RelayCase):
             self.assertEqual(len(tcp.queued), 1)
             self.assertEqual(self.received(), b"4\r\nmore\r\n" if chunked else b"more")
 
+    def test_empty_read_writes_nothing(self) -> None:
+        """An empty upstream read writes nothing: no empty chunk, which would end the client's body."""
+        relay, request, tcp = self.relay(chunked=True)
+        relay.dataReceived(b"")
+        self.assertEqual((self.received(), tcp.queued, relay.sent), (b"", [], 0))
+        self.assertIsNone(relay.first_write_at)
+
     def test_send_error_goes_to_the_transport(self) -> None:
         """A socket the kernel refuses (the peer is gone) leaves the write to the transport."""
         self.peer.close()
