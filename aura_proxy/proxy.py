@@ -42,7 +42,7 @@ from aura_proxy.resume.replay import Replay
 from aura_proxy.sse import SseRewriter, make_stream_id, parse_gateway_id
 from aura_proxy.routes import MalformedPath, Router, split_path, strip_segments
 from aura_proxy.upstream import UpstreamClient, body_producer
-from aura_proxy.site import is_secure
+from aura_proxy.site import client_left, is_secure
 
 from aura_proxy.history.record import CallRecord
 
@@ -300,7 +300,7 @@ class Gateway:
                 # The whole body came with the head (FastAgent, a small
                 # response): nothing to relay, time or pace.
                 request.write(body)
-                if not getattr(request, "_disconnected", False):
+                if not client_left(request):
                     request.finish()
                 self._record(request, call, response.code, response_size=len(body))
                 finished.callback(None)
@@ -418,7 +418,7 @@ class Gateway:
             log.warn("{method} {path}: {error}", method=_text(request.method),
                      path=_text(request.path), error=str(error))
         body = error.body(call.id)
-        if getattr(request, "_disconnected", False):
+        if client_left(request):
             # Nobody to answer: the client left while the gateway waited.
             self._record(request, call, 499)
             return succeed(None)
