@@ -13,8 +13,10 @@ its deadline and, if bytes arrived meanwhile, re-arms itself for the rest.
 
 Backpressure runs both ways through the producer chain: the relay is the
 client request's streaming producer, so a client that stops reading pauses the
-upstream socket (and a client that goes away stops it, which closes that
-upstream connection instead of returning it to the pool).
+upstream socket.  A client that goes away reaches the relay once, through
+the request's C{connectionLost} (L{client_gone}, from the gateway): that
+closes the upstream connection instead of returning it to the pool, or
+detaches it into the stream log.
 """
 
 from __future__ import annotations
@@ -236,8 +238,14 @@ class Relay(_RelayCore, Protocol):
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def stopProducing(self) -> None:
-        """The client went away: close the upstream connection."""
-        self.client_gone()
+        """
+        The client's connection is closing: stop reading the upstream
+        meanwhile.  What ends the relay is the request's C{connectionLost},
+        which follows (through the gateway, L{client_gone}): one path for a
+        disconnect, not two.
+        """
+        if not self._client_gone and not self._stopped and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def client_gone(self) -> None:
         """

@@ -414,3 +414,80 @@ class _Producer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class _Upstream:
+    """An upstream body transport that records what the relay asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class _StreamResponse:
+    """An upstream SSE response whose body the test feeds."""
+
+    code = 200
+    phrase = b"OK"
+    length = UNKNOWN_LENGTH
+
+    def __init__(self) -> None:
+        self.headers = Headers({b"content-type": [b"text/event-stream"]})
+        self.transport = _Upstream()
+        self.relay: Optional[Relay] = None
+
+    def deliverBody(self, protocol: Relay) -> None:
+        self.relay = protocol
+        protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+
+
+class DisconnectTests(SynchronousTestCase):
+    """A client that goes away reaches the relay once, whichever way Twisted reports it."""
+
+    def test_disconnect_reaches_the_relay_once(self) -> None:
+        """
+        A client's connection lost mid-stream (Twisted stops the registered
+        producer, then tells the protocol) ends the relay once: the upstream
+        is stopped, and the call is recorded once, as client_disconnect.
+        """
+        calls: list[Relay] = []
+        client_gone = Relay.client_gone
+
+        def counted(relay: Relay) -> None:
+            calls.append(relay)
+            client_gone(relay)
+
+        self.patch(Relay, "client_gone", counted)
+        clock = MemoryReactorClock()
+        agent = ControlledAgent()
+        history = History()
+        gateway = Gateway(parse_config(CONFIG, "test.ini"), clock,
+                          UpstreamClient(clock, 5, 10, agent=agent), history)  # type: ignore[arg-type]
+        site = GatewaySite(gateway, reactor=clock)
+        protocol = site.buildProtocol(None)
+        conn, peer = _tcp_client(self, protocol)
+        protocol.makeConnection(conn)
+        protocol.dataReceived(b"GET /api/aura/s HTTP/1.1\r\nHost: gw\r\nX-Tenant-ID: t\r\n\r\n")
+        response = _StreamResponse()
+        [(_, _, answer)] = agent.requests
+        answer.callback(response)
+        relay = response.relay
+        assert relay is not None
+        relay.dataReceived(b"data: 1\n\n")
+        _flush(conn)
+        self.assertIn(b"data: 1\n\n", received(peer))
+
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(calls, [relay])
+        self.assertEqual(response.transport.calls, ["pause", "stop"])
+        relay.connectionLost(Failure(ResponseFailed([Failure(ConnectionDone())])))
+        self.assertEqual([r.end_reason for r in history.records], ["client_disconnect"])
+        self.assertEqual(gateway.active_streams(), 0)

@@ -228,6 +228,21 @@ class FlowTests(_RelayCase):
         self.assertEqual(reasons, ["client_disconnect"])
         self.assertFalse(request.finished)
 
+    def test_stop_producing_only_pauses(self) -> None:
+        """
+        The client transport's stopProducing (its connection closing) only
+        stops reading the upstream: the relay ends through client_gone, the
+        one path a disconnect takes.
+        """
+        relay, request, upstream, _ = self.start()
+        request.producer.stopProducing()
+        self.assertEqual(upstream.state, "paused")
+        self.assertFalse(relay.done.called)
+        relay.client_gone()
+        self.assertEqual(upstream.state, "stopped")
+        relay.stopProducing()
+        self.assertEqual(upstream.state, "stopped")
+
     def test_empty_read_writes_nothing(self) -> None:
         """An empty upstream read writes nothing and does not count as the first write."""
         relay, request, _, _ = self.start()
