@@ -75,6 +75,9 @@ class GatewayConfig:
     #: Processes sharing the listening socket (C{auto} is resolved to
     #: C{os.cpu_count()} when the file is parsed); see L{aura_proxy.workers}.
     workers: int = 1
+    #: The hot path's fast paths (C modules, the lean epoll loop, direct
+    #: socket writes and reads, Twisted internals): C{off} is stock Twisted.
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -370,6 +373,7 @@ _GATEWAY: _Schema = {
     "max_idle_connections": _count(0),
     "access_log": _boolean,
     "workers": _workers,
+    "fast_path": _boolean,
 }
 
 _ROUTE: _Schema = {

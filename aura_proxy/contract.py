@@ -56,6 +56,7 @@ _CONNECTION = canonical(b"connection")
 _XFF = canonical(b"x-forwarded-for")
 _XFP = canonical(b"x-forwarded-proto")
 _XFH = canonical(b"x-forwarded-host")
+_ORIGIN = canonical(b"origin")
 
 
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
@@ -228,6 +229,12 @@ class Cors:
         if self._exposed:
             out.append((b"Access-Control-Expose-Headers", self._exposed))
         return out
+
+    def apply(self, request_headers: Headers, response_headers: Headers) -> None:
+        """Add the CORS headers of an actual response to C{response_headers}."""
+        origin = (store(request_headers).get(_ORIGIN) or (None,))[-1]
+        for name, value in self.response_headers(origin):
+            response_headers.addRawHeader(name, value)
 
 
 _TENANT = b"x-tenant-id"

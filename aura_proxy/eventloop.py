@@ -29,9 +29,9 @@ from typing import Any, Optional
 from functools import partial
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.posixbase import _NO_FILEDESC
-from twisted.internet.tcp import Client, Server
 from twisted.logger import Logger
+
+from aura_proxy import twisted_internals as internals
 
 __all__ = ["use_lean_poll", "defer_writes"]
 
@@ -46,19 +46,25 @@ def use_lean_poll(reactor: Any) -> bool:
     """
     Switch an epoll reactor's poll step to the lean loop.
 
-    @return: whether it was switched (only Twisted's EPollReactor is).
+    @return: whether it was switched (only Twisted's EPollReactor is, and
+        only where L{aura_proxy.twisted_internals} finds its poll step as
+        expected).
     """
     from twisted.internet.epollreactor import EPollReactor
     from twisted.python import log as legacy_log
 
     if not isinstance(reactor, EPollReactor):
         return False
-    poller = reactor._poller
-    selectables = reactor._selectables
-    do_read_or_write = reactor._doReadOrWrite
-    disconnect = reactor._disconnectSelectable
+    parts = internals.poll_parts(reactor)
+    if parts is None:
+        return False
+    poller, selectables, do_read_or_write, disconnect = parts
+    no_filedesc = internals.NO_FILEDESC
+    unsent = internals.unsent_bytes
+    # Deferred writes need Twisted's write buffers as expected too.
     pending: set[Any] = set()
-    reactor._aura_pending_writes = pending  # type: ignore[attr-defined]
+    if internals.available("write_buffers"):
+        reactor._aura_pending_writes = pending  # type: ignore[attr-defined]
 
     def flush() -> None:
         for _ in range(_FLUSH_ROUNDS):
@@ -76,7 +82,7 @@ def use_lean_poll(reactor: Any) -> bool:
                     legacy_log.err()
                 if why:
                     disconnect(transport, why, False)
-                elif transport.dataBuffer or transport._tempDataLen:
+                elif unsent(transport):
                     # The socket took only part: wait for it as Twisted would.
                     FileDescriptor.startWriting(transport)
         for transport in pending:
@@ -108,7 +114,7 @@ def use_lean_poll(reactor: Any) -> bool:
                 why: Any
                 try:
                     if selectable.fileno() == -1:
-                        why, in_read = _NO_FILEDESC, False
+                        why, in_read = no_filedesc, False
                     else:
                         why, in_read = selectable.doRead(), True
                 except BaseException:
@@ -135,8 +141,6 @@ def defer_writes(reactor: Any, transport: Any) -> bool:
         only for Twisted's own TCP connections, once connected).
     """
     pending: Optional[set[Any]] = getattr(reactor, "_aura_pending_writes", None)
-    if pending is None or type(transport) not in (Server, Client) or not transport.connected:
+    if pending is None or not getattr(transport, "connected", False):
         return False
-    # Twisted's write() and loseConnection() ask for writability this way.
-    transport.startWriting = partial(pending.add, transport)
-    return True
+    return internals.intercept_start_writing(transport, partial(pending.add, transport))

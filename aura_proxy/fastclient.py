@@ -44,12 +44,7 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    _WrappingProtocol,
-)
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -71,21 +66,22 @@ except ImportError:  # built without a C compiler: the Python parser reads every
     _ChunkedReader = None
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    ParseError,
+from twisted.web.client import (
     RequestGenerationFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    WrongBodyLength,
 )
 from twisted.web.error import SchemeNotSupported
-from twisted.web.http import PotentialDataLoss, _DataLoss
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
 from zope.interface import implementer
 
+from aura_proxy import twisted_internals as internals
 from aura_proxy.eventloop import defer_writes
+from aura_proxy.twisted_internals import DataLoss as _DataLoss
+from aura_proxy.twisted_internals import ParseError, WrongBodyLength
 
 __all__ = ["FastAgent"]
 
@@ -490,12 +486,11 @@ class _Connection:
         self.connected = 1
         # The client endpoint's wrapper only forwards calls once connected:
         # let the TCP transport call us directly, a call less per read.
-        wrapper = getattr(transport, "protocol", None)
-        if isinstance(wrapper, _WrappingProtocol) and wrapper._wrappedProtocol is self:
-            transport.protocol = self  # type: ignore[attr-defined]
-        if type(transport) is TCPClient and transport.protocol is self:  # type: ignore[attr-defined]
-            _read_directly(transport, self)  # type: ignore[arg-type]
-            defer_writes(self._agent._reactor, transport)
+        if self._agent.fast_path:
+            internals.unwrap_endpoint_protocol(transport, self)
+            if type(transport) is TCPClient and transport.protocol is self:  # type: ignore[attr-defined]
+                _read_directly(transport, self)  # type: ignore[arg-type]
+                defer_writes(self._agent._reactor, transport)
         self.connectionMade()
 
     def connectionMade(self) -> None:
@@ -981,7 +976,7 @@ def _read_directly(transport: TCPClient, protocol: _Connection, accelerate: bool
             transport.socket, protocol, CONNECTION_DONE, CONNECTION_LOST,
             min(transport.bufferSize, 65536),  # its read buffer's size
         )
-        transport.doRead = reader.do_read  # type: ignore[method-assign,assignment]
+        internals.replace_do_read(transport, reader.do_read)
         return
     recv = transport.socket.recv
     size = transport.bufferSize
@@ -999,7 +994,7 @@ def _read_directly(transport: TCPClient, protocol: _Connection, accelerate: bool
         data_received(data)
         return None
 
-    transport.doRead = doRead  # type: ignore[method-assign,assignment]
+    internals.replace_do_read(transport, doRead)
 
 
 class _ConnectionFactory(Factory):
@@ -1025,6 +1020,10 @@ class FastAgent:
     @param idle_timeout: an idle connection is closed after this long.
     @param fallback: the agent for any other scheme (C{https://}); without
         one such requests fail with L{SchemeNotSupported}.
+    @param fast_path: read plain TCP connections' sockets directly (whole
+        chunks decoded in C where L{aura_proxy._chunked_read} is built) and
+        send their writes at the end of the loop turn; C{False}: through
+        Twisted's own transport, as stock code would (C{[gateway] fast_path}).
     """
 
     def __init__(
@@ -1034,6 +1033,7 @@ class FastAgent:
         max_idle_per_host: int,
         idle_timeout: float = 4.0,
         fallback: Optional[IAgent] = None,
+        fast_path: bool = True,
     ) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = reactor
@@ -1041,6 +1041,7 @@ class FastAgent:
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
         self.fallback = fallback
+        self.fast_path = fast_path
         self._idle: dict[_Key, list[_Connection]] = {}
         self._factories: dict[_Key, _ConnectionFactory] = {}
 

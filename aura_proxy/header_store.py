@@ -6,10 +6,11 @@ C{Headers.setRawHeaders} re-encodes the name and re-sanitizes every value on
 each call, and a proxied request sets a dozen headers: about a tenth of the
 gateway's own work per plain request.  Values copied from a message twisted.web
 or FastAgent already parsed, and values the gateway builds, need neither.
-twisted.web keeps the values in C{Headers._rawHeaders}, keyed by the
-canonical name (C{X-Request-Id}); L{store} hands out that dict when this
-Twisted is seen (once, at import) to lay headers out that way, and otherwise
-a mapping over the public methods, with the same results, only slower.
+twisted.web keeps the values in a private dict keyed by the canonical name
+(C{X-Request-Id}); L{store} hands out that dict when
+L{aura_proxy.twisted_internals} has seen (once, at import) this Twisted lay
+headers out that way, and otherwise a mapping over the public methods, with
+the same results, only slower.
 
 Names given to the store must be canonical (L{canonical}); names taken from
 another L{Headers} already are.
@@ -18,9 +19,11 @@ another L{Headers} already are.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Iterator, MutableMapping, Optional, Sequence
+from typing import Iterator, MutableMapping, Sequence
 
 from twisted.web.http_headers import Headers
+
+from aura_proxy.twisted_internals import raw_headers
 
 __all__ = ["canonical", "store", "DIRECT"]
 
@@ -66,24 +69,9 @@ class _Public(MutableMapping[bytes, Sequence[bytes]]):
         return sum(1 for _ in self._headers.getAllRawHeaders())
 
 
-def _direct_layout() -> bool:
-    probe = Headers()
-    names = (b"x-request-id", b"Content-Length", b"ETag", b"x-forwarded-for")
-    try:
-        for name in names:
-            probe.addRawHeader(name, b"v")
-        raw: Optional[dict[bytes, list[bytes]]] = getattr(probe, "_rawHeaders", None)
-        return raw == {
-            b"X-Request-Id": [b"v"], b"Content-Length": [b"v"], b"ETag": [b"v"],
-            b"X-Forwarded-For": [b"v"],
-        } and probe.getRawHeaders(b"x-request-id") == [b"v"]
-    except Exception:
-        return False
-
-
 #: Whether L{store} gives the L{Headers}' own dict (this Twisted lays headers
-#: out as expected).
-DIRECT = _direct_layout()
+#: out as expected: L{aura_proxy.twisted_internals}).
+DIRECT = raw_headers is not None
 
 
 def store(headers: Headers) -> MutableMapping[bytes, Sequence[bytes]]:
@@ -93,5 +81,8 @@ def store(headers: Headers) -> MutableMapping[bytes, Sequence[bytes]]:
     bytes without CR or LF.
     """
     if DIRECT:
-        return headers._rawHeaders  # type: ignore[return-value]
+        return _raw(headers)
     return _Public(headers)
+
+
+_raw = raw_headers or _Public

@@ -21,15 +21,10 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import version as server_version
 from zope.interface import implementer
 
-try:
-    from twisted.web.http import _GenericHTTPChannelProtocol
-except ImportError:  # a Twisted that arranges its channels differently: its own
-    _GenericHTTPChannelProtocol = None  # type: ignore[assignment,misc]
-
 from aura_proxy import errors
 from aura_proxy.client_wire import ClientWriter
 from aura_proxy.eventloop import defer_writes
-from aura_proxy.twisted_internals import direct_send_transport
+from aura_proxy.twisted_internals import channel_protocol_factory, direct_send_transport, request_line
 
 if TYPE_CHECKING:
     from aura_proxy.proxy import Gateway
@@ -189,10 +184,8 @@ class GatewayRequest(Request):
     def _reject(self) -> None:
         channel = self.channel
         # The request line is known to the channel only until requestReceived.
-        self.method = getattr(channel, "_command", b"")
-        self.uri = getattr(channel, "_path", b"")
+        self.method, self.uri, self.clientproto = request_line(channel)
         self.path = self.uri.partition(b"?")[0]
-        self.clientproto = getattr(channel, "_version", b"HTTP/1.1")
         error = errors.body_too_large(self._limit())
         body = error.body()
         transport = self.channel.transport  # type: ignore[union-attr]
@@ -248,10 +241,14 @@ class GatewayChannel(HTTPChannel):
         self.transport.write(b"".join(parts))  # type: ignore[union-attr]
 
 
+_wrap_channel = channel_protocol_factory()
+
+
 def _gateway_protocol(site: Site) -> Any:
     # twisted.web's default wraps a new channel in the protocol that can
     # switch to HTTP/2 after TLS negotiation; the same, with GatewayChannel.
-    return _GenericHTTPChannelProtocol(GatewayChannel())
+    assert _wrap_channel is not None
+    return _wrap_channel(GatewayChannel())
 
 
 class GatewaySite(Site):
@@ -265,13 +262,14 @@ class GatewaySite(Site):
 
     requestFactory = GatewayRequest
     fast_path = True
-    if _GenericHTTPChannelProtocol is not None:
+    if _wrap_channel is not None:
         protocol = _gateway_protocol  # type: ignore[assignment]
 
     def __init__(self, gateway: "Gateway", **kwargs: Any) -> None:
         Site.__init__(self, gateway.resource(), **kwargs)
         self.gateway = gateway
         self.max_request_body = gateway.config.gateway.max_request_body
+        self.fast_path = gateway.config.gateway.fast_path
         if not gateway.config.gateway.access_log:
             self.log = lambda request: None  # type: ignore[method-assign]
 

@@ -20,12 +20,13 @@ from typing import IO, Any, Optional
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import Cooperator
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from aura_proxy.fastclient import FastAgent
+from aura_proxy.twisted_internals import quiet_pool
 
 __all__ = ["UpstreamClient", "BytesProducer", "body_producer"]
 
@@ -36,11 +37,6 @@ _IDLE_SECONDS = 4.0
 # Bodies up to this size are sent in one write; larger ones are read from the
 # request's temporary file in pieces, with backpressure.
 _IN_MEMORY_BODY = 65536
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    # One "Starting factory" log line per upstream connection is noise.
-    noisy = False
 
 
 @implementer(IBodyProducer)
@@ -99,12 +95,18 @@ class UpstreamClient:
         connect_timeout: float,
         max_idle_connections: int,
         agent: Optional[IAgent] = None,
+        fast_path: bool = True,
     ) -> None:
+        """
+        @param fast_path: whether L{FastAgent} reads its sockets directly
+            (C{[gateway] fast_path}).
+        """
         self.pool: Optional[HTTPConnectionPool] = None
         self._fast: Optional[FastAgent] = None
         if agent is None:
             self.pool = HTTPConnectionPool(reactor, persistent=max_idle_connections > 0)
-            self.pool._factory = _QuietFactory
+            # One "Starting factory" log line per upstream connection is noise.
+            quiet_pool(self.pool)
             self.pool.maxPersistentPerHost = max(max_idle_connections, 1)
             self.pool.cachedConnectionTimeout = int(_IDLE_SECONDS)
             # http:// goes through the lean streaming client (the stock one's
@@ -116,6 +118,7 @@ class UpstreamClient:
                 max_idle_connections,
                 idle_timeout=_IDLE_SECONDS,
                 fallback=Agent(reactor, connectTimeout=connect_timeout, pool=self.pool),
+                fast_path=fast_path,
             )
         self.agent = agent
         self.cooperator = Cooperator(

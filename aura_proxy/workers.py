@@ -51,6 +51,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from aura_proxy.twisted_internals import accept_one_at_a_time, tcp_endpoint_address
 from aura_proxy.config import (
     DEFAULT_CONFIG_NAME,
     Config,
@@ -112,10 +113,7 @@ def listen_address(description: str) -> ListenAddress:
     endpoint = serverFromString(MemoryReactor(), description)
     if type(endpoint) is not TCP4ServerEndpoint:
         raise ValueError(f"workers need a plain tcp: endpoint, got {description!r}")
-    # Twisted keeps the parsed values on the endpoint (no public accessor).
-    port: int = endpoint._port
-    interface: str = endpoint._interface
-    backlog: int = endpoint._backlog
+    port, interface, backlog = tcp_endpoint_address(endpoint, description)
     family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
     return ListenAddress(port, interface, backlog, family)
 
@@ -483,16 +481,10 @@ def _accept_one_at_a_time(port: Any) -> None:
     that wakes first takes a whole burst (wrk's 50 connections all went to
     one of two workers), and the others idle.  Accepting one at a time lets
     every worker that is waiting in its poll take its share; a worker busy
-    with its streams polls later and so takes fewer.
+    with its streams polls later and so takes fewer.  (Where this Twisted's
+    port is not as expected, it accepts as Twisted does.)
     """
-    base = type(port)
-    if getattr(base, "_one_accept", False):
-        return
-    port.__class__ = type(
-        "OneAccept" + base.__name__,
-        (base,),
-        {"_one_accept": True, "numberAccepts": property(lambda self: 1, lambda self, value: None)},
-    )
+    accept_one_at_a_time(port)
 
 
 def worker_service(config: Config, index: int, reactor: Any, listen_fd: int = LISTEN_FD) -> MultiService:

@@ -236,3 +236,16 @@ class CorsTests(TestCase):
         """With C{*} any origin is allowed (and echoed, as credentials need)."""
         cors = Cors(CorsConfig(allowed_origins=("*",)))
         self.assertTrue(cors.allows(b"https://anything.example"))
+
+    def test_apply(self) -> None:
+        """apply adds the response's CORS headers for the request's Origin, after the ones there."""
+        response = headers((b"Vary", b"Accept"))
+        CORS.apply(headers((b"Origin", b"http://localhost:3000")), response)
+        self.assertEqual(response.getRawHeaders(b"access-control-allow-origin"), [b"http://localhost:3000"])
+        self.assertEqual(response.getRawHeaders(b"vary"), [b"Accept", b"Origin"])
+
+    def test_apply_without_origin(self) -> None:
+        """A request without Origin gets Vary: Origin only."""
+        response = Headers()
+        CORS.apply(Headers(), response)
+        self.assertEqual(list(response.getAllRawHeaders()), [(b"Vary", [b"Origin"])])

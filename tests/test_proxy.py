@@ -26,11 +26,12 @@ from twisted.web.test.requesthelper import DummyChannel
 from treq.testing import RequestTraversalAgent, StubTreq
 from zope.interface import implementer
 
-from aura_proxy import proxy
 from aura_proxy.config import parse_config
 from aura_proxy.fastclient import _Response
 from aura_proxy.history.record import CallRecord
 from aura_proxy.proxy import Gateway
+from aura_proxy.resume.log import MemoryResumeLog
+from aura_proxy.stages import relaying
 from aura_proxy.upstream import UpstreamClient
 
 CONFIG = """
@@ -134,12 +135,14 @@ class ControlledAgent:
 class Harness:
     """A gateway over an in-memory upstream, with a fake clock and history."""
 
-    def __init__(self, upstream: Any, config: str = CONFIG) -> None:
+    def __init__(self, upstream: Any, config: str = CONFIG, resume: bool = False) -> None:
         self.clock = Clock()
         self.history = History()
+        self.log = MemoryResumeLog(self.clock, 60, 100, 100000) if resume else None
         self.agent = upstream if IAgent.providedBy(upstream) else RequestTraversalAgent(upstream)
         client = UpstreamClient(self.clock, 5, 10, agent=self.agent)
-        self.gateway = Gateway(parse_config(config, "test.ini"), self.clock, client, self.history)  # type: ignore[arg-type]
+        self.gateway = Gateway(
+            parse_config(config, "test.ini"), self.clock, client, self.history, self.log)  # type: ignore[arg-type]
         self.client = StubTreq(self.gateway.resource())
 
     def flush(self) -> None:
@@ -270,7 +273,7 @@ class ForwardTests(TestCase):
         def no_relay(*args: Any, **kwargs: Any) -> Any:
             raise AssertionError("a complete body needs no relay")
 
-        self.patch(proxy, "Relay", no_relay)
+        self.patch(relaying, "Relay", no_relay)
         h = Harness(ControlledAgent())
         d = h.client.get("http://gw.example/api/aura/x", headers={
             "X-Tenant-ID": "t1", "Origin": "http://localhost:3000"})
@@ -439,11 +442,9 @@ class ResumeTests(TestCase):
 
     def setUp(self) -> None:
         self.upstream = Streams()
-        self.h = Harness(self.upstream, CONFIG + "[sse]\nresume = memory\nresume_ttl = 60\n")
-        from aura_proxy.resume.log import MemoryResumeLog
-
-        self.log = MemoryResumeLog(self.h.clock, 60, 100, 100000)
-        self.h.gateway._resume = self.log
+        self.h = Harness(self.upstream, CONFIG + "[sse]\nresume = memory\nresume_ttl = 60\n", resume=True)
+        assert self.h.log is not None
+        self.log = self.h.log
 
     def get(self, headers: dict[str, str], url: str = "/api/aura/stream") -> tuple[Any, list[bytes]]:
         response = self.h.request("GET", url, headers=headers, unbuffered=True)

@@ -12,6 +12,7 @@ bound (L{WAIT} seconds) and fails the test rather than hang.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import uuid
@@ -23,6 +24,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
+from aura_proxy.resume import log as log_module
 from aura_proxy.resume.log import FOREIGN, MemoryResumeLog
 from aura_proxy.resume.redis import RedisResumeLog
 
@@ -369,13 +371,25 @@ class ResumeLogContract:
 class MemoryResumeLogTests(ResumeLogContract, TestCase):
     """The contract on L{MemoryResumeLog}, with a fake clock."""
 
+    accelerate = True
+
     def setUp(self) -> None:
         self.clock = Clock()
 
     def make_log(self, max_events: int = 100, max_bytes: int = 1 << 20) -> "Deferred[Any]":
-        log = MemoryResumeLog(self.clock, self.TTL, max_events, max_bytes)
+        log = MemoryResumeLog(self.clock, self.TTL, max_events, max_bytes, accelerate=self.accelerate)
         self.addCleanup(log.stop)
         return succeed(log)
+
+    def test_store_kind(self) -> None:
+        """Streams are kept in the C store with accelerate (where built), else in the Python one."""
+        log = MemoryResumeLog(self.clock, self.TTL, 10, 1000, accelerate=self.accelerate)
+        log.open("s1", "t")
+        store = type(log._streams["s1"]).__mro__[1]
+        python = store is log_module._PyEventStore
+        self.assertEqual(python, not (self.accelerate and log_module._EventStore is not log_module._PyEventStore))
+        if os.environ.get("AURA_PROXY_REQUIRE_C") and self.accelerate:
+            self.assertFalse(python)
 
     def settle(self, log: Any) -> "Deferred[None]":
         return succeed(None)
@@ -394,6 +408,12 @@ class MemoryResumeLogTests(ResumeLogContract, TestCase):
     def expire(self, log: Any, stream_id: str, owner: str) -> "Deferred[None]":
         self.clock.advance(self.TTL)
         return succeed(None)
+
+
+class PythonMemoryResumeLogTests(MemoryResumeLogTests):
+    """The contract on L{MemoryResumeLog} with C{accelerate=False} (C{fast_path = off}): the Python store."""
+
+    accelerate = False
 
 
 class RedisResumeLogTests(ResumeLogContract, TestCase):

@@ -15,7 +15,7 @@ gateway process and host).
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -190,19 +190,35 @@ else:
         _EventStore = _PyEventStore
 
 
-class _Stream(_EventStore):
+def _stream_init(store_init: Callable[..., None]) -> Callable[..., None]:
+    def __init__(self: Any, owner: str, max_events: int, max_bytes: int) -> None:
+        store_init(self, max_events, max_bytes)
+        self.owner = owner
+        self.expiry = None
+
+    return __init__
+
+
+class _PyStream(_PyEventStore):
     """
-    A stream in the memory log: its kept events (a C{_EventStore}, which is
+    A stream in the memory log: its kept events (an event store, which is
     also what the stream's rewriter calls per event), whose it is, and the
     timer that forgets it after it ended.
     """
 
     __slots__ = ("owner", "expiry")
+    owner: str
+    expiry: Optional[IDelayedCall]
+    __init__ = _stream_init(_PyEventStore.__init__)
 
-    def __init__(self, owner: str, max_events: int, max_bytes: int) -> None:
-        super().__init__(max_events, max_bytes)
-        self.owner = owner
-        self.expiry: Optional[IDelayedCall] = None
+
+#: The stream on the C event store where it is built: the same slots and
+#: __init__ on another base.
+_Stream: type[_PyStream] = _PyStream if _EventStore is _PyEventStore else type(
+    "_Stream", (_EventStore,),
+    {"__slots__": _PyStream.__slots__, "__doc__": _PyStream.__doc__,
+     "__init__": _stream_init(_EventStore.__init__)},
+)
 
 
 def _ignore(seq: int, block: bytes) -> None:
@@ -210,7 +226,7 @@ def _ignore(seq: int, block: bytes) -> None:
 
 
 class _MemoryAttachment:
-    def __init__(self, stream: _Stream, subscriber: Subscriber) -> None:
+    def __init__(self, stream: _PyStream, subscriber: Subscriber) -> None:
         self.stream = stream
         self.subscriber = subscriber
 
@@ -225,20 +241,25 @@ class MemoryResumeLog:
 
     Each stream keeps at most C{max_events} events and C{max_bytes} bytes
     (the oldest go first) and is forgotten C{ttl} seconds after it ends.
+    With C{accelerate} (C{[gateway] fast_path}) the events are kept in the C
+    store where it is built; else in the Python one, the same.
     """
 
-    def __init__(self, clock: IReactorTime, ttl: float, max_events: int, max_bytes: int) -> None:
+    def __init__(
+        self, clock: IReactorTime, ttl: float, max_events: int, max_bytes: int, accelerate: bool = True
+    ) -> None:
         self._clock = clock
+        self._stream = _Stream if accelerate else _PyStream
         self._ttl = ttl
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _PyStream] = {}
 
     def __len__(self) -> int:
         return len(self._streams)
 
     def open(self, stream_id: str, owner: str) -> None:
-        self._streams[stream_id] = _Stream(owner, self._max_events, self._max_bytes)
+        self._streams[stream_id] = self._stream(owner, self._max_events, self._max_bytes)
 
     def append(self, stream_id: str, seq: int, block: bytes) -> None:
         stream = self._streams.get(stream_id)
@@ -271,7 +292,7 @@ class MemoryResumeLog:
         self._end_subscribers(stream)
 
     @staticmethod
-    def _end_subscribers(stream: _Stream) -> None:
+    def _end_subscribers(stream: _PyStream) -> None:
         subscribers, stream.subscribers = stream.subscribers, None
         for attachment in subscribers or ():
             attachment.subscriber.replay_end()

@@ -386,8 +386,7 @@ def start_gateway(
         await listening.stopListening()
         await site.close_all()
         # A relay ends once its upstream connection is closed.
-        for relay in list(gateway._active):
-            relay.stop("shutdown")
+        gateway.streams.stop_all("shutdown")
         deadline = time.monotonic() + 5
         while gateway.active_streams() and time.monotonic() < deadline:
             await sleep(0.02)

@@ -1,0 +1,197 @@
+"""
+The upstream's response on its way to the client: status and headers shaped
+(SSE headers, the gateway's CORS, the request id), the body written at once
+when it came whole with the head, else relayed by a L{Relay}, SSE events
+stamped with the gateway's ids (and logged for resume).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+
+from aura_proxy.config import Config
+from aura_proxy.contract import Cors, copy_end_to_end, dropping
+from aura_proxy.header_store import canonical, store
+from aura_proxy.relay import Relay, StreamTransform
+from aura_proxy.resume.log import ResumeLog
+from aura_proxy.sse import SseRewriter, make_stream_id
+from aura_proxy.site import client_left
+from aura_proxy.stages import ResponseStage
+from aura_proxy.streams import OpenStreams
+
+if TYPE_CHECKING:
+    from aura_proxy.call import Call
+
+__all__ = ["RelayResponse", "sse_head", "stream_owner"]
+
+# The gateway owns CORS: an upstream's own Access-Control-* headers would
+# contradict (or duplicate) the gateway's.
+_CORS_HEADERS = (
+    b"access-control-allow-origin",
+    b"access-control-allow-credentials",
+    b"access-control-allow-methods",
+    b"access-control-allow-headers",
+    b"access-control-expose-headers",
+    b"access-control-max-age",
+)
+_RESPONSE_DROP = dropping(_CORS_HEADERS)
+_SSE_DROP = dropping(_CORS_HEADERS + (b"content-length", b"cache-control"))
+# Names as Headers stores them (header_store).
+_REQUEST_ID = canonical(b"x-request-id")
+_CONTENT_TYPE = canonical(b"content-type")
+_CONTENT_LENGTH = canonical(b"content-length")
+_TENANT = canonical(b"x-tenant-id")
+
+
+class RelayResponse(ResponseStage):
+    """
+    The response stage: an upstream response to the client.
+
+    @param resume: where stamped events are logged for C{Last-Event-ID}
+        replay; None when C{[sse] resume = off}.
+    @param streams: where each relay is registered while it runs (for
+        C{active_streams} and shutdown).
+    """
+
+    def __init__(
+        self, config: Config, clock: IReactorTime, resume: Optional[ResumeLog], streams: OpenStreams
+    ) -> None:
+        self._clock = clock
+        self._cors = Cors(config.cors)
+        self._streams = streams
+        g = config.gateway
+        self._idle_timeout = g.idle_timeout
+        self._heartbeat = g.heartbeat_interval
+        # fast_path = off: the Python SSE rewriter, not the C one.
+        self._accelerate = g.fast_path
+        self._inject_ids = config.sse.inject_ids
+        self._resume = resume if config.sse.inject_ids else None
+        # How long a stream's upstream is still read after its client left.
+        self._detach = (
+            config.sse.resume_ttl
+            if self._resume is not None and config.sse.on_client_disconnect == "detach"
+            else 0.0
+        )
+
+    def respond(self, request: Request, call: "Call", response: IResponse) -> None:
+        """Status and headers now; the body whole, or relayed as it arrives."""
+        content_type = (store(response.headers).get(_CONTENT_TYPE) or (b"",))[0]
+        is_sse = call.is_sse = content_type.lower().startswith(b"text/event-stream")
+        call.status = response.code
+        request.setResponseCode(response.code, response.phrase)
+        if is_sse:
+            sse_head(request, call, self._cors, response)
+            stream_id = make_stream_id() if self._inject_ids else None
+            self._relay(request, call, response, stream_id)
+            return
+        copy_end_to_end(response.headers, request.responseHeaders, _RESPONSE_DROP)
+        out = store(request.responseHeaders)
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            # The client parser keeps Content-Length to itself; pass it on
+            # so the client gets the same framing as from upstream.
+            out[_CONTENT_LENGTH] = [b"%d" % response.length]
+        self._cors.apply(request.requestHeaders, request.responseHeaders)
+        out[_REQUEST_ID] = [call.id.encode("ascii")]
+        body: Optional[bytes] = getattr(response, "complete_body", None)
+        if body is None:
+            self._relay(request, call, response, None)
+            return
+        # The whole body came with the head (FastAgent, a small response):
+        # nothing to relay, time or pace.
+        request.write(body)
+        if not client_left(request):
+            request.finish()
+        call.response_size = len(body)
+        call.pipeline.end(request, call)
+
+    def _relay(
+        self, request: Request, call: "Call", response: IResponse, stream_id: Optional[str]
+    ) -> None:
+        """The body as it arrives: the one place a L{Relay} is made, started and waited for."""
+        is_sse = call.is_sse
+        relay = call.relay = Relay(
+            request,
+            self._clock,
+            idle_timeout=self._idle_timeout,
+            heartbeat_interval=self._heartbeat if is_sse else 0.0,
+            transform=self._stamper(stream_id, request) if stream_id is not None else None,
+            clean_end=is_sse,
+            detach_seconds=self._detach if stream_id is not None else 0.0,
+            describe=call.describe,
+        )
+        self._streams.add(relay)
+        if is_sse or response.length != 0:
+            # Headers go out now, before the first event (a client must see
+            # the stream open even when the agent is slow to speak).
+            request.write(b"")
+        response.deliverBody(relay)
+        relay.done.addCallback(self._relay_ended, call, stream_id)
+
+    def _relay_ended(self, reason: str, call: "Call", stream_id: Optional[str]) -> None:
+        relay = call.relay
+        assert relay is not None
+        self._streams.discard(relay)
+        if stream_id is not None and self._resume is not None:
+            if relay.upstream_complete:
+                self._resume.close(stream_id)
+            else:
+                self._resume.abandon(stream_id)
+        call.end_reason = reason
+        call.pipeline.end(call.request, call)
+
+    def _stamper(self, stream_id: str, request: Request) -> StreamTransform:
+        """The SSE rewriter of a new stream, logging each event when resume is on."""
+        if self._resume is None:
+            rewriter = SseRewriter.for_stream(stream_id, carry_upstream=True, accelerate=self._accelerate)
+        else:
+            self._resume.open(stream_id, stream_owner(request))
+            rewriter = SseRewriter.for_stream(
+                stream_id, carry_upstream=True, on_event=self._resume.appender(stream_id),
+                accelerate=self._accelerate,
+            )
+        return _Counted(rewriter)
+
+
+def sse_head(request: Request, call: "Call", cors: Cors, response: Optional[IResponse]) -> None:
+    """
+    Status and headers of an SSE response: relayed (C{response}'s own, less
+    Content-Length and Cache-Control) or replayed from a stream log (None).
+    """
+    out = request.responseHeaders
+    if response is None:
+        request.setResponseCode(200)
+        out.setRawHeaders(b"content-type", [b"text/event-stream"])
+    else:
+        copy_end_to_end(response.headers, out, _SSE_DROP)
+    out.setRawHeaders(b"cache-control", [b"no-cache"])
+    out.setRawHeaders(b"x-accel-buffering", [b"no"])
+    if request.clientproto == b"HTTP/1.1":
+        out.setRawHeaders(b"connection", [b"keep-alive"])
+    cors.apply(request.requestHeaders, out)
+    out.setRawHeaders(b"x-request-id", [call.id.encode("ascii")])
+
+
+def stream_owner(request: Request) -> str:
+    """Who may resume a stream: its tenant (public streams share the empty owner)."""
+    # The header contract guarantees a tenant outside public paths.
+    values = store(request.requestHeaders).get(_TENANT)
+    return values[0].decode("utf-8", "replace") if values else ""
+
+
+class _Counted:
+    """An SSE rewriter, with its stamped-event count for the relay to report."""
+
+    __slots__ = ("_rewriter", "feed", "flush")
+
+    def __init__(self, rewriter: SseRewriter) -> None:
+        self._rewriter = rewriter
+        self.feed = rewriter.feed
+        self.flush = rewriter.flush
+
+    @property
+    def count(self) -> int:
+        return self._rewriter.seq
