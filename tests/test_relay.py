@@ -18,14 +18,10 @@ from twisted.web.client import ResponseDone, ResponseFailed
 
 from aura_proxy import relay as relay_module
 from aura_proxy.client_wire import ClientWriter, _PyClientWriter
-from aura_proxy.relay import HEARTBEAT, Relay, _PyRelayCore
+from aura_proxy.relay import HEARTBEAT, PyRelay, Relay
 
 from tests.test_client_wire import FakeTCP, received, socket_pair
 
-#: Relay with the Python per-read step, whether or not the C one is built.
-PyRelay: type[Relay] = (
-    type("PyRelay", (_PyRelayCore, Relay), {}) if relay_module.ACCELERATED else Relay  # type: ignore[assignment]
-)
 _C_SKIP = (
     None if relay_module.ACCELERATED or os.environ.get("AURA_PROXY_REQUIRE_C") == "1"
     else "aura_proxy._relay_core is not built (no C compiler at install time?)"
