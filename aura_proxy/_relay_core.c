@@ -1,15 +1,21 @@
 /*
- * aura_proxy._relay_core: the relay's per-read step in C.
+ * aura_proxy._relay_core: the client's wire after the response head, and the
+ * relay's per-read step, in C.
+ *
+ * ClientWriter writes a response's body bytes to the client: framed as an
+ * HTTP/1.1 chunk when the response is chunked, sent straight to the client's
+ * socket when nothing is queued in its transport before them, the rest, if
+ * the kernel does not take it all, through the transport's write (so bytes
+ * are never reordered).  aura_proxy.site.GatewayRequest owns one per response
+ * on the fast path; aura_proxy.client_wire._PyClientWriter is its reference.
  *
  * RelayCore is the base of aura_proxy.relay.Relay.  Its dataReceived is what
  * the upstream connection calls with each read of body bytes: note the time,
- * rewrite the bytes (the SSE transform's feed), count them, and write them to
- * the client, straight to its socket when nothing is queued before them
- * (framed as an HTTP/1.1 chunk when the response is chunked), the rest, if
- * the kernel does not take it all, through the transport's write.  The
- * state lives in this object and is visible to Python under the names the
- * rest of Relay uses.  aura_proxy.relay._PyRelayCore is the reference;
- * tests/test_relay.py runs the same tests against both.
+ * rewrite the bytes (the SSE transform's feed), count them, and hand them to
+ * the request's ClientWriter, called here in C, or else to request.write.
+ * Its state is visible to Python under the names the rest of Relay uses.
+ * aura_proxy.relay._PyRelayCore is the reference; tests/test_relay.py and
+ * tests/test_client_wire.py run the same tests against both.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,26 +28,29 @@
 /* A chunk this small is framed on the stack and sent with one send(). */
 #define STACK_FRAME 4096
 
-static PyObject *s_write, *s_sentLength, *s_dataBuffer, *s_tempDataBuffer, *s_connected,
-    *s_writeDisconnected, *s_fileno;
+static PyObject *s_write, *s_dataBuffer, *s_tempDataBuffer, *s_connected, *s_writeDisconnected,
+    *s_fileno;
+
+/* ---- ClientWriter ------------------------------------------------------- */
+
+enum { WRITER_OPEN, WRITER_ENDED, WRITER_LOST };
 
 typedef struct {
     PyObject_HEAD
-    PyObject *seconds;        /* clock.seconds */
-    PyObject *feed;           /* the transform's feed, or NULL */
-    PyObject *request;        /* the client's twisted.web Request */
-    PyObject *tcp;            /* its TCP connection when writes may go to its socket, or NULL */
-    int fd;                   /* tcp's socket */
-    PyObject *first_write_at; /* float, or NULL */
-    double last_read;
-    Py_ssize_t sent;
-    char client_gone;
+    PyObject *tcp; /* the connection direct_send_transport() gave, or NULL once closed */
+    int fd;        /* its socket, or -1: everything goes through tcp.write */
     char chunked;
-    char beats;
-    char at_boundary;
-} RelayCore;
+    char state;
+    Py_ssize_t sent;
+} ClientWriter;
 
-/* 1 if tcp has nothing queued and is open for writing, 0 if not, -1 on error. */
+static PyTypeObject ClientWriterType;
+
+/*
+ * 1 if tcp has nothing queued and is open for writing, 0 if not, -1 on error.
+ * The names are aura_proxy.twisted_internals.send_queue_empty's: that module
+ * hands a writer a transport only once it has checked them on this Twisted.
+ */
 static int
 writable_now(PyObject *tcp)
 {
@@ -61,6 +70,16 @@ writable_now(PyObject *tcp)
     return 1;
 }
 
+static int
+call_write(PyObject *tcp, PyObject *bytes)
+{
+    PyObject *r = PyObject_CallMethodOneArg(tcp, s_write, bytes);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* Write frame[sent:] through the transport (its queue, flushed when the socket drains). */
 static int
 write_rest(PyObject *tcp, const char *frame, Py_ssize_t len, Py_ssize_t sent)
@@ -68,55 +87,55 @@ write_rest(PyObject *tcp, const char *frame, Py_ssize_t len, Py_ssize_t sent)
     PyObject *rest = PyBytes_FromStringAndSize(frame + sent, len - sent);
     if (rest == NULL)
         return -1;
-    PyObject *r = PyObject_CallMethodOneArg(tcp, s_write, rest);
+    int rc = call_write(tcp, rest);
     Py_DECREF(rest);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return rc;
 }
 
-/* The body bytes data (n of them) to the client's socket, framed as the response needs. */
-static int
-write_direct(RelayCore *self, PyObject *data, Py_ssize_t n)
+/* send() what the kernel takes now; 0 when it takes nothing or refuses. */
+static Py_ssize_t
+send_now(int fd, const char *buf, Py_ssize_t len)
 {
-    PyObject *tcp = self->tcp;
-    /* request.sentLength += n, as Request.write would count it. */
-    PyObject *count = PyObject_GetAttr(self->request, s_sentLength);
-    if (count == NULL)
-        return -1;
-    PyObject *n_obj = PyLong_FromSsize_t(n);
-    PyObject *total = n_obj == NULL ? NULL : PyNumber_Add(count, n_obj);
-    Py_DECREF(count);
-    Py_XDECREF(n_obj);
-    if (total == NULL)
-        return -1;
-    int rc = PyObject_SetAttr(self->request, s_sentLength, total);
-    Py_DECREF(total);
-    if (rc < 0)
-        return -1;
+    Py_ssize_t sent = send(fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    /* EAGAIN; any other error the transport's write finds and reports. */
+    return sent < 0 ? 0 : sent;
+}
 
-    int direct = writable_now(tcp);
-    if (direct < 0)
+/* Frame and send the body bytes data; 0, or -1 with an exception set. */
+static int
+writer_write(ClientWriter *self, PyObject *data)
+{
+    if (self->state != WRITER_OPEN) {
+        if (self->state == WRITER_LOST)
+            return 0; /* the client is gone: dropped, as twisted.web's Request.write drops */
+        PyErr_SetString(PyExc_RuntimeError, "ClientWriter.write called after the response was finished");
         return -1;
+    }
+    if (self->tcp == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ClientWriter: not initialised");
+        return -1;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (n == 0)
+        return 0; /* an empty chunk would end the body */
+    self->sent += n;
+    /* A strong reference: tcp.write may run code that closes this writer. */
+    PyObject *tcp = self->tcp;
+    Py_INCREF(tcp);
+    int direct = self->fd >= 0 ? writable_now(tcp) : 0;
+    int rc = 0;
+    if (direct < 0) {
+        rc = -1;
+        goto out;
+    }
     const char *body = PyBytes_AS_STRING(data);
     if (!self->chunked) {
-        Py_ssize_t sent = 0;
-        if (direct) {
-            sent = send(self->fd, body, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (sent < 0)
-                sent = 0; /* EAGAIN; any other error the transport's write finds and reports */
-            if (sent == n)
-                return 0;
-        }
-        if (sent == 0) {
-            PyObject *r = PyObject_CallMethodOneArg(tcp, s_write, data);
-            if (r == NULL)
-                return -1;
-            Py_DECREF(r);
-            return 0;
-        }
-        return write_rest(tcp, body, n, sent);
+        Py_ssize_t sent = direct ? send_now(self->fd, body, n) : 0;
+        if (sent == 0)
+            rc = call_write(tcp, data);
+        else if (sent != n)
+            rc = write_rest(tcp, body, n, sent);
+        goto out;
     }
     char head[24];
     int hlen = snprintf(head, sizeof head, "%zx\r\n", n);
@@ -126,32 +145,190 @@ write_direct(RelayCore *self, PyObject *data, Py_ssize_t n)
     PyObject *big = NULL;
     if (len > STACK_FRAME) {
         big = PyBytes_FromStringAndSize(NULL, len);
-        if (big == NULL)
-            return -1;
+        if (big == NULL) {
+            rc = -1;
+            goto out;
+        }
         frame = PyBytes_AS_STRING(big);
     }
     memcpy(frame, head, hlen);
     memcpy(frame + hlen, body, n);
     memcpy(frame + hlen + n, "\r\n", 2);
-    Py_ssize_t sent = 0;
-    if (direct) {
-        sent = send(self->fd, frame, len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (sent < 0)
-            sent = 0;
-    }
-    rc = 0;
+    Py_ssize_t sent = direct ? send_now(self->fd, frame, len) : 0;
     if (sent != len) {
-        if (sent == 0 && big != NULL) {
-            PyObject *r = PyObject_CallMethodOneArg(tcp, s_write, big);
-            rc = r == NULL ? -1 : 0;
-            Py_XDECREF(r);
-        } else {
+        if (sent == 0 && big != NULL)
+            rc = call_write(tcp, big);
+        else
             rc = write_rest(tcp, frame, len, sent);
-        }
     }
     Py_XDECREF(big);
+out:
+    Py_DECREF(tcp);
     return rc;
 }
+
+static PyObject *
+ClientWriter_write(ClientWriter *self, PyObject *data)
+{
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "ClientWriter.write wants bytes");
+        return NULL;
+    }
+    if (writer_write(self, data) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static void
+writer_close(ClientWriter *self, char state)
+{
+    if (self->state == WRITER_OPEN)
+        self->state = state;
+    self->fd = -1;
+    Py_CLEAR(self->tcp);
+}
+
+static PyObject *
+ClientWriter_end(ClientWriter *self, PyObject *unused)
+{
+    writer_close(self, WRITER_ENDED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ClientWriter_lose(ClientWriter *self, PyObject *unused)
+{
+    writer_close(self, WRITER_LOST);
+    Py_RETURN_NONE;
+}
+
+/*
+ * ClientWriter(tcp, chunked).  tcp's socket is noted now; a connection that
+ * has none any more (closed, or fileno fails) gets every write through
+ * tcp.write, framed all the same.
+ */
+static int
+ClientWriter_init(ClientWriter *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"tcp", "chunked", NULL};
+    PyObject *tcp;
+    int chunked;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Op", kwlist, &tcp, &chunked))
+        return -1;
+    PyObject *fd = PyObject_CallMethodNoArgs(tcp, s_fileno);
+    long value = fd == NULL ? -1 : PyLong_AsLong(fd);
+    Py_XDECREF(fd);
+    if (value < 0 || value > INT_MAX) {
+        PyErr_Clear();
+        value = -1;
+    }
+    Py_INCREF(tcp);
+    Py_XSETREF(self->tcp, tcp);
+    self->fd = (int)value;
+    self->chunked = (char)chunked;
+    self->state = WRITER_OPEN;
+    self->sent = 0;
+    return 0;
+}
+
+static PyObject *
+ClientWriter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    ClientWriter *self = (ClientWriter *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->fd = -1;
+        self->state = WRITER_OPEN;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *
+ClientWriter_get_tcp(ClientWriter *self, void *closure)
+{
+    PyObject *v = self->tcp ? self->tcp : Py_None;
+    Py_INCREF(v);
+    return v;
+}
+
+static PyObject *
+ClientWriter_get_open(ClientWriter *self, void *closure)
+{
+    return PyBool_FromLong(self->state == WRITER_OPEN);
+}
+
+static int
+ClientWriter_traverse(ClientWriter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->tcp);
+    return 0;
+}
+
+static int
+ClientWriter_clear(ClientWriter *self)
+{
+    Py_CLEAR(self->tcp);
+    return 0;
+}
+
+static void
+ClientWriter_dealloc(ClientWriter *self)
+{
+    PyObject_GC_UnTrack(self);
+    ClientWriter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyGetSetDef ClientWriter_getset[] = {
+    {"tcp", (getter)ClientWriter_get_tcp, NULL, "The client's connection, or None once closed.", NULL},
+    {"open", (getter)ClientWriter_get_open, NULL, "Whether body bytes may still be written.", NULL},
+    {NULL},
+};
+
+static PyMemberDef ClientWriter_members[] = {
+    {"sent", T_PYSSIZET, offsetof(ClientWriter, sent), READONLY, "Body bytes written (before framing)."},
+    {"chunked", T_BOOL, offsetof(ClientWriter, chunked), READONLY, "Whether the body is sent in chunks."},
+    {NULL},
+};
+
+static PyMethodDef ClientWriter_methods[] = {
+    {"write", (PyCFunction)ClientWriter_write, METH_O, "write(data): body bytes to the client."},
+    {"end", (PyCFunction)ClientWriter_end, METH_NOARGS,
+     "end(): the response is finished; a later write raises RuntimeError."},
+    {"lose", (PyCFunction)ClientWriter_lose, METH_NOARGS, "lose(): the client is gone; later writes are dropped."},
+    {NULL},
+};
+
+static PyTypeObject ClientWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aura_proxy._relay_core.ClientWriter",
+    .tp_doc = "ClientWriter(tcp, chunked): a response's body to the client (see aura_proxy.client_wire).",
+    .tp_basicsize = sizeof(ClientWriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = ClientWriter_new,
+    .tp_init = (initproc)ClientWriter_init,
+    .tp_dealloc = (destructor)ClientWriter_dealloc,
+    .tp_traverse = (traverseproc)ClientWriter_traverse,
+    .tp_clear = (inquiry)ClientWriter_clear,
+    .tp_methods = ClientWriter_methods,
+    .tp_members = ClientWriter_members,
+    .tp_getset = ClientWriter_getset,
+};
+
+/* ---- RelayCore ---------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *seconds;        /* clock.seconds */
+    PyObject *feed;           /* the transform's feed, or NULL */
+    PyObject *request;        /* the client's twisted.web Request */
+    PyObject *writer;         /* the request's client writer, or NULL: request.write */
+    PyObject *first_write_at; /* float, or NULL */
+    double last_read;
+    Py_ssize_t sent;
+    char client_gone;
+    char beats;
+    char at_boundary;
+} RelayCore;
 
 static int
 ends_block(PyObject *data)
@@ -174,6 +351,9 @@ RelayCore_dataReceived(RelayCore *self, PyObject *data)
         PyErr_SetString(PyExc_TypeError, "dataReceived wants bytes");
         return NULL;
     }
+    /* Nothing read: no bytes for the client (an empty chunk would end its body). */
+    if (PyBytes_GET_SIZE(data) == 0)
+        Py_RETURN_NONE;
     PyObject *now = PyObject_CallNoArgs(self->seconds);
     if (now == NULL)
         return NULL;
@@ -203,16 +383,18 @@ RelayCore_dataReceived(RelayCore *self, PyObject *data)
         Py_INCREF(now);
         self->first_write_at = now;
     }
-    Py_ssize_t n = PyBytes_GET_SIZE(data);
-    self->sent += n;
-    if (self->tcp == NULL) {
-        PyObject *r = PyObject_CallMethodOneArg(self->request, s_write, data);
-        if (r == NULL)
-            goto error;
-        Py_DECREF(r);
-    } else if (write_direct(self, data, n) < 0) {
+    self->sent += PyBytes_GET_SIZE(data);
+    /* Strong references: the writes below may run code that replaces them. */
+    PyObject *writer = self->writer ? self->writer : self->request;
+    Py_INCREF(writer);
+    int rc;
+    if (Py_IS_TYPE(writer, &ClientWriterType))
+        rc = writer_write((ClientWriter *)writer, data);
+    else
+        rc = call_write(writer, data); /* the Python writer, or request.write */
+    Py_DECREF(writer);
+    if (rc < 0)
         goto error;
-    }
     if (self->beats)
         self->at_boundary = (char)ends_block(data);
 done:
@@ -246,47 +428,15 @@ error_now:
 OBJECT_SLOT(seconds)
 OBJECT_SLOT(feed)
 OBJECT_SLOT(request)
+OBJECT_SLOT(writer)
 OBJECT_SLOT(first_write_at)
-
-static PyObject *
-RelayCore_get_tcp(RelayCore *self, void *closure)
-{
-    PyObject *v = self->tcp ? self->tcp : Py_None;
-    Py_INCREF(v);
-    return v;
-}
-
-/*
- * Setting the TCP connection also notes its socket's file descriptor.  A
- * connection without one (already closed) is not written to directly: the
- * attribute reads None, and writes go through request.write.
- */
-static int
-RelayCore_set_tcp(RelayCore *self, PyObject *v, void *closure)
-{
-    Py_CLEAR(self->tcp);
-    self->fd = -1;
-    if (v == NULL || v == Py_None)
-        return 0;
-    PyObject *fd = PyObject_CallMethodNoArgs(v, s_fileno);
-    long value = fd == NULL ? -1 : PyLong_AsLong(fd);
-    Py_XDECREF(fd);
-    if (value < 0) {
-        PyErr_Clear();
-        return 0;
-    }
-    Py_INCREF(v);
-    self->tcp = v;
-    self->fd = (int)value;
-    return 0;
-}
 
 static PyGetSetDef RelayCore_getset[] = {
     {"_seconds", (getter)RelayCore_get_seconds, (setter)RelayCore_set_seconds, "The clock's seconds().", NULL},
     {"_feed", (getter)RelayCore_get_feed, (setter)RelayCore_set_feed, "The transform's feed, or None.", NULL},
     {"_request", (getter)RelayCore_get_request, (setter)RelayCore_set_request, "The client's request.", NULL},
-    {"_tcp", (getter)RelayCore_get_tcp, (setter)RelayCore_set_tcp,
-     "The client's TCP connection when body bytes may go straight to its socket, or None.", NULL},
+    {"_writer", (getter)RelayCore_get_writer, (setter)RelayCore_set_writer,
+     "The request's client writer (aura_proxy.client_wire), or None: request.write.", NULL},
     {"first_write_at", (getter)RelayCore_get_first_write_at, (setter)RelayCore_set_first_write_at,
      "Clock time of the first body write, or None.", NULL},
     {NULL},
@@ -296,7 +446,6 @@ static PyMemberDef RelayCore_members[] = {
     {"_last_read", T_DOUBLE, offsetof(RelayCore, last_read), 0, "Clock time of the last upstream read."},
     {"sent", T_PYSSIZET, offsetof(RelayCore, sent), 0, "Body bytes written to the client."},
     {"_client_gone", T_BOOL, offsetof(RelayCore, client_gone), 0, "The client went away."},
-    {"_chunked", T_BOOL, offsetof(RelayCore, chunked), 0, "The client's response is chunked."},
     {"_beats", T_BOOL, offsetof(RelayCore, beats), 0, "Heartbeats are on."},
     {"_at_boundary", T_BOOL, offsetof(RelayCore, at_boundary), 0,
      "The last write ended an SSE block (a heartbeat may follow)."},
@@ -313,10 +462,8 @@ static PyObject *
 RelayCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     RelayCore *self = (RelayCore *)type->tp_alloc(type, 0);
-    if (self != NULL) {
-        self->fd = -1;
+    if (self != NULL)
         self->at_boundary = 1;
-    }
     return (PyObject *)self;
 }
 
@@ -326,7 +473,7 @@ RelayCore_traverse(RelayCore *self, visitproc visit, void *arg)
     Py_VISIT(self->seconds);
     Py_VISIT(self->feed);
     Py_VISIT(self->request);
-    Py_VISIT(self->tcp);
+    Py_VISIT(self->writer);
     Py_VISIT(self->first_write_at);
     return 0;
 }
@@ -337,7 +484,7 @@ RelayCore_clear(RelayCore *self)
     Py_CLEAR(self->seconds);
     Py_CLEAR(self->feed);
     Py_CLEAR(self->request);
-    Py_CLEAR(self->tcp);
+    Py_CLEAR(self->writer);
     Py_CLEAR(self->first_write_at);
     return 0;
 }
@@ -368,9 +515,22 @@ static PyTypeObject RelayCoreType = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "aura_proxy._relay_core",
-    .m_doc = "The relay's per-read step in C (see aura_proxy.relay).",
+    .m_doc = "The client writer and the relay's per-read step in C (see aura_proxy.client_wire, aura_proxy.relay).",
     .m_size = -1,
 };
+
+static int
+add_type(PyObject *m, const char *name, PyTypeObject *type)
+{
+    if (PyType_Ready(type) < 0)
+        return -1;
+    Py_INCREF(type);
+    if (PyModule_AddObject(m, name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}
 
 PyMODINIT_FUNC
 PyInit__relay_core(void)
@@ -379,22 +539,17 @@ PyInit__relay_core(void)
         PyObject **slot;
         const char *name;
     } names[] = {
-        {&s_write, "write"}, {&s_sentLength, "sentLength"}, {&s_dataBuffer, "dataBuffer"},
-        {&s_tempDataBuffer, "_tempDataBuffer"}, {&s_connected, "connected"},
-        {&s_writeDisconnected, "_writeDisconnected"}, {&s_fileno, "fileno"},
+        {&s_write, "write"}, {&s_dataBuffer, "dataBuffer"}, {&s_tempDataBuffer, "_tempDataBuffer"},
+        {&s_connected, "connected"}, {&s_writeDisconnected, "_writeDisconnected"}, {&s_fileno, "fileno"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL)
             return NULL;
     }
-    if (PyType_Ready(&RelayCoreType) < 0)
-        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&RelayCoreType);
-    if (PyModule_AddObject(m, "RelayCore", (PyObject *)&RelayCoreType) < 0) {
-        Py_DECREF(&RelayCoreType);
+    if (add_type(m, "ClientWriter", &ClientWriterType) < 0 || add_type(m, "RelayCore", &RelayCoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -2,12 +2,23 @@
 
 from typing import Any, Callable, Optional
 
+class ClientWriter:
+    sent: int
+    chunked: bool
+    @property
+    def tcp(self) -> Any: ...
+    @property
+    def open(self) -> bool: ...
+    def __init__(self, tcp: Any, chunked: bool) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def end(self) -> None: ...
+    def lose(self) -> None: ...
+
 class RelayCore:
     _seconds: Callable[[], float]
     _feed: Optional[Callable[[bytes], bytes]]
     _request: Any
-    _tcp: Any
-    _chunked: bool
+    _writer: Any
     _client_gone: bool
     _beats: bool
     _at_boundary: bool

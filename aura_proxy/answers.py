@@ -15,6 +15,7 @@ from twisted.web.server import Request
 
 from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
+from aura_proxy.site import client_left
 
 if TYPE_CHECKING:
     from aura_proxy.call import Call
@@ -34,7 +35,7 @@ def error_answer(request: Request, call: "Call", error: GatewayError, cors: Opti
     if error.status >= 500:
         log.warn("{method} {path}: {error}", method=_text(request.method),
                  path=_text(request.path), error=str(error))
-    if getattr(request, "_disconnected", False):
+    if client_left(request):
         # Nobody to answer: the client left while the gateway waited.
         call.status = 499
         return

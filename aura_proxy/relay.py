@@ -2,15 +2,21 @@
 The response relay: bytes from the upstream socket to the client socket.
 
 This is the hot path.  Per upstream read it does: one clock read, one optional
-SSE rewrite, one write to the client (straight to its socket when it can).
-That step runs in C (L{aura_proxy._relay_core}) when the extension is built;
-L{_PyRelayCore} is the same in Python.  Timers are not reset per read; each fires at
+SSE rewrite, one write to the client through the request's client writer
+(L{aura_proxy.client_wire}: framing, straight to the socket when it can).
+That step runs in C (L{aura_proxy._relay_core}, which calls the C writer
+without a Python call) when the extension is built; L{_PyRelayCore} is the
+same in Python.  The relay never touches the client's socket itself: it
+writes through the request (or its writer) and ends the response with
+L{end_response}.  Timers are not reset per read; each fires at
 its deadline and, if bytes arrived meanwhile, re-arms itself for the rest.
 
 Backpressure runs both ways through the producer chain: the relay is the
 client request's streaming producer, so a client that stops reading pauses the
-upstream socket (and a client that goes away stops it, which closes that
-upstream connection instead of returning it to the pool).
+upstream socket.  A client that goes away reaches the relay once, through
+the request's C{connectionLost} (L{client_gone}, from the gateway): that
+closes the upstream connection instead of returning it to the pool, or
+detaches it into the stream log.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol as TypingProtocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
-from twisted.internet.tcp import Connection as TCPConnection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -28,7 +33,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-__all__ = ["Relay", "StreamTransform", "HEARTBEAT", "ACCELERATED"]
+from aura_proxy.client_wire import ClientWriter, end_response
+
+__all__ = ["Relay", "PyRelay", "StreamTransform", "HEARTBEAT", "ACCELERATED"]
 
 #: What the client gets on a silent SSE stream: a comment line, ignored by
 #: every EventSource, which keeps proxies and browsers from timing out.
@@ -59,8 +66,7 @@ class _PyRelayCore:
     _seconds: Callable[[], float]
     _feed: Optional[Callable[[bytes], bytes]]
     _request: Request
-    _tcp: Optional[TCPConnection]
-    _chunked: bool
+    _writer: Optional[ClientWriter]
     _client_gone: bool
     _beats: bool
     _at_boundary: bool
@@ -70,6 +76,9 @@ class _PyRelayCore:
 
     def dataReceived(self, data: bytes) -> None:
         """One upstream read: rewrite it, count it, write it to the client."""
+        if not data:
+            # Nothing read: no bytes for the client (an empty chunk would end its body).
+            return
         self._last_read = self._seconds()
         if self._feed is not None:
             data = self._feed(data)
@@ -79,29 +88,12 @@ class _PyRelayCore:
             return
         if self.first_write_at is None:
             self.first_write_at = self._last_read
-        n = len(data)
-        self.sent += n
-        t = self._tcp
-        if t is None:
+        self.sent += len(data)
+        writer = self._writer
+        if writer is None:
             self._request.write(data)
         else:
-            # Straight to the client's socket when nothing is queued before
-            # these bytes.  Twisted's transports queue every write and send it
-            # on the next loop turn, registering and unregistering the socket
-            # with epoll each time: per SSE event, two epoll_ctl calls and a
-            # turn of latency.  The kernel usually takes the whole event at
-            # once; only the rest is queued.  (Inline: this runs per read.)
-            self._request.sentLength += n
-            frame = b"%x\r\n%b\r\n" % (n, data) if self._chunked else data
-            if not t.dataBuffer and not t._tempDataBuffer and t.connected and not t._writeDisconnected:
-                try:
-                    sent = t.socket.send(frame)
-                except OSError:
-                    sent = 0  # EAGAIN; any other error the transport's write finds and reports
-                if sent != len(frame):
-                    t.write(frame[sent:])
-            else:
-                t.write(frame)
+            writer.write(data)
         if self._beats:
             self._at_boundary = data.endswith(_BLOCK_ENDS)
 
@@ -177,10 +169,9 @@ class Relay(_RelayCore, Protocol):
         self._beats = heartbeat_interval > 0
         self._client_gone = False
         self._finished = False
-        # The client's plain TCP connection, when body bytes may go straight
-        # to its socket (see dataReceived); None: go through request.write.
-        self._tcp: Optional[TCPConnection] = None
-        self._chunked = False
+        # The request's client writer once the head is out (connectionMade);
+        # None: write through request.write.
+        self._writer: Optional[ClientWriter] = None
         #: Whether the upstream sent its whole body (even if the client left).
         self.upstream_complete = False
         self._stopped = False
@@ -205,8 +196,10 @@ class Relay(_RelayCore, Protocol):
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
-        self._tcp = _direct_transport(self._request)
-        self._chunked = bool(getattr(self._request, "chunked", False))
+        # A GatewayRequest's own writer, called per read without going
+        # through request.write (twisted.web requests have none).
+        open_writer = getattr(self._request, "client_writer", None)
+        self._writer = open_writer() if open_writer is not None else None
         first = min(self._idle_timeout, self._heartbeat_interval) if self._beats else self._idle_timeout
         self._timer = self._clock.callLater(first, self._check_timers)
 
@@ -245,11 +238,20 @@ class Relay(_RelayCore, Protocol):
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def stopProducing(self) -> None:
-        """The client went away: close the upstream connection."""
-        self.client_gone()
+        """
+        The client's connection is closing: stop reading the upstream
+        meanwhile.  What ends the relay is the request's C{connectionLost},
+        which follows (through the gateway, L{client_gone}): one path for a
+        disconnect, not two.
+        """
+        if not self._client_gone and not self._stopped and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def client_gone(self) -> None:
-        """Stop relaying because the client disconnected."""
+        """
+        Stop relaying because the client disconnected (the request's
+        C{connectionLost}, through the gateway: the one path a disconnect takes).
+        """
         if self._client_gone:
             return
         self._client_gone = True
@@ -318,23 +320,18 @@ class Relay(_RelayCore, Protocol):
         self._finished = True
         if self._client_gone:
             return
-        self._request.unregisterProducer()
-        if self._reason == "completed" or self._clean_end:
-            self._request.finish()
-        else:
-            # A truncated body must not look complete to the client.
-            self._request.transport.abortConnection()  # type: ignore[union-attr]
+        # A truncated non-stream body must not look complete to the client.
+        end_response(self._request, complete=self._reason == "completed" or self._clean_end)
 
 
-def _direct_transport(request: Request) -> Optional[TCPConnection]:
-    """
-    The client's TCP connection if body bytes may be written to its socket
-    directly: plain TCP (not TLS), headers already sent, a body expected.
-    (L{aura_proxy.site.GatewaySite} has turned Nagle off on it.)
-    """
-    transport = request.transport
-    if not isinstance(transport, TCPConnection) or transport.TLS or not transport.connected:
-        return None
-    if not request.startedWriting or request.method == b"HEAD" or request.code in (204, 304):
-        return None
-    return transport
+
+#: L{Relay} with its per-read step in Python whether or not the C one is
+#: built: C{[gateway] fast_path = off}, and the reference the tests hold the
+#: C step to.  (When the extension is built the attributes still live in the
+#: C base's slots; no C step runs per read.)
+if TYPE_CHECKING or not ACCELERATED:
+    PyRelay = Relay
+else:
+
+    class PyRelay(_PyRelayCore, Relay):
+        pass

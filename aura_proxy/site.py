@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -22,27 +22,90 @@ from twisted.web.server import version as server_version
 from zope.interface import implementer
 
 from aura_proxy import errors
+from aura_proxy.client_wire import ClientWriter
 from aura_proxy.eventloop import defer_writes
-from aura_proxy.twisted_internals import channel_protocol_factory, request_line
+from aura_proxy.twisted_internals import channel_protocol_factory, direct_send_transport, request_line
 
 if TYPE_CHECKING:
     from aura_proxy.proxy import Gateway
 
-__all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "is_secure"]
+__all__ = [
+    "GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "client_left", "is_secure",
+]
 
 log = Logger()
 
 class GatewayRequest(Request):
     """
     A request that refuses an oversized body while it arrives, instead of
-    spooling all of it first.
+    spooling all of it first, and that owns its client's wire after the
+    response head: on the fast path, every body write goes through one
+    L{ClientWriter} (L{client_writer}), which frames, sends and counts.
+
+    @ivar client_gone: whether the client disconnected (set in
+        L{connectionLost}, the one place a disconnect arrives).
     """
 
     too_large = False
     body_length = 0
+    client_gone = False
     #: What L{GatewayResource} serves this request with: cancelled if the
     #: connection is lost before the response is finished.
     serving: "Optional[Deferred[None]]" = None
+    #: The body's writer once opened (L{client_writer}); None: twisted.web's write.
+    _writer: Optional[ClientWriter] = None
+    #: Whether L{client_writer} may still open one (it tries once, after the head).
+    _writer_unasked = True
+    #: Body bytes twisted.web's own write counted (the writer counts the rest).
+    _sent_by_web = 0
+
+    @property
+    def sentLength(self) -> int:  # type: ignore[override]
+        """Body bytes written, however they went (the access log reads this)."""
+        writer = self._writer
+        return self._sent_by_web + (writer.sent if writer is not None else 0)
+
+    @sentLength.setter
+    def sentLength(self, value: int) -> None:
+        writer = self._writer
+        self._sent_by_web = value - (writer.sent if writer is not None else 0)
+
+    def client_writer(self) -> Optional[ClientWriter]:
+        """
+        The writer of this response's body, once its head is out, when the
+        fast path is safe: the site's C{fast_path} on, HTTP/1.1 (not HTTP/2),
+        plain TCP (not TLS; L{direct_send_transport} decides, and says no when
+        Twisted's write buffers are not as expected), a body to send (not
+        C{HEAD}, 204 or 304), the client still there.  None: write through
+        L{write}, which is then twisted.web's own.
+        """
+        if self._writer is None and self._writer_unasked and self.startedWriting:
+            self._writer_unasked = False
+            if (
+                not self.finished
+                and not self.client_gone
+                and self.clientproto == b"HTTP/1.1"
+                and self.method != b"HEAD"
+                and self.code not in NO_BODY_CODES
+                and getattr(getattr(self.channel, "site", None), "fast_path", True)
+            ):
+                tcp = direct_send_transport(self.channel.transport)  # type: ignore[union-attr]
+                if tcp is not None:
+                    self._writer = ClientWriter(tcp, bool(self.chunked))
+        return self._writer
+
+    def write(self, data: bytes) -> None:
+        """
+        Body bytes to the client: the head first (twisted.web writes it),
+        then through the L{client_writer} when there is one.
+        """
+        writer = self._writer
+        if writer is None and self.startedWriting and self._writer_unasked:
+            writer = self.client_writer()
+        if writer is not None:
+            writer.write(data)
+        else:
+            Request.write(self, data)
 
     def _limit(self) -> int:
         return getattr(getattr(self.channel, "site", None), "max_request_body", 0) or 0
@@ -73,13 +136,27 @@ class GatewayRequest(Request):
         Request.requestReceived(self, command, path, version)
 
     def connectionLost(self, reason: Failure) -> None:
+        """
+        The client is gone: the one path a disconnect takes.  Later writes are
+        dropped, and what serves the request is cancelled (which stops the
+        upstream request or the relay; see L{GatewayResource}).
+        """
+        self.client_gone = True
+        if self._writer is not None:
+            self._writer.lose()
         Request.connectionLost(self, reason)
         serving, self.serving = self.serving, None
         if serving is not None:
             serving.cancel()
 
     def finish(self) -> None:
+        """
+        End the response: no body byte after this, and twisted.web's last
+        chunk goes through the transport's queue, after every byte before it.
+        """
         self.serving = None
+        if self._writer is not None:
+            self._writer.end()
         Request.finish(self)
 
     def process(self) -> None:
@@ -175,9 +252,16 @@ def _gateway_protocol(site: Site) -> Any:
 
 
 class GatewaySite(Site):
-    """The client-facing site: L{GatewayRequest}s, the body limit, the gateway."""
+    """
+    The client-facing site: L{GatewayRequest}s, the body limit, the gateway.
+
+    @ivar fast_path: whether response bodies may go straight to the client's
+        socket (L{GatewayRequest.client_writer}); False: every write is
+        twisted.web's own C{Request.write}.
+    """
 
     requestFactory = GatewayRequest
+    fast_path = True
     if _wrap_channel is not None:
         protocol = _gateway_protocol  # type: ignore[assignment]
 
@@ -185,6 +269,7 @@ class GatewaySite(Site):
         Site.__init__(self, gateway.resource(), **kwargs)
         self.gateway = gateway
         self.max_request_body = gateway.config.gateway.max_request_body
+        self.fast_path = gateway.config.gateway.fast_path
         if not gateway.config.gateway.access_log:
             self.log = lambda request: None  # type: ignore[method-assign]
 
@@ -255,7 +340,7 @@ def _cancel(reason: Failure, served: "Deferred[None]") -> None:
 
 def _served(result: None, request: Request) -> None:
     # A GatewayRequest forgets what serves it in finish() or connectionLost().
-    if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+    if not request.finished and not client_left(request):
         request.finish()
 
 
@@ -263,7 +348,7 @@ def _failed(failure: Failure, request: Request) -> None:
     if failure.check(CancelledError):
         return
     log.failure("unhandled error serving {path}", failure, path=_text(request.uri or b""))
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+    if request.finished or client_left(request):
         return
     if request.startedWriting:
         # Half a response is out: the client must not take it for the whole.
@@ -278,6 +363,14 @@ def _failed(failure: Failure, request: Request) -> None:
     request.write(body)
     request.finish()
 
+
+
+def client_left(request: Request) -> bool:
+    """Whether the client of C{request}, a response not finished yet, disconnected."""
+    if isinstance(request, GatewayRequest):
+        return request.client_gone
+    # twisted.web's Request.connectionLost lets go of its channel.
+    return request.channel is None
 
 
 def is_secure(request: Request) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from aura_proxy.answers import error_answer, preflight_answer
@@ -39,7 +41,7 @@ class ErrorAnswerTests(SynchronousTestCase):
     def test_client_gone(self) -> None:
         """A client that left is not answered; the call is a 499."""
         call = make_call()
-        call.request._disconnected = True  # type: ignore[attr-defined]
+        call.request.connectionLost(Failure(ConnectionDone()))
         error_answer(call.request, call, GatewayError(502, "upstream_unavailable", "x"), None)
         self.assertEqual(written(call), b"")
         self.assertEqual((call.status, call.response_size), (499, None))

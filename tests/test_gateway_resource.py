@@ -21,7 +21,7 @@ from twisted.web.server import version as server_version
 from twisted.web.test.requesthelper import DummyChannel
 
 from aura_proxy.site import (
-    GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date, is_secure,
+    GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date, client_left, is_secure,
 )
 
 
@@ -115,6 +115,24 @@ class GatewayResourceTests(SynchronousTestCase):
         request.finish()
         request.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(cancelled, [])
+
+    def test_client_gone_not_finished(self) -> None:
+        """
+        A response whose client left is not finished, nor answered with a 500,
+        when the gateway's Deferred fires (as it does from its canceller when
+        a relay ends at once).
+        """
+        outcomes = {"served": lambda d: d.callback(None),
+                    "failed": lambda d: d.errback(ZeroDivisionError("boom"))}
+        for outcome, fire in outcomes.items():
+            served: Deferred[None] = Deferred(fire)
+            request, transport, _ = self.render(served)
+            request.connectionLost(Failure(ConnectionDone()))
+            self.assertTrue(served.called, outcome)
+            self.assertTrue(client_left(request), outcome)
+            self.assertFalse(request.finished, outcome)
+            self.assertEqual(transport.written.getvalue(), b"", outcome)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def assertInternalError(self, transport: _Transport) -> None:
         """The client got a C{500} with the gateway's JSON error body."""

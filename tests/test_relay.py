@@ -1,7 +1,7 @@
 """
 Tests for L{aura_proxy.relay}: timers on a fake clock, backpressure and ends,
-with no sockets; and the direct write to the client's socket, on socket
-pairs.  Every test runs twice: with the per-read step in C
+with no sockets; and reads handed to the request's client writer, on socket
+pairs (the writer itself: tests/test_client_wire.py).  Every test runs twice: with the per-read step in C
 (L{aura_proxy._relay_core}, skipped when not built unless
 C{AURA_PROXY_REQUIRE_C=1}) and with its Python reference.
 """
@@ -9,7 +9,6 @@ C{AURA_PROXY_REQUIRE_C=1}) and with its Python reference.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Optional
 
 from twisted.internet.task import Clock
@@ -18,12 +17,11 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 
 from aura_proxy import relay as relay_module
-from aura_proxy.relay import HEARTBEAT, Relay, _PyRelayCore
+from aura_proxy.client_wire import ClientWriter, _PyClientWriter
+from aura_proxy.relay import HEARTBEAT, PyRelay, Relay
 
-#: Relay with the Python per-read step, whether or not the C one is built.
-PyRelay: type[Relay] = (
-    type("PyRelay", (_PyRelayCore, Relay), {}) if relay_module.ACCELERATED else Relay  # type: ignore[assignment]
-)
+from tests.test_client_wire import FakeTCP, received, socket_pair
+
 _C_SKIP = (
     None if relay_module.ACCELERATED or os.environ.get("AURA_PROXY_REQUIRE_C") == "1"
     else "aura_proxy._relay_core is not built (no C compiler at install time?)"
@@ -31,14 +29,18 @@ _C_SKIP = (
 
 
 class FakeRequest:
-    """The parts of a server request the relay uses."""
+    """The parts of a server request the relay uses (a GatewayRequest's client_writer when given one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, writer: Any = None) -> None:
         self.written: list[bytes] = []
         self.producer: Any = None
         self.finished = False
         self.aborted = False
         self.transport = self
+        self.writer = writer
+
+    def client_writer(self) -> Any:
+        return self.writer
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         assert streaming
@@ -88,10 +90,10 @@ class Upper:
 
 
 def start(
-    idle: float = 300, beat: float = 15, cls: type[Relay] = Relay, **kw: Any
+    idle: float = 300, beat: float = 15, cls: type[Relay] = Relay, writer: Any = None, **kw: Any
 ) -> tuple[Relay, FakeRequest, FakeUpstream, Clock]:
     clock = Clock()
-    request = FakeRequest()
+    request = FakeRequest(writer)
     relay = cls(request, clock, idle_timeout=idle, heartbeat_interval=beat, **kw)  # type: ignore[arg-type]
     upstream = FakeUpstream()
     relay.makeConnection(upstream)  # type: ignore[arg-type]
@@ -216,11 +218,33 @@ class FlowTests(_RelayCase):
         relay, request, upstream, _ = self.start()
         reasons: list[str] = []
         relay.done.addCallback(reasons.append)
-        request.producer.stopProducing()
+        relay.client_gone()
         self.assertEqual(upstream.state, "stopped")
         end(relay, ResponseFailed([Failure(Exception("closed"))]))
         self.assertEqual(reasons, ["client_disconnect"])
         self.assertFalse(request.finished)
+
+    def test_stop_producing_only_pauses(self) -> None:
+        """
+        The client transport's stopProducing (its connection closing) only
+        stops reading the upstream: the relay ends through client_gone, the
+        one path a disconnect takes.
+        """
+        relay, request, upstream, _ = self.start()
+        request.producer.stopProducing()
+        self.assertEqual(upstream.state, "paused")
+        self.assertFalse(relay.done.called)
+        relay.client_gone()
+        self.assertEqual(upstream.state, "stopped")
+        relay.stopProducing()
+        self.assertEqual(upstream.state, "stopped")
+
+    def test_empty_read_writes_nothing(self) -> None:
+        """An empty upstream read writes nothing and does not count as the first write."""
+        relay, request, _, _ = self.start()
+        relay.dataReceived(b"")
+        self.assertEqual((request.written, relay.sent), ([], 0))
+        self.assertIsNone(relay.first_write_at)
 
     def test_bytes_pass_unchanged_and_counted(self) -> None:
         """Without a transform the bytes reach the client as they came, and are counted."""
@@ -260,108 +284,35 @@ class FlowTests(_RelayCase):
         self.assertTrue(request.aborted)
 
 
-class FakeTCP:
-    """The parts of a client TCP connection the direct write looks at."""
+class WriterTests(_RelayCase):
+    """Reads handed to the request's client writer (L{aura_proxy.client_wire}), on a socket pair."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.socket = sock
-        self.dataBuffer = b""
-        self._tempDataBuffer: list[bytes] = []
-        self.connected = 1
-        self._writeDisconnected = False
-        self.queued: list[bytes] = []
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
-
-    def write(self, data: bytes) -> None:
-        self.queued.append(data)
-
-
-class DirectWriteTests(_RelayCase):
-    """Body bytes straight to the client's socket, and what falls back to the transport."""
+    writer_class: Any = ClientWriter
 
     def setUp(self) -> None:
-        self.ours, self.peer = socket.socketpair()
-        self.ours.setblocking(False)
-        self.peer.setblocking(False)
-        self.addCleanup(self.ours.close)
-        self.addCleanup(self.peer.close)
+        self.ours, self.peer = socket_pair(self)
 
-    def relay(self, chunked: bool, transform: Any = None) -> tuple[Relay, FakeRequest, FakeTCP]:
-        relay, request, _, _ = self.start(transform=transform)
-        request.sentLength = 0  # type: ignore[attr-defined]
+    def relay(self, chunked: bool = True, transform: Any = None) -> tuple[Relay, FakeRequest, FakeTCP]:
         tcp = FakeTCP(self.ours)
-        relay._tcp = tcp  # type: ignore[assignment]
-        relay._chunked = chunked
+        relay, request, _, _ = self.start(transform=transform, writer=self.writer_class(tcp, chunked))
         return relay, request, tcp
 
-    def received(self) -> bytes:
-        out = b""
-        while True:
-            try:
-                got = self.peer.recv(1 << 20)
-            except BlockingIOError:
-                return out
-            if not got:
-                return out
-            out += got
-
-    def test_chunked_frames(self) -> None:
-        """A chunked response gets each read as one chunk, sent by the relay itself."""
-        relay, request, tcp = self.relay(chunked=True)
+    def test_reads_go_to_the_writer(self) -> None:
+        """Each read reaches the client through the writer (framed, sent), not request.write."""
+        relay, request, tcp = self.relay(chunked=True, transform=Upper())
         relay.dataReceived(b"data: 1\n\n")
         relay.dataReceived(b"x" * 5000)
-        self.assertEqual(self.received(), b"9\r\ndata: 1\n\n\r\n1388\r\n" + b"x" * 5000 + b"\r\n")
-        self.assertEqual(tcp.queued, [])
-        self.assertEqual((relay.sent, request.sentLength), (5009, 5009))  # type: ignore[attr-defined]
+        self.assertEqual(received(self.peer), b"9\r\nDATA: 1\n\n\r\n1388\r\n" + b"X" * 5000 + b"\r\n")
+        self.assertEqual((request.written, tcp.queued), ([], []))
+        self.assertEqual((relay.sent, relay._writer.sent), (5009, 5009))
+        self.assertFalse(relay._at_boundary)
 
-    def test_plain_body(self) -> None:
-        """A response that is not chunked gets the bytes as they are."""
-        relay, request, tcp = self.relay(chunked=False, transform=Upper())
-        relay.dataReceived(b"abc")
-        self.assertEqual(self.received(), b"ABC")
-        self.assertEqual(tcp.queued, [])
-        self.assertEqual(request.written, [])
-        self.assertTrue(relay._at_boundary is False)
-
-    def test_queued_bytes_go_first(self) -> None:
-        """With bytes already queued in the transport, the read is queued after them."""
-        for attribute, value in (("dataBuffer", b"q"), ("_tempDataBuffer", [b"q"]),
-                                 ("connected", 0), ("_writeDisconnected", True)):
-            relay, _, tcp = self.relay(chunked=True)
-            setattr(tcp, attribute, value)
-            relay.dataReceived(b"data: 2\n\n")
-            self.assertEqual(tcp.queued, [b"9\r\ndata: 2\n\n\r\n"], attribute)
-            relay._chunked = False
-            relay.dataReceived(b"z" * 5000)
-            self.assertEqual(tcp.queued[1:], [b"z" * 5000], attribute)
-        self.assertEqual(self.received(), b"")
-
-    def test_full_socket_queues_the_rest(self) -> None:
-        """When the kernel takes only part of a frame, the rest goes to the transport, in order."""
-        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        for chunked in (True, False):
-            relay, _, tcp = self.relay(chunked=chunked)
-            body = bytes(range(256)) * 4096
-            relay.dataReceived(body)
-            self.assertEqual(len(tcp.queued), 1)
-            got = self.received()
-            self.assertTrue(got)
-            frame = b"100000\r\n" + body + b"\r\n" if chunked else body
-            self.assertEqual(got + tcp.queued[0], frame)
-            # The fake transport reports nothing queued: the next read goes
-            # straight to the (now drained) socket.
-            relay.dataReceived(b"more")
-            self.assertEqual(len(tcp.queued), 1)
-            self.assertEqual(self.received(), b"4\r\nmore\r\n" if chunked else b"more")
-
-    def test_send_error_goes_to_the_transport(self) -> None:
-        """A socket the kernel refuses (the peer is gone) leaves the write to the transport."""
-        self.peer.close()
-        relay, _, tcp = self.relay(chunked=False)
-        relay.dataReceived(b"abc")
-        self.assertEqual(tcp.queued, [b"abc"])
+    def test_empty_read_writes_nothing(self) -> None:
+        """An empty upstream read writes nothing: no empty chunk, which would end the client's body."""
+        relay, request, tcp = self.relay(chunked=True)
+        relay.dataReceived(b"")
+        self.assertEqual((received(self.peer), tcp.queued, relay.sent), (b"", [], 0))
+        self.assertIsNone(relay.first_write_at)
 
     def test_client_gone_writes_nothing(self) -> None:
         """Once the client is gone, reads are still transformed but not written."""
@@ -369,8 +320,28 @@ class DirectWriteTests(_RelayCase):
         relay, request, tcp = self.relay(chunked=True, transform=upper)
         relay._client_gone = True
         relay.dataReceived(b"abc")
-        self.assertEqual((upper.count, relay.sent, tcp.queued, self.received()), (1, 0, [], b""))
+        self.assertEqual((upper.count, relay.sent, tcp.queued, received(self.peer)), (1, 0, [], b""))
         self.assertIsNone(relay.first_write_at)
+
+    def test_writer_error_propagates(self) -> None:
+        """A write after the response was finished raises, as twisted.web's own write would."""
+        relay, _, _ = self.relay()
+        relay._writer.end()
+        self.assertRaises(RuntimeError, relay.dataReceived, b"x")
+
+
+class PyWriterTests(WriterTests):
+    """L{WriterTests} with the Python per-read step and the Python writer."""
+
+    relay_class = PyRelay
+    writer_class = _PyClientWriter
+    skip = None
+
+
+class MixedWriterTests(WriterTests):
+    """L{WriterTests} with the C per-read step calling the Python writer."""
+
+    writer_class = _PyClientWriter
 
 
 class PyTimerTests(TimerTests):
@@ -382,13 +353,6 @@ class PyTimerTests(TimerTests):
 
 class PyFlowTests(FlowTests):
     """L{FlowTests} with the Python per-read step."""
-
-    relay_class = PyRelay
-    skip = None
-
-
-class PyDirectWriteTests(DirectWriteTests):
-    """L{DirectWriteTests} with the Python per-read step."""
 
     relay_class = PyRelay
     skip = None
@@ -408,25 +372,3 @@ class CoreTests(_RelayCase):
         self.assertRaises(TypeError, relay.dataReceived, "text")
         relay._feed = lambda data: "text"  # type: ignore[assignment,return-value]
         self.assertRaises(TypeError, relay.dataReceived, b"x")
-
-    def test_closed_connection_not_written_directly(self) -> None:
-        """
-        A client connection that has no socket any more (closed, or its
-        fileno fails) is not written to directly: writes go through the request.
-        """
-        relay, request, _, _ = self.start(transform=None)
-
-        class Closed(FakeTCP):
-            def fileno(self) -> int:
-                return -1
-
-        class Broken(FakeTCP):
-            def fileno(self) -> int:
-                raise OSError("gone")
-
-        with socket.socket() as sock:
-            for tcp in (Closed(sock), Broken(sock)):
-                relay._tcp = tcp  # type: ignore[assignment]
-                self.assertIsNone(relay._tcp)
-                relay.dataReceived(b"data: 1\n\n")
-        self.assertEqual(request.written, [b"data: 1\n\n"] * 2)

@@ -406,6 +406,18 @@ class RelayResponseTests(SynchronousTestCase):
             if os.environ.get("AURA_PROXY_REQUIRE_C"):
                 self.assertEqual(python, fast_path == "off")
 
+    def test_relay_step_follows_fast_path(self) -> None:
+        """Bodies are relayed by the C per-read step where built, and by the Python one with fast_path = off."""
+        from aura_proxy import relay as relay_module
+
+        for fast_path, cls in (("on", relay_module.Relay), ("off", relay_module.PyRelay)):
+            config = parse_config(CONFIG.replace("[gateway]", f"[gateway]\nfast_path = {fast_path}", 1), "t.ini")
+            stage = RelayResponse(config, self.clock, None, self.streams)
+            call = make_call(X_Tenant_ID="t1")
+            stage.respond(call.request, call, Body(b"text/event-stream"))
+            self.assertIs(type(call.relay), cls, fast_path)
+        self.assertEqual(relay_module.PyRelay.dataReceived.__qualname__, "_PyRelayCore.dataReceived")
+
     def test_sse_relayed_and_registered(self) -> None:
         """
         An SSE response opens with the SSE headers, is relayed with stamped

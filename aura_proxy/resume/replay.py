@@ -5,6 +5,8 @@ A L{Replay} is the log's L{Subscriber} for one client: it opens the SSE
 response on the first event (or as soon as the log accepts the attachment),
 writes each block as the log delivers it (the missed events, then the live
 tail), sends heartbeats on silence, and finishes when the stream has ended.
+Like the relay, it writes only through the request (whose client writer
+frames and sends) and ends the response with L{end_response}.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.server import Request
 
+from aura_proxy.client_wire import end_response
 from aura_proxy.relay import HEARTBEAT
 from aura_proxy.resume.log import Attachment
 
@@ -87,7 +90,7 @@ class Replay:
             return
         self._open()
         self._stop_beat()
-        self._request.finish()
+        end_response(self._request, complete=True)
         self.done.callback("completed")
 
     # -- the client ----------------------------------------------------------------

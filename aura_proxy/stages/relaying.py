@@ -16,9 +16,10 @@ from twisted.web.server import Request
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors, copy_end_to_end, dropping
 from aura_proxy.header_store import canonical, store
-from aura_proxy.relay import Relay, StreamTransform
+from aura_proxy.relay import PyRelay, Relay, StreamTransform
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.sse import SseRewriter, make_stream_id
+from aura_proxy.site import client_left
 from aura_proxy.stages import ResponseStage
 from aura_proxy.streams import OpenStreams
 
@@ -65,8 +66,9 @@ class RelayResponse(ResponseStage):
         g = config.gateway
         self._idle_timeout = g.idle_timeout
         self._heartbeat = g.heartbeat_interval
-        # fast_path = off: the Python SSE rewriter, not the C one.
+        # fast_path = off: the Python SSE rewriter and relay step, not the C ones.
         self._accelerate = g.fast_path
+        self._relay_class = Relay if g.fast_path else PyRelay
         self._inject_ids = config.sse.inject_ids
         self._resume = resume if config.sse.inject_ids else None
         # How long a stream's upstream is still read after its client left.
@@ -102,7 +104,7 @@ class RelayResponse(ResponseStage):
         # The whole body came with the head (FastAgent, a small response):
         # nothing to relay, time or pace.
         request.write(body)
-        if not getattr(request, "_disconnected", False):
+        if not client_left(request):
             request.finish()
         call.response_size = len(body)
         call.pipeline.end(request, call)
@@ -112,7 +114,7 @@ class RelayResponse(ResponseStage):
     ) -> None:
         """The body as it arrives: the one place a L{Relay} is made, started and waited for."""
         is_sse = call.is_sse
-        relay = call.relay = Relay(
+        relay = call.relay = self._relay_class(
             request,
             self._clock,
             idle_timeout=self._idle_timeout,
