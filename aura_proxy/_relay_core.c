@@ -553,5 +553,14 @@ PyInit__relay_core(void)
         Py_DECREF(m);
         return NULL;
     }
+    /* The private Twisted transport attributes read here, for the Python side
+     * to check against aura_proxy.twisted_internals (which probes them). */
+    PyObject *constants = Py_BuildValue(
+        "{s:(OOOO)}", "transport_attributes", s_dataBuffer, s_tempDataBuffer, s_connected, s_writeDisconnected);
+    if (constants == NULL || PyModule_AddObject(m, "CONSTANTS", constants) < 0) {
+        Py_XDECREF(constants);
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -2,6 +2,8 @@
 
 from typing import Any, Callable, Optional
 
+CONSTANTS: dict[str, tuple[str, ...]]
+
 class ClientWriter:
     sent: int
     chunked: bool

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
-from aura_proxy.twisted_internals import send_queue_empty
+from aura_proxy.c_extensions import load
+from aura_proxy.twisted_internals import WRITE_BUFFER_ATTRIBUTES, send_queue_empty
 
 __all__ = ["ClientWriter", "ACCELERATED", "end_response"]
 
@@ -93,13 +94,14 @@ class _PyClientWriter:
 
 _OPEN, _ENDED, _LOST = object(), object(), object()
 
+#: The C module of the writer and the relay's per-read step, if built with
+#: the transport attributes the seam probes; else None, and why.
+C_MODULE, C_DISABLED_REASON = load("aura_proxy._relay_core", {"transport_attributes": WRITE_BUFFER_ATTRIBUTES})
+
 if TYPE_CHECKING:
     ClientWriter = _PyClientWriter
 else:
-    try:
-        from aura_proxy._relay_core import ClientWriter
-    except ImportError:  # built without the C extensions
-        ClientWriter = _PyClientWriter
+    ClientWriter = _PyClientWriter if C_MODULE is None else C_MODULE.ClientWriter
 
 #: Whether the client writer is the C one (L{aura_proxy._relay_core}).
 ACCELERATED = ClientWriter is not _PyClientWriter

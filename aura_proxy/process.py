@@ -64,12 +64,12 @@ def log_hot_path(lean: bool, fast_path: bool = True) -> None:
             fast_path="off",
         )
         return
-    from aura_proxy import c_extensions, fastclient, relay, sse, twisted_internals
+    from aura_proxy import c_extensions, client_wire, fastclient, relay, sse, twisted_internals
 
     unused = [(name, reason) for name, used, reason in (
         ("aura_proxy._sse_stamp", sse.ACCELERATED, sse.C_DISABLED_REASON),
         ("aura_proxy._chunked_read", fastclient._ChunkedReader is not None, fastclient.C_DISABLED_REASON),
-        ("aura_proxy._relay_core", relay.ACCELERATED, None),
+        ("aura_proxy._relay_core", relay.ACCELERATED, client_wire.C_DISABLED_REASON),
     ) if not used]
     internals = "; ".join(
         f"{internal.serves} off ({internal.name}: {internal.why})"

@@ -33,6 +33,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from aura_proxy import client_wire
 from aura_proxy.client_wire import ClientWriter, end_response
 
 __all__ = ["Relay", "PyRelay", "StreamTransform", "HEARTBEAT", "ACCELERATED"]
@@ -101,10 +102,8 @@ class _PyRelayCore:
 if TYPE_CHECKING:
     _RelayCore = _PyRelayCore
 else:
-    try:
-        from aura_proxy._relay_core import RelayCore as _RelayCore
-    except ImportError:  # built without the C extensions
-        _RelayCore = _PyRelayCore
+    # With the C writer only: the C step calls it without a Python call.
+    _RelayCore = _PyRelayCore if client_wire.C_MODULE is None else client_wire.C_MODULE.RelayCore
 
 #: Whether the relay's per-read step runs in C (L{aura_proxy._relay_core}).
 ACCELERATED = _RelayCore is not _PyRelayCore

@@ -33,6 +33,7 @@ __all__ = [
     "PollParts",
     "poll_parts",
     "NO_FILEDESC",
+    "WRITE_BUFFER_ATTRIBUTES",
     "direct_send_transport",
     "send_queue_empty",
     "unsent_bytes",
@@ -204,6 +205,12 @@ _probe(
     "writes sent straight to the client's socket, and at the end of the loop turn",
     _check_write_buffers,
 )
+
+
+#: The attributes of a TCP transport a direct sender reads to know that
+#: nothing is queued (L{send_queue_empty}; C{aura_proxy._relay_core} reads
+#: the same names, checked at import).
+WRITE_BUFFER_ATTRIBUTES = ("dataBuffer", "_tempDataBuffer", "connected", "_writeDisconnected")
 
 
 def direct_send_transport(transport: Any) -> Optional[tcp.Connection]:

@@ -18,7 +18,7 @@ import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from aura_proxy import c_extensions, fastclient, sse
+from aura_proxy import c_extensions, client_wire, fastclient, sse
 from aura_proxy.c_extensions import NOT_BUILT, load, mismatch
 
 _REQUIRE_C = os.environ.get("AURA_PROXY_REQUIRE_C") == "1"
@@ -83,6 +83,8 @@ class BuiltModulesTests(SynchronousTestCase):
     def test_in_use(self) -> None:
         """With the C modules required, sse and fastclient use them: no reason to give."""
         self.assertEqual((sse.C_DISABLED_REASON, fastclient.C_DISABLED_REASON), (None, None))
+        self.assertIsNone(client_wire.C_DISABLED_REASON)
+        self.assertTrue(client_wire.ACCELERATED)
         self.assertTrue(sse.ACCELERATED)
         self.assertIsNotNone(fastclient._ChunkedReader)
 
@@ -94,9 +96,11 @@ def _import_after(setup: str) -> dict[str, object]:
     """
     code = textwrap.dedent(setup) + textwrap.dedent("""
         import json
-        from aura_proxy import fastclient, sse
+        from aura_proxy import client_wire, fastclient, relay, sse
         from aura_proxy.resume import log
         print(json.dumps({
+            "relay": relay.ACCELERATED, "writer": client_wire.ACCELERATED,
+            "relay_reason": client_wire.C_DISABLED_REASON,
             "sse": sse.ACCELERATED, "sse_reason": sse.C_DISABLED_REASON,
             "store": log._EventStore.__module__,
             "reader": fastclient._ChunkedReader is not None, "reader_reason": fastclient.C_DISABLED_REASON,
@@ -147,6 +151,15 @@ class StaleBuildTests(SynchronousTestCase):
         """)
         self.assertFalse(got["reader"])
         self.assertIn("_gone", str(got["reader_reason"]))
+
+    def test_relay_core_transport_attributes(self) -> None:
+        """_relay_core reading other Twisted transport attributes than the seam probes: neither relay nor writer in C."""
+        got = _import_after("""
+            from aura_proxy import _relay_core
+            _relay_core.CONSTANTS["transport_attributes"] += ("_sendBuffer",)
+        """)
+        self.assertEqual((got["relay"], got["writer"], got["sse"]), (False, False, True))
+        self.assertIn("transport_attributes", str(got["relay_reason"]))
 
     def test_not_built(self) -> None:
         """A C module that cannot be imported: not used, and the reason says not built."""
