@@ -244,10 +244,12 @@ class GatewayChannel(HTTPChannel):
 _wrap_channel = channel_protocol_factory()
 
 
-def _gateway_protocol(site: Site) -> Any:
+def _gateway_protocol(site: "GatewaySite") -> Any:
     # twisted.web's default wraps a new channel in the protocol that can
-    # switch to HTTP/2 after TLS negotiation; the same, with GatewayChannel.
-    assert _wrap_channel is not None
+    # switch to HTTP/2 after TLS negotiation; the same, with GatewayChannel
+    # (fast_path = off: twisted.web's own channel writes the heads).
+    if not site.fast_path or _wrap_channel is None:
+        return Site.protocol(site)  # type: ignore[call-arg]
     return _wrap_channel(GatewayChannel())
 
 
@@ -256,14 +258,13 @@ class GatewaySite(Site):
     The client-facing site: L{GatewayRequest}s, the body limit, the gateway.
 
     @ivar fast_path: whether response bodies may go straight to the client's
-        socket (L{GatewayRequest.client_writer}); False: every write is
-        twisted.web's own C{Request.write}.
+        socket (L{GatewayRequest.client_writer}) and heads are written by
+        L{GatewayChannel}; False: every write is twisted.web's own.
     """
 
     requestFactory = GatewayRequest
     fast_path = True
-    if _wrap_channel is not None:
-        protocol = _gateway_protocol  # type: ignore[assignment]
+    protocol = _gateway_protocol  # type: ignore[assignment]
 
     def __init__(self, gateway: "Gateway", **kwargs: Any) -> None:
         Site.__init__(self, gateway.resource(), **kwargs)

@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import version as server_version
 from twisted.web.test.requesthelper import DummyChannel
 
+from aura_proxy import site as site_module
 from aura_proxy.site import (
     GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date, client_left, is_secure,
 )
@@ -262,6 +263,23 @@ class ChannelTests(SynchronousTestCase):
         self.assertIsInstance(protocol._channel, GatewayChannel)
         self.assertIs(protocol._channel.site, site)
         self.assertIs(protocol._channel.requestFactory, site.requestFactory)
+
+    def test_stock_channel_without_fast_path(self) -> None:
+        """With fast_path off, or without twisted.web's wrapper as expected, the site's channels are twisted.web's own."""
+        from twisted.web.http import HTTPChannel
+
+        from tests.test_twisted_internals import switched_off
+
+        site = GatewaySite.__new__(GatewaySite)
+        Site.__init__(site, _Recorder())  # type: ignore[arg-type]
+        site.fast_path = False
+        channel = site.buildProtocol(None)._channel
+        self.assertIs(type(channel), HTTPChannel)
+        self.assertIs(channel.site, site)
+        site.fast_path = True
+        switched_off(self, "channel_protocol")
+        self.patch(site_module, "_wrap_channel", None)
+        self.assertIs(type(site.buildProtocol(None)._channel), HTTPChannel)
 
     def test_head_in_one_write(self) -> None:
         """A response head is the same bytes as twisted.web's, handed over in one write."""
