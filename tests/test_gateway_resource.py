@@ -290,7 +290,11 @@ class ChannelTests(SynchronousTestCase):
         stock = StringTransport()
         stock_channel = HTTPChannel()
         stock_channel.makeConnection(stock)
-        stock_channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        try:
+            stock_channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        except TypeError:  # an older Twisted's writeHeaders takes (name, value) pairs
+            pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+            stock_channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", pairs)  # type: ignore[arg-type]
         ours = StringTransport()
         writes: list[bytes] = []
         ours.write = writes.append  # type: ignore[method-assign]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import socket
 import sys
 
+import twisted
+
 from twisted.internet import tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -24,6 +26,15 @@ from twisted.web.http_headers import Headers
 
 from aura_proxy import header_store
 from aura_proxy import twisted_internals as internals
+
+
+#: The probes known to fail on a tested Twisted version (the floor of the
+#: range in setup.py): their fast paths are off there, by design.
+KNOWN_UNAVAILABLE = {
+    # 24.3 keeps header values under lower-case names: header_store's public store serves.
+    "24.3.0": {"raw_headers"},
+}
+_UNAVAILABLE_HERE = KNOWN_UNAVAILABLE.get(twisted.__version__, set())
 
 
 def switched_off(case: SynchronousTestCase, key: str) -> None:
@@ -38,6 +49,10 @@ class CanaryTests(SynchronousTestCase):
 
     def assertProbe(self, key: str) -> None:
         internal = internals.INTERNALS[key]
+        if key in _UNAVAILABLE_HERE:
+            self.assertFalse(internal.ok, f"{internal.name} is known to be unavailable on Twisted "
+                             f"{twisted.__version__}, but was found: update KNOWN_UNAVAILABLE")
+            return
         self.assertTrue(internal.ok, f"{internal.name} ({internal.serves}): {internal.why}")
 
     def test_raw_headers(self) -> None:
@@ -84,9 +99,10 @@ class CanaryTests(SynchronousTestCase):
         """HTTPConnectionPool builds its protocols with _factory."""
         self.assertProbe("pool_factory")
 
-    def test_nothing_unavailable(self) -> None:
-        """On a tested Twisted every fast path is available."""
-        self.assertEqual(internals.unavailable(), [])
+    def test_nothing_else_unavailable(self) -> None:
+        """On a tested Twisted every fast path is available but those known to be off there."""
+        off = {key for key, internal in internals.INTERNALS.items() if not internal.ok}
+        self.assertEqual(off, _UNAVAILABLE_HERE)
 
 
 class ProbeTests(SynchronousTestCase):
