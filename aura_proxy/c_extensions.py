@@ -13,10 +13,15 @@ the start-up line (C{sse.C_DISABLED_REASON}, C{fastclient.C_DISABLED_REASON}).
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Mapping, Optional
 
-__all__ = ["NOT_BUILT", "load", "mismatch"]
+__all__ = ["DISABLE_ENV", "NOT_BUILT", "load", "mismatch"]
+
+#: An environment variable naming C modules (comma-separated, or C{all}) the
+#: Python code is to do the work of, as if they were not built.
+DISABLE_ENV = "AURA_PROXY_DISABLE_C"
 
 #: The reason given for a C module that cannot be imported.
 NOT_BUILT = "not built (no C compiler at install time?)"
@@ -26,8 +31,15 @@ def load(name: str, expected: Mapping[str, object]) -> tuple[Optional[ModuleType
     """
     Import the C module C{name} if its C{CONSTANTS} equal C{expected}.
 
+    Not imported at all when the environment variable L{DISABLE_ENV} names
+    it (or says C{all}): how C{bench/cpu-split} measures what each module
+    saves.
+
     @return: C{(module, None)} when it can be used, else C{(None, reason)}.
     """
+    disabled = {item.strip() for item in os.environ.get(DISABLE_ENV, "").split(",")}
+    if name in disabled or "all" in disabled:
+        return None, f"disabled by {DISABLE_ENV}"
     try:
         module = importlib.import_module(name)
     except ImportError:

@@ -8,8 +8,10 @@ utime and stime (and how often its main thread went to sleep waiting for
 sockets: voluntary context switches) are read from 6 s to 16 s into the load: after every stream
 is open, so the figures are the per-event cost alone (bench/run's CPU seconds
 include opening the streams).  PROXY is `nginx`, `aura` (the bench ini: every
-feature on), `aura:plain` (event ids and resume off) or `aura:ids` (ids on,
-resume off).  Give a proxy more than once to see the run-to-run spread.
+feature on), `aura:plain` (event ids and resume off), `aura:ids` (ids on,
+resume off), `aura:no-c-stamp`, `aura:no-c-read`, `aura:no-c-relay` (every
+feature on, that one C module left unused), `aura:no-c` (no C module, the
+lean loop still on) or `aura:stock` (`fast_path = off`).  Give a proxy more than once to see the run-to-run spread.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as R  # noqa: E402
 
-CONFIGS = {
-    "aura": [],
-    "aura:plain": [("sse", "inject_ids", "false"), ("sse", "resume", "off")],
-    "aura:ids": [("sse", "resume", "off")],
+#: Each aura configuration: ini overrides, and the environment of its process
+#: (AURA_PROXY_DISABLE_C leaves the named C modules unused: what each saves).
+CONFIGS: dict[str, tuple[list[tuple[str, str, str]], dict[str, str]]] = {
+    "aura": ([], {}),
+    "aura:plain": ([("sse", "inject_ids", "false"), ("sse", "resume", "off")], {}),
+    "aura:ids": ([("sse", "resume", "off")], {}),
+    "aura:no-c-stamp": ([], {"AURA_PROXY_DISABLE_C": "aura_proxy._sse_stamp"}),
+    "aura:no-c-read": ([], {"AURA_PROXY_DISABLE_C": "aura_proxy._chunked_read"}),
+    "aura:no-c-relay": ([], {"AURA_PROXY_DISABLE_C": "aura_proxy._relay_core"}),
+    "aura:no-c": ([], {"AURA_PROXY_DISABLE_C": "all"}),
+    "aura:stock": ([("gateway", "fast_path", "off")], {}),
 }
 
 
@@ -75,9 +84,19 @@ def main() -> int:
     ]
     print("\n".join(lines), flush=True)
     for name in args.proxies:
-        R.Aura.overrides = CONFIGS.get(name, [])
+        overrides, env = CONFIGS.get(name, ([], {}))
+        R.Aura.overrides = overrides
         proxy = R.Nginx(tmp, up) if name == "nginx" else R.Aura(tmp, up)
-        proxy.start()
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            proxy.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         R.warm_up(proxy.port)
         out = tmp / f"sseload-{len(lines)}.json"
         load = subprocess.Popen(

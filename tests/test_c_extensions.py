@@ -161,6 +161,21 @@ class StaleBuildTests(SynchronousTestCase):
         self.assertEqual((got["relay"], got["writer"], got["sse"]), (False, False, True))
         self.assertIn("transport_attributes", str(got["relay_reason"]))
 
+    def test_disabled_by_environment(self) -> None:
+        """AURA_PROXY_DISABLE_C names the C modules to leave unused (or all), with that as the reason."""
+        got = _import_after("""
+            import os
+            os.environ["AURA_PROXY_DISABLE_C"] = "aura_proxy._relay_core, aura_proxy._chunked_read"
+        """)
+        self.assertEqual((got["relay"], got["reader"], got["sse"]), (False, False, True))
+        self.assertEqual(got["relay_reason"], "disabled by AURA_PROXY_DISABLE_C")
+        got = _import_after("""
+            import os
+            os.environ["AURA_PROXY_DISABLE_C"] = "all"
+        """)
+        self.assertEqual((got["relay"], got["reader"], got["sse"], got["store"]),
+                         (False, False, False, "aura_proxy.resume.log"))
+
     def test_not_built(self) -> None:
         """A C module that cannot be imported: not used, and the reason says not built."""
         got = _import_after("""
