@@ -9,11 +9,12 @@ thing and a user can fix a file in one pass.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar, Union
 
 from hyperlink import URL, DecodedURL
 
@@ -26,12 +27,15 @@ __all__ = [
     "GatewayConfig",
     "HeadersConfig",
     "HistoryConfig",
+    "IDENTITY_HEADERS",
+    "Network",
     "RouteConfig",
     "SseConfig",
     "DEFAULT_CONFIG_NAME",
     "load_config",
     "parse_config",
     "default_config_text",
+    "contract_cors_headers",
 ]
 
 DEFAULT_CONFIG_NAME = "<embedded defaults>"
@@ -42,6 +46,17 @@ T = TypeVar("T")
 #: overflows when thousands of SSE clients (re)connect at once.
 DEFAULT_BACKLOG = 4096
 
+
+#: An address block of C{[gateway] trusted_proxies}.
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: The identity headers: each may appear once, with a short value and no control character.
+IDENTITY_HEADERS = ("X-Tenant-ID", "X-User-ID", "X-Agent-ID")
+
+#: What C{[cors] allowed_headers} holds when a file does not set it: the
+#: headers the contract itself needs, before C{[headers] required} and the
+#: C{default.*} names.
+CONTRACT_CORS_HEADERS = ("Authorization", "Content-Type", "Last-Event-ID") + IDENTITY_HEADERS
 
 #: An environment variable that, set to C{on} or C{off}, overrides every
 #: configuration's C{[gateway] fast_path} (stock mode without editing files).
@@ -83,6 +98,8 @@ class GatewayConfig:
     #: The hot path's fast paths (C modules, the lean epoll loop, direct
     #: socket writes and reads, Twisted internals): C{off} is stock Twisted.
     fast_path: bool = True
+    #: Peers (load balancers) whose X-Forwarded-For, -Proto and -Host are believed.
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,8 @@ class HeadersConfig:
     public_paths: tuple[PathPattern, ...] = ()
     defaults: tuple[tuple[str, str], ...] = ()
     tenant_from: tuple[str, ...] = ("header",)
+    #: Longest identity header value accepted, in bytes.
+    max_identity_length: int = 128
 
 
 @dataclass(frozen=True)
@@ -126,7 +145,7 @@ class CorsConfig:
 
     allowed_origins: tuple[str, ...] = ()
     allowed_methods: tuple[str, ...] = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-    allowed_headers: tuple[str, ...] = ()
+    allowed_headers: tuple[str, ...] = CONTRACT_CORS_HEADERS
     exposed_headers: tuple[str, ...] = ()
     allow_credentials: bool = True
     max_age: int = 3600
@@ -232,6 +251,18 @@ def _header_name(text: str) -> str:
 
 def _header_list(text: str) -> tuple[str, ...]:
     return tuple(_header_name(item) for item in _list(text))
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    networks = []
+    for item in _list(text):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise _Invalid(
+                f"expected IP addresses or CIDR blocks (10.0.0.5, 10.0.0.0/8, fd00::/8), got {item!r}"
+            )
+    return tuple(networks)
 
 
 def _endpoint(text: str) -> str:
@@ -379,6 +410,7 @@ _GATEWAY: _Schema = {
     "access_log": _boolean,
     "workers": _workers,
     "fast_path": _boolean,
+    "trusted_proxies": _networks,
 }
 
 _ROUTE: _Schema = {
@@ -391,6 +423,7 @@ _HEADERS: _Schema = {
     "required": _header_list,
     "public_paths": _patterns,
     "tenant_from": _tenant_sources,
+    "max_identity_length": _count(1),
 }
 
 _CORS: _Schema = {
@@ -519,7 +552,7 @@ def parse_config(text: str, source: str) -> Config:
 
     headers_values = reader.section("headers", _HEADERS, default_header)
     headers = _make(HeadersConfig, dict(headers_values, defaults=tuple(defaults)))
-    cors = _make(CorsConfig, reader.section("cors", _CORS))
+    cors = _cors(reader, headers)
     history = _make(HistoryConfig, reader.section("history", _HISTORY))
     sse = _make(SseConfig, reader.section("sse", _SSE))
 
@@ -578,6 +611,39 @@ def parse_config(text: str, source: str) -> Config:
         history=history,
         sse=sse,
     )
+
+
+def _cors(reader: _Reader, headers: HeadersConfig) -> CorsConfig:
+    """The C{[cors]} section; C{allowed_headers} left out: the contract's own headers."""
+    values = reader.section("cors", _CORS)
+    if "allowed_headers" not in values and not reader.parser.has_option("cors", "allowed_headers"):
+        values["allowed_headers"] = contract_cors_headers(headers)
+    cors = _make(CorsConfig, values)
+    if "*" in cors.allowed_origins and cors.allow_credentials:
+        # Browsers refuse "*" with credentials; reflecting every origin instead
+        # would let any website make credentialed calls (cross-site request forgery).
+        reader.problem(
+            "cors", "allowed_origins",
+            "* cannot be used with allow_credentials = true (every website could make "
+            "credentialed calls with the user's cookies): list the origins, or set "
+            "[cors] allow_credentials = false",
+        )
+    return cors
+
+
+def contract_cors_headers(headers: HeadersConfig) -> tuple[str, ...]:
+    """
+    The request headers a browser page needs to follow the contract: the
+    default of C{[cors] allowed_headers} (L{CONTRACT_CORS_HEADERS}, the
+    C{[headers] required} names and the C{default.*} names, each once).
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for name in (*CONTRACT_CORS_HEADERS, *headers.required, *(n for n, _ in headers.defaults)):
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            out.append(name)
+    return tuple(out)
 
 
 def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> None:

@@ -263,7 +263,7 @@ class TenantSources:
         """Resolve the tenant of C{request} in place (its headers and URI)."""
         if self._only_header:
             return
-        found: dict[bytes, bytes] = {}
+        found: dict[bytes, list[bytes]] = {}
         if self._query_names:
             path, sep, query = request.uri.partition(b"?")
             if sep:
@@ -272,7 +272,8 @@ class TenantSources:
                     raw_name, _, raw_value = pair.partition(b"=")
                     name = unquote_to_bytes(raw_name.replace(b"+", b" "))
                     if name in self._query_names:
-                        found.setdefault(name, unquote_to_bytes(raw_value.replace(b"+", b" ")))
+                        found.setdefault(name, []).append(
+                            unquote_to_bytes(raw_value.replace(b"+", b" ")))
                     else:
                         kept.append(pair)
                 request.uri = path + (b"?" + b"&".join(kept) if kept else b"")
@@ -284,12 +285,20 @@ class TenantSources:
         for kind, name in self._sources:
             if kind == "header":
                 values = headers.getRawHeaders(_TENANT)
-                value: Optional[bytes] = values[0] if values and values[0].strip() else None
-            elif kind == "query":
-                value = found.get(name)
+                if values and (len(values) > 1 or values[0].strip()):
+                    # Kept as sent: a repeated header is the Identity stage's to refuse.
+                    return
+                continue
+            values = None
+            if kind == "query":
+                values = found.get(name)
             else:
                 cookies = getattr(request, "received_cookies", None)
                 value = cookies.get(name) if cookies else None
-            if value is not None and value.strip() and b"\r" not in value and b"\n" not in value:
-                headers.setRawHeaders(_TENANT, [value.strip()])
+                if value is not None:
+                    values = [value]
+            if values and values[0].strip() and not any(b"\r" in v or b"\n" in v for v in values):
+                # A repeated query parameter stays repeated: the Identity
+                # stage refuses it as an ambiguous tenant.
+                headers.setRawHeaders(_TENANT, [v.strip() for v in values])
                 return

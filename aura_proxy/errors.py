@@ -15,6 +15,8 @@ __all__ = [
     "GatewayError",
     "no_route",
     "missing_header",
+    "ambiguous_header",
+    "invalid_header",
     "body_too_large",
     "upstream_unavailable",
     "upstream_timeout",
@@ -37,14 +39,18 @@ class GatewayError(Exception):
     status: int
     code: str
     message: str
+    #: The request header the error is about, if one is (C{"header"} in the body).
+    header: Optional[str] = None
 
     def body(self, request_id: Optional[str] = None) -> bytes:
-        """The JSON body: C{{"error": {"status", "code", "message", "request_id"}}}."""
+        """The JSON body: C{{"error": {"status", "code", "message", ["header",] "request_id"}}}."""
         error: dict[str, object] = {
             "status": self.status,
             "code": self.code,
             "message": self.message,
         }
+        if self.header is not None:
+            error["header"] = self.header
         if request_id is not None:
             error["request_id"] = request_id
         return json.dumps({"error": error}, separators=(",", ":")).encode("utf-8")
@@ -61,6 +67,18 @@ def no_route(path: str) -> GatewayError:
 def missing_header(name: str) -> GatewayError:
     """A required header is missing or blank (400)."""
     return GatewayError(400, "missing_header", f"the {name} header is required")
+
+
+def ambiguous_header(name: str, count: int) -> GatewayError:
+    """An identity header (or a required one) appears more than once (400)."""
+    return GatewayError(
+        400, "ambiguous_header", f"the {name} header may appear once, it appears {count} times", name
+    )
+
+
+def invalid_header(name: str, why: str) -> GatewayError:
+    """A header value the gateway refuses to forward or record (400); C{why} says what is wrong."""
+    return GatewayError(400, "invalid_header", f"the {name} header {why}", name)
 
 
 def body_too_large(limit: int) -> GatewayError:

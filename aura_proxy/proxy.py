@@ -36,6 +36,7 @@ from aura_proxy.errors import GatewayError
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
 from aura_proxy.stages.forwarding import Forward
+from aura_proxy.stages.identity import Identity
 from aura_proxy.stages.path import ParsePath
 from aura_proxy.stages.preflight import Preflight
 from aura_proxy.stages.recording import Record
@@ -61,6 +62,7 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
         clock,
         request=[
             Tenant(config.headers),  # a query or cookie tenant becomes X-Tenant-ID, first of all
+            Identity(config.headers),  # identity headers once, short, clean: or 400, nothing recorded
             ParsePath(),  # percent-decoded segments, or 400 bad_request
             Preflight(config.cors),  # a CORS preflight is answered here: 204, or 403
             Route(config.routes),  # the most specific route, or 404 no_route

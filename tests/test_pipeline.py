@@ -181,7 +181,8 @@ class PipelineTests(TestCase):
         h = Harness(Echo())
         self.assertEqual(
             [type(s).__name__ for s in h.gateway.pipeline.stages],
-            ["Tenant", "ParsePath", "Preflight", "Route", "RequiredHeaders", "Resume", "Forward"],
+            ["Tenant", "Identity", "ParsePath", "Preflight", "Route", "RequiredHeaders", "Resume",
+             "Forward"],
         )
         self.assertEqual([type(s).__name__ for s in h.gateway.pipeline.ended], ["Record"])
 
@@ -231,10 +232,10 @@ class PipelineTests(TestCase):
         self.assertEqual((row.status_code, row.route), (413, None))
 
     def test_only_classifying_stages_run_for_a_rejected_body(self) -> None:
-        """The stages marked as classifying are tenant, path and route."""
+        """The stages marked as classifying are tenant, identity, path and route."""
         h = Harness(Echo())
         classifying = [type(s) for s in h.gateway.pipeline.stages if s.classifies]
-        self.assertEqual([c.__name__ for c in classifying], ["Tenant", "ParsePath", "Route"])
+        self.assertEqual([c.__name__ for c in classifying], ["Tenant", "Identity", "ParsePath", "Route"])
 
     def test_end_records_then_fires_finished(self) -> None:
         """Ending a call runs the end stages (one history row) and fires the call's Deferred."""
