@@ -9,6 +9,7 @@ C{/api/aura/x}; the request's own bytes are what go upstream.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Generic, Iterable, Optional, Sequence, TypeVar
 from urllib.parse import unquote_to_bytes
@@ -87,29 +88,42 @@ class PathPattern:
         return True
 
 
+# Control characters: every byte below 0x20, and DEL.
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_CONTROL_TEXT = re.compile("[\x00-\x1f\x7f]")
+
+
 def split_path(path: bytes) -> list[str]:
     """
     Split a raw request path (no query) into percent-decoded segments.
 
     A trailing slash is ignored for matching.
 
-    @raise MalformedPath: for a path that is not absolute, holds control
-        characters, does not decode as UTF-8, or has C{.} or C{..} segments
+    @raise MalformedPath: for a path that is not absolute, holds a control
+        character (below 0x20, or DEL; percent-encoded or not), does not decode as UTF-8, or has C{.} or C{..} segments
         (which an upstream could resolve to a path the gateway did not check).
     """
     if not path.startswith(b"/"):
         raise MalformedPath("the request target must be an absolute path")
+    if _CONTROL.search(path) is not None:
+        raise MalformedPath("the request path has a control character")
     raw = path[1:].split(b"/")
     if raw and raw[-1] == b"":
         raw.pop()
     segments = []
     for part in raw:
         try:
-            segment = unquote_to_bytes(part).decode("utf-8") if b"%" in part else part.decode("utf-8")
+            if b"%" in part:
+                segment = unquote_to_bytes(part).decode("utf-8")
+                # (The raw path was checked above; only decoding can add one.)
+                if _CONTROL_TEXT.search(segment) is not None:
+                    raise MalformedPath("the request path has a control character")
+            else:
+                segment = part.decode("utf-8")
         except UnicodeDecodeError:
             raise MalformedPath("the request path is not valid UTF-8")
-        if segment in (".", "..") or "\x00" in segment or "\r" in segment or "\n" in segment:
-            raise MalformedPath("the request path has a '.', '..' or control-character segment")
+        if segment in (".", ".."):
+            raise MalformedPath("the request path has a '.' or '..' segment")
         segments.append(segment)
     return segments
 

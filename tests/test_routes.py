@@ -75,6 +75,18 @@ class PathTests(TestCase):
         self.assertRaises(MalformedPath, split_path, b"/a/%ff")
         self.assertRaises(MalformedPath, split_path, b"/a/%00")
 
+    def test_control_characters_refused(self) -> None:
+        """
+        Every control character (below 0x20, and DEL) is refused, percent-encoded
+        or raw, in any segment; a tab too. Printable and UTF-8 segments pass.
+        """
+        for path in (b"/api/aura/a%01b", b"/api/aura/a%1Fb", b"/api/aura/a%7fb", b"/api/a%09/x",
+                     b"/api/aura/a\x01b", b"/api/aura/a\x7fb", b"/api/aura/%0d%0a"):
+            with self.assertRaises(MalformedPath, msg=repr(path)) as caught:
+                split_path(path)
+            self.assertIn("control character", str(caught.exception))
+        self.assertEqual(split_path(b"/api/aura/a%20b/%C3%A9~"), ["api", "aura", "a b", "\xe9~"])
+
     def test_strip_prefix(self) -> None:
         """strip_prefix removes leading segments and keeps the rest's encoding."""
         self.assertEqual(strip_segments(b"/api/aura/chat/x%20y", 2), b"/chat/x%20y")

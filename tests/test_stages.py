@@ -127,6 +127,14 @@ class ParsePathTests(SynchronousTestCase):
         self.assertEqual((answer.status, answer.code), (400, "bad_request"))
 
 
+    def test_control_character(self) -> None:
+        """A percent-encoded control character in the path is refused with 400 bad_request."""
+        call = make_call(b"/api/aura/a%01b")
+        answer = ParsePath().run(call.request, call)
+        assert isinstance(answer, GatewayError)
+        self.assertEqual((answer.status, answer.code), (400, "bad_request"))
+
+
 class PreflightTests(SynchronousTestCase):
     """L{Preflight}."""
 
