@@ -17,7 +17,8 @@ it:
     connection-control headers (C{Content-Length}, C{Transfer-Encoding},
     C{Connection}, C{Keep-Alive}, ...) are removed from C{response.headers}
     (except C{Content-Length} on a C{HEAD} response, which is kept, and the
-    length is 0 there, as for 204 and 304).
+    length is 0 there, as for 204 and 304); so are the headers the
+    response's C{Connection} names (unlike the stock Agent, which keeps them).
   - a complete body ends with C{connectionLost(Failure(ResponseDone()))}, a
     close-delimited one with L{PotentialDataLoss}, a truncated one with
     L{ResponseFailed} (wrapping L{_DataLoss}).
@@ -114,6 +115,8 @@ _CONNECTION_CONTROL = frozenset(
         b"proxy-connection",
     )
 )
+#: Connection options that name no header.
+_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b""))
 #: Request headers the agent writes itself (body framing).
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 _HEX = b"0123456789abcdefABCDEF"
@@ -803,6 +806,11 @@ class _Connection:
                         t.strip(b" \t").lower() for t in value.split(b","))
                 continue
             add(name, value)
+        for token in connection_tokens:
+            # A header the upstream named in Connection is hop-by-hop (RFC 9110
+            # 7.6.1): it is this connection's, never the client's.
+            if token not in _CONNECTION_OPTIONS and headers.hasHeader(token):
+                headers.removeHeader(token)
 
         keep_alive = version[1:] >= (1, 1) and b"close" not in connection_tokens
         mode = _M_NEW

@@ -747,6 +747,21 @@ class PoolTests(SynchronousTestCase):
             self.assertTrue(t.disconnecting)
             self.assertEqual(h.agent.idle_connections(), 0)
 
+    def test_connection_named_headers_removed(self) -> None:
+        """
+        Headers a response names in Connection (hop-by-hop) are not in
+        response.headers; the others are, and the connection is still reused.
+        """
+        h = Harness()
+        r = Results(h.request())
+        p, t = h.connect()
+        self.complete(p, r, b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\n"
+                            b"X-Secret: 1\r\nX-Kept: 2\r\nContent-Length: 1\r\n\r\nx")
+        headers = r.result.headers
+        self.assertIsNone(headers.getRawHeaders(b"x-secret"))
+        self.assertEqual(headers.getRawHeaders(b"x-kept"), [b"2"])
+        self.assertEqual(h.agent.idle_connections(), 1)
+
     def test_no_reuse_extra_bytes(self) -> None:
         """Bytes after a complete response make the connection unusable."""
         h = Harness()

@@ -20,6 +20,8 @@ Endpoints (all under C{/api/aura/}, as the gateway forwards them unstripped):
     GET  /api/aura/status/{code}               that status, JSON body
     GET  /api/aura/cookie                      two Set-Cookie headers; echoes Cookie
     GET  /api/aura/die                         two events, then the connection is aborted
+    GET  /api/aura/hop[?sse=1]                 Connection: X-Secret with X-Secret: 1 (and
+                                               X-Kept: 2): JSON, or one SSE event
 
 Streams honour C{Last-Event-ID} (start after it).  sse-starlette's own ping is
 pushed out to an hour so that no C{: ping} comment appears unasked.
@@ -232,3 +234,13 @@ async def die() -> EventSourceResponse:
             raise UpstreamDied("upstream died mid-stream (on purpose)")
 
     return _sse(gen())
+
+
+@app.get("/api/aura/hop")
+async def hop(sse: int = 0) -> Response:
+    headers = {"Connection": "X-Secret", "X-Secret": "1", "X-Kept": "2"}
+    if sse:
+        return Response(
+            content=b"event: token\ndata: {}\n\n", media_type="text/event-stream", headers=headers
+        )
+    return JSONResponse({"hop": True}, headers=headers)
