@@ -38,10 +38,14 @@ class Call:
     @ivar response_size: body bytes of a response answered whole (a JSON
         error, a body that came with its head); a relay counts its own.
     @ivar end_reason: why a relayed or replayed response ended.
+    @ivar client_ip: the client's address: the TCP peer's or, when the peer
+        is one of C{[gateway] trusted_proxies}, the one it forwarded.
+    @ivar via: the TCP peer when it is a trusted proxy (its X-Forwarded-*
+        headers are believed), else None.
     """
 
     __slots__ = (
-        "pipeline", "request", "id", "started", "client_ip", "request_size", "segments", "route",
+        "pipeline", "request", "id", "started", "client_ip", "via", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
         "status", "response_size", "is_sse", "end_reason",
     )
@@ -53,7 +57,13 @@ class Call:
         self.request = request
         self.id = new_request_id()
         self.started = started
-        self.client_ip: Optional[str] = getattr(request.getClientAddress(), "host", None)
+        peer: Optional[str] = getattr(request.getClientAddress(), "host", None)
+        self.via: Optional[str] = None
+        trusted = pipeline.trusted_proxies
+        if trusted is not None and peer is not None and trusted.trusts(peer):
+            self.via = peer
+            peer = trusted.client_ip(request.requestHeaders, peer)
+        self.client_ip = peer
         self.request_size = request_size
         self.segments: list[str] = []
         self.route: Optional[RouteConfig] = None

@@ -7,7 +7,7 @@ rules can be tested without a network.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
@@ -133,13 +133,16 @@ class HeaderContract:
         proto: bytes,
         host: Optional[bytes],
         extra: Iterable[tuple[bytes, bytes]] = (),
+        trusted: bool = False,
     ) -> Headers:
         """
         The headers to send upstream.
 
         End-to-end headers pass unchanged (values and order); defaults are added
-        where the client sent none; C{X-Forwarded-For} gets the client appended,
-        C{X-Forwarded-Proto} and C{X-Forwarded-Host} describe the client's hop.
+        where the client sent none; C{X-Forwarded-For} gets C{client_ip} (the
+        TCP peer) appended, C{X-Forwarded-Proto} and C{X-Forwarded-Host}
+        describe the client's hop, unless C{trusted} (the peer is a trusted
+        proxy) and it sent them: then they are kept.
         """
         out = Headers()
         copy_end_to_end(incoming, out, _REQUEST_DROP)
@@ -151,8 +154,9 @@ class HeaderContract:
             forwarded = raw.get(_XFF)
             ip = client_ip.encode("ascii")
             raw[_XFF] = [b", ".join([*forwarded, ip])] if forwarded else [ip]
-        raw[_XFP] = [proto]
-        if host is not None:
+        if not trusted or _XFP not in raw:
+            raw[_XFP] = [proto]
+        if host is not None and (not trusted or _XFH not in raw):
             raw[_XFH] = [host]
         for name, value in extra:
             raw[canonical(name)] = [value]
@@ -171,7 +175,9 @@ class Cors:
     def __init__(self, config: CorsConfig) -> None:
         self._any = "*" in config.allowed_origins
         self._origins = frozenset(o.encode("ascii") for o in config.allowed_origins if o != "*")
-        self._credentials = config.allow_credentials
+        # Never credentials for any origin ("*"): the configuration check
+        # refuses that combination; a Config built in code gets none.
+        self._credentials = config.allow_credentials and not self._any
         self._methods = ", ".join(config.allowed_methods).encode("ascii")
         self._method_names = frozenset(m.encode("ascii") for m in config.allowed_methods)
         self._headers = ", ".join(config.allowed_headers).encode("ascii")
@@ -192,22 +198,23 @@ class Cors:
             and headers.hasHeader(b"access-control-request-method")
         )
 
-    def preflight(self, headers: Headers) -> Optional[list[tuple[bytes, bytes]]]:
+    def preflight(self, headers: Headers) -> Union[list[tuple[bytes, bytes]], str]:
         """
-        The headers of a 204 answer to a preflight, or None when the origin,
-        the method or a requested header is not allowed.
+        The headers of a 204 answer to a preflight or, when the origin, the
+        method or a requested header is not allowed, what was refused (text
+        that never holds the origin: it is not to be echoed).
         """
         origin = (headers.getRawHeaders(b"origin") or [b""])[0]
         if not self.allows(origin):
-            return None
+            return "the origin is not allowed"
         method = (headers.getRawHeaders(b"access-control-request-method") or [b""])[0].strip()
         if method.upper() not in self._method_names:
-            return None
+            return f"the method {_shown(method)} is not allowed"
         requested = b",".join(headers.getRawHeaders(b"access-control-request-headers") or [])
         for name in requested.split(b","):
             name = name.strip().lower()
             if name and name.decode("latin-1") not in self._allowed_header_names:
-                return None
+                return f"the header {_shown(name)} is not allowed"
         out = [
             (b"Access-Control-Allow-Origin", origin),
             (b"Access-Control-Allow-Methods", self._methods),
@@ -235,6 +242,11 @@ class Cors:
         origin = (store(request_headers).get(_ORIGIN) or (None,))[-1]
         for name, value in self.response_headers(origin):
             response_headers.addRawHeader(name, value)
+
+
+def _shown(value: bytes) -> str:
+    """A client-sent token as text for a message: printable ASCII only, cut short."""
+    return repr(value[:64].decode("ascii", "backslashreplace"))
 
 
 _TENANT = b"x-tenant-id"

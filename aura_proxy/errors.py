@@ -103,12 +103,12 @@ def bad_request(message: str) -> GatewayError:
     return GatewayError(400, "bad_request", message)
 
 
-def cors_forbidden() -> GatewayError:
+def cors_forbidden(refused: str) -> GatewayError:
     """
     A CORS preflight from an origin, or for a method or header, that is not
-    allowed (403).  The origin is not echoed back.
+    allowed (403); C{refused} says which (never echoing the origin).
     """
-    return GatewayError(403, "cors_forbidden", "this cross-origin request is not allowed")
+    return GatewayError(403, "cors_forbidden", f"this cross-origin request is not allowed: {refused}")
 
 
 def internal_error() -> GatewayError:

@@ -46,6 +46,7 @@ from aura_proxy.stages.resuming import Resume
 from aura_proxy.stages.routing import Route
 from aura_proxy.stages.tenant import Tenant
 from aura_proxy.streams import OpenStreams
+from aura_proxy.trusted_proxies import TrustedProxies
 from aura_proxy.upstream import UpstreamClient
 
 if TYPE_CHECKING:
@@ -123,6 +124,8 @@ class Pipeline:
         self.ended = tuple(ended)
         self._seconds = clock.seconds
         self._cors = Cors(config.cors)
+        #: Whose X-Forwarded-* to believe (read by each L{Call}); None: nobody's.
+        self.trusted_proxies = TrustedProxies.of(config.gateway.trusted_proxies)
         # Bound once: the per-request loops call these directly.
         self._runs = tuple(stage.run for stage in self.stages)
         self._classifying = tuple(stage.run for stage in self.stages if stage.classifies)

@@ -115,6 +115,45 @@ class ProblemTests(TestCase):
         found = problems("[route:x]\npath = /x/**\n")
         self.assertEqual(found, ["gw.ini: [route:x] upstream: missing (every route needs path and upstream)"])
 
+    def test_cors_any_origin_with_credentials_refused(self) -> None:
+        """
+        allowed_origins = * with allow_credentials = true (the default) is
+        refused naming the key and both fixes; with credentials off it is
+        accepted.
+        """
+        [found] = problems(MINIMAL + "[cors]\nallowed_origins = *\n")
+        self.assertIn("gw.ini: [cors] allowed_origins:", found)
+        self.assertIn("allow_credentials = false", found)
+        config = parse_config(MINIMAL + "[cors]\nallowed_origins = *\nallow_credentials = false\n", "gw.ini")
+        self.assertEqual(config.cors.allowed_origins, ("*",))
+
+    def test_cors_allowed_headers_default(self) -> None:
+        """allowed_headers left out: the contract's headers; set (even empty): exactly what is set."""
+        config = parse_config(MINIMAL, "gw.ini")
+        self.assertIn("X-Tenant-ID", config.cors.allowed_headers)
+        self.assertIn("Last-Event-ID", config.cors.allowed_headers)
+        config = parse_config(MINIMAL + "[cors]\nallowed_headers = X-A\n", "gw.ini")
+        self.assertEqual(config.cors.allowed_headers, ("X-A",))
+        config = parse_config(MINIMAL + "[cors]\nallowed_headers =\n", "gw.ini")
+        self.assertEqual(config.cors.allowed_headers, ())
+
+    def test_trusted_proxies(self) -> None:
+        """trusted_proxies takes addresses and CIDR blocks (default none); anything else names the key."""
+        self.assertEqual(parse_config(MINIMAL, "gw.ini").gateway.trusted_proxies, ())
+        config = parse_config("[gateway]\ntrusted_proxies = 10.0.0.5, 10.0.0.0/8, fd00::/8\n" + MINIMAL,
+                              "gw.ini")
+        self.assertEqual([str(n) for n in config.gateway.trusted_proxies],
+                         ["10.0.0.5/32", "10.0.0.0/8", "fd00::/8"])
+        [found] = problems("[gateway]\ntrusted_proxies = 10.0.0.0/8, lb.example\n" + MINIMAL)
+        self.assertIn("gw.ini: [gateway] trusted_proxies:", found)
+        self.assertIn("'lb.example'", found)
+
+    def test_max_identity_length(self) -> None:
+        """[headers] max_identity_length is a whole number >= 1, default 128."""
+        self.assertEqual(parse_config(MINIMAL, "gw.ini").headers.max_identity_length, 128)
+        [found] = problems(MINIMAL + "[headers]\nmax_identity_length = 0\n")
+        self.assertIn("gw.ini: [headers] max_identity_length:", found)
+
     def test_unknown_section(self) -> None:
         """A misspelt section is an error, not silently ignored."""
         found = problems(MINIMAL + "[cros]\nallowed_origins = *\n")

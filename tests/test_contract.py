@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from aura_proxy.config import CorsConfig, HeadersConfig
+from aura_proxy.config import CorsConfig, HeadersConfig, parse_config
 from aura_proxy import header_store
 from aura_proxy.contract import Cors, HeaderContract, copy_end_to_end, dropping
 from aura_proxy.routes import PathPattern, split_path
@@ -202,10 +202,12 @@ class CorsTests(TestCase):
 
     def test_allowed_preflight(self) -> None:
         """An allowed origin gets its own origin, the methods, headers, credentials and max age."""
-        answer = dict(CORS.preflight(headers(
+        allowed = CORS.preflight(headers(
             (b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"POST"),
             (b"Access-Control-Request-Headers", b"x-tenant-id, last-event-id, content-type"),
-        )) or [])
+        ))
+        assert not isinstance(allowed, str), allowed
+        answer = dict(allowed)
         self.assertEqual(answer[b"Access-Control-Allow-Origin"], b"http://localhost:3000")
         self.assertEqual(answer[b"Access-Control-Allow-Credentials"], b"true")
         self.assertEqual(answer[b"Access-Control-Max-Age"], b"3600")
@@ -213,19 +215,44 @@ class CorsTests(TestCase):
         self.assertIn(b"POST", answer[b"Access-Control-Allow-Methods"])
 
     def test_disallowed_origin_never_reflected(self) -> None:
-        """An origin not listed gets no preflight answer and no Allow-Origin."""
-        self.assertIsNone(CORS.preflight(headers(
-            (b"Origin", b"http://evil.example"), (b"Access-Control-Request-Method", b"GET"))))
+        """An origin not listed gets no preflight answer (the refusal names the origin's part, not the origin) and no Allow-Origin."""
+        self.assertEqual(CORS.preflight(headers(
+            (b"Origin", b"http://evil.example"), (b"Access-Control-Request-Method", b"GET"))),
+            "the origin is not allowed")
         for name, value in CORS.response_headers(b"http://evil.example"):
             self.assertNotIn(b"evil", value)
 
     def test_disallowed_method_or_header(self) -> None:
-        """A preflight asking for a method or header not allowed is refused."""
-        self.assertIsNone(CORS.preflight(headers(
-            (b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"TRACE"))))
-        self.assertIsNone(CORS.preflight(headers(
+        """A preflight asking for a method or header not allowed is refused, saying which."""
+        self.assertEqual(CORS.preflight(headers(
+            (b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"TRACE"))),
+            "the method 'TRACE' is not allowed")
+        self.assertEqual(CORS.preflight(headers(
             (b"Origin", b"http://localhost:3000"), (b"Access-Control-Request-Method", b"GET"),
-            (b"Access-Control-Request-Headers", b"X-Evil"))))
+            (b"Access-Control-Request-Headers", b"X-Tenant-ID, X-Evil"))),
+            "the header 'x-evil' is not allowed")
+
+    def test_contract_headers_allowed_by_default(self) -> None:
+        """
+        With allowed_headers left out, a preflight may ask for the headers
+        the contract needs: Authorization, Content-Type, Last-Event-ID, the
+        identity headers, the required ones and the default.* names.
+        """
+        config = parse_config(
+            "[route:a]\npath = /**\nupstream = http://a\n[headers]\nrequired = X-Tenant-ID, X-Org\n"
+            "default.X-DWP-Source = FRONTEND\n[cors]\nallowed_origins = http://app.example\n",
+            "t.ini")
+        cors = Cors(config.cors)
+        allowed = cors.preflight(headers(
+            (b"Origin", b"http://app.example"), (b"Access-Control-Request-Method", b"POST"),
+            (b"Access-Control-Request-Headers",
+             b"authorization, content-type, last-event-id, x-tenant-id, x-user-id, x-agent-id, "
+             b"x-org, x-dwp-source"),
+        ))
+        self.assertNotIsInstance(allowed, str)
+        self.assertEqual(config.cors.allowed_headers, (
+            "Authorization", "Content-Type", "Last-Event-ID", "X-Tenant-ID", "X-User-ID",
+            "X-Agent-ID", "X-Org", "X-DWP-Source"))
 
     def test_actual_response(self) -> None:
         """An actual response to an allowed origin carries the CORS headers and Vary: Origin."""
@@ -235,9 +262,11 @@ class CorsTests(TestCase):
         self.assertEqual(out[b"Vary"], b"Origin")
 
     def test_wildcard(self) -> None:
-        """With C{*} any origin is allowed (and echoed, as credentials need)."""
+        """With C{*} any origin is allowed, never with credentials (even if a Config built in code asks)."""
         cors = Cors(CorsConfig(allowed_origins=("*",)))
         self.assertTrue(cors.allows(b"https://anything.example"))
+        out = dict(cors.response_headers(b"https://anything.example"))
+        self.assertNotIn(b"Access-Control-Allow-Credentials", out)
 
     def test_apply(self) -> None:
         """apply adds the response's CORS headers for the request's Origin, after the ones there."""

@@ -44,6 +44,8 @@ C = parse_config(CONFIG, "test.ini")
 class NotingPipeline:
     """Stands in for L{aura_proxy.proxy.Pipeline}: notes what a stage asks of it."""
 
+    trusted_proxies = None
+
     def __init__(self) -> None:
         self.asked: list[tuple[Any, ...]] = []
         self.then: Deferred[None] = Deferred()

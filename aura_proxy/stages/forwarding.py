@@ -62,9 +62,10 @@ class Forward(Stage):
         incoming = store(request.requestHeaders)
         outgoing = self._contract.upstream_headers(
             request.requestHeaders,
-            client_ip=call.client_ip,
+            client_ip=call.via or call.client_ip,  # the hop appended to X-Forwarded-For
             proto=b"https" if is_secure(request) else b"http",
             host=(incoming.get(_HOST) or (None,))[-1],
+            trusted=call.via is not None,
             extra=() if _REQUEST_ID in incoming else ((_REQUEST_ID, call.id.encode("ascii")),),
         )
         content: IO[bytes] = request.content  # type: ignore[assignment]

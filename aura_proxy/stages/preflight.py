@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import succeed
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from aura_proxy import errors
@@ -18,13 +19,16 @@ if TYPE_CHECKING:
 
 __all__ = ["Preflight"]
 
+log = Logger()
+
 
 class Preflight(Stage):
     """
     An C{OPTIONS} with C{Origin} and C{Access-Control-Request-Method} is
     answered here, without a tenant: 204 with the allowed methods and headers,
     or 403 C{cors_forbidden} without any CORS header (an origin that is not
-    allowed is never reflected).
+    allowed is never reflected), saying whether the origin, the method or
+    which header was refused (in the body, and in the log at debug level).
     """
 
     def __init__(self, config: CorsConfig) -> None:
@@ -35,8 +39,10 @@ class Preflight(Stage):
         if not Cors.is_preflight(request.method, request.requestHeaders):
             return GO_ON
         allowed = self._cors.preflight(request.requestHeaders)
-        if allowed is None:
-            call.pipeline.refuse(request, call, errors.cors_forbidden(), cors=False)
+        if isinstance(allowed, str):
+            log.debug("CORS preflight for {path} refused: {refused}",
+                      path=request.path.decode("utf-8", "replace"), refused=allowed)
+            call.pipeline.refuse(request, call, errors.cors_forbidden(allowed), cors=False)
         else:
             preflight_answer(request, call, allowed)
             call.pipeline.end(request, call)
