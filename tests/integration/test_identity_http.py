@@ -96,3 +96,58 @@ class IdentityHeaderTests(TestCase):
             self.assertEqual(status, 200, body)
             self.assertEqual(header_values(headers, b"x-secret"), [], query)
             self.assertEqual(header_values(headers, b"x-kept"), [b"2"], query)
+
+    async def test_refused_preflight_says_what(self) -> None:
+        """A refused preflight's 403 body says which header (or that the method) was refused."""
+        status, _, body = await self.exchange(
+            b"OPTIONS /api/aura/echo HTTP/1.1\r\nOrigin: http://allowed.example\r\n"
+            b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: X-Tenant-ID, X-Evil\r\n")
+        self.assertEqual(status, 403)
+        self.assertIn("header 'x-evil'", error_of(body)["message"])
+        status, _, body = await self.exchange(
+            b"OPTIONS /api/aura/echo HTTP/1.1\r\nOrigin: http://allowed.example\r\n"
+            b"Access-Control-Request-Method: PATCH\r\n")
+        self.assertEqual(status, 403)
+        self.assertIn("method 'PATCH'", error_of(body)["message"])
+
+
+class TrustedProxyTests(TestCase):
+    """[gateway] trusted_proxies over a real socket (the test client's address is 127.0.0.1)."""
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.up_port = start_fastapi_upstream(self)
+
+    async def forwarded(self, trusted: str) -> dict[str, list[str]]:
+        """The X-Forwarded-* headers the upstream gets for a request that sent its own."""
+        port, _ = start_gateway(self, gateway_ini(self.up_port, f"trusted_proxies = {trusted}"))
+        raw = await connect_raw(
+            self, port,
+            b"GET /api/aura/echo HTTP/1.1\r\nHost: gw.example\r\nX-Tenant-ID: t1\r\n"
+            b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-Host: app.example\r\nConnection: close\r\n\r\n")
+        await raw.closed
+        status, _ = raw.head()
+        self.assertEqual(status, 200, raw.data)
+        got: dict[str, list[str]] = {}
+        for name, value in json.loads(raw.body())["headers"]:
+            if name.startswith("x-forwarded-"):
+                got.setdefault(name, []).append(value)
+        return got
+
+    async def test_trusted_peer(self) -> None:
+        """From a trusted proxy, X-Forwarded-Proto and -Host are kept and the chain extended."""
+        self.assertEqual(await self.forwarded("127.0.0.0/8"), {
+            "x-forwarded-for": ["203.0.113.7, 127.0.0.1"],
+            "x-forwarded-proto": ["https"],
+            "x-forwarded-host": ["app.example"],
+        })
+
+    async def test_untrusted_peer(self) -> None:
+        """From a peer not listed, X-Forwarded-Proto and -Host are the gateway's own view."""
+        self.assertEqual(await self.forwarded("10.0.0.0/8"), {
+            "x-forwarded-for": ["203.0.113.7, 127.0.0.1"],
+            "x-forwarded-proto": ["http"],
+            "x-forwarded-host": ["gw.example"],
+        })
