@@ -157,10 +157,11 @@ def make_resume_log(config: SseConfig, reactor: Any, fast_path: bool = True) -> 
     )
 
 
-def _demo(reactor: Any) -> IService:
+def _demo(reactor: Any, config: Config) -> IService:
     from aura_proxy.demo import demo_service
 
-    return demo_service(reactor)
+    # With [upstream_trust], the demo agent takes only what the gateway signed.
+    return demo_service(reactor, trusted_keys=config.upstream_trust.keys)
 
 
 def gateway_service(
@@ -204,7 +205,7 @@ def gateway_service(
         history.setServiceParent(top)
     _Drain(gateway, client, resume).setServiceParent(top)
     if demo:
-        _demo(reactor).setServiceParent(top)
+        _demo(reactor, config).setServiceParent(top)
     if listener is None:
         strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
     else:
@@ -228,7 +229,7 @@ def supervisor_service(
     workers = WorkerSupervisor(config, config_text, reactor, **supervisor)
     workers.setServiceParent(top)
     if demo:
-        _demo(reactor).setServiceParent(top)
+        _demo(reactor, config).setServiceParent(top)
     admin_service(config.gateway.admin_listen, workers.health, reactor).setServiceParent(top)
     return top
 

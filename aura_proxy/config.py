@@ -19,6 +19,7 @@ from typing import Callable, Optional, TypeVar, Union
 from hyperlink import URL, DecodedURL
 
 from aura_proxy.routes import PathPattern, PatternError
+from aura_proxy.upstream_trust import KeyFileError, TrustKey, load_keys
 
 __all__ = [
     "Config",
@@ -31,6 +32,7 @@ __all__ = [
     "Network",
     "RouteConfig",
     "SseConfig",
+    "UpstreamTrustConfig",
     "DEFAULT_CONFIG_NAME",
     "load_config",
     "parse_config",
@@ -178,6 +180,20 @@ class SseConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamTrustConfig:
+    """
+    The ``[upstream_trust]`` section: signing what the gateway forwards.
+
+    @ivar key_file: the key file, as configured; empty: requests are not signed.
+    @ivar keys: its keys, read when the configuration is loaded: the current
+        one (the gateway signs with it) first, then the previous one.
+    """
+
+    key_file: str = ""
+    keys: tuple[TrustKey, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, valid gateway configuration."""
 
@@ -188,6 +204,7 @@ class Config:
     cors: CorsConfig = field(default_factory=CorsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     sse: SseConfig = field(default_factory=SseConfig)
+    upstream_trust: UpstreamTrustConfig = field(default_factory=UpstreamTrustConfig)
 
 
 # -- value parsers -----------------------------------------------------------
@@ -455,12 +472,17 @@ _SSE: _Schema = {
     "on_client_disconnect": _one_of("detach", "cancel"),
 }
 
+_UPSTREAM_TRUST: _Schema = {
+    "key_file": str,
+}
+
 _SECTIONS = {
     "gateway": _GATEWAY,
     "headers": _HEADERS,
     "cors": _CORS,
     "history": _HISTORY,
     "sse": _SSE,
+    "upstream_trust": _UPSTREAM_TRUST,
 }
 
 
@@ -524,7 +546,8 @@ def parse_config(text: str, source: str) -> Config:
         if name not in _SECTIONS and not name.startswith("route:"):
             reader.problem(
                 name, None,
-                "unknown section (known: gateway, route:NAME, headers, cors, history, sse)",
+                "unknown section (known: gateway, route:NAME, headers, cors, history, sse, "
+                "upstream_trust)",
             )
 
     gateway = _make(GatewayConfig, reader.section("gateway", _GATEWAY))
@@ -555,6 +578,7 @@ def parse_config(text: str, source: str) -> Config:
     cors = _cors(reader, headers)
     history = _make(HistoryConfig, reader.section("history", _HISTORY))
     sse = _make(SseConfig, reader.section("sse", _SSE))
+    upstream_trust = _upstream_trust(reader)
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
@@ -610,6 +634,7 @@ def parse_config(text: str, source: str) -> Config:
         cors=cors,
         history=history,
         sse=sse,
+        upstream_trust=upstream_trust,
     )
 
 
@@ -644,6 +669,21 @@ def contract_cors_headers(headers: HeadersConfig) -> tuple[str, ...]:
             seen.add(name.lower())
             out.append(name)
     return tuple(out)
+
+
+def _upstream_trust(reader: _Reader) -> UpstreamTrustConfig:
+    """The C{[upstream_trust]} section, its key file read now (a start-up error, not a 500 later)."""
+    values = reader.section("upstream_trust", _UPSTREAM_TRUST)
+    key_file = values.get("key_file", "")
+    assert isinstance(key_file, str)
+    if not key_file:
+        return UpstreamTrustConfig()
+    try:
+        keys = load_keys(key_file)
+    except KeyFileError as e:
+        reader.problem("upstream_trust", "key_file", str(e))
+        return UpstreamTrustConfig()
+    return UpstreamTrustConfig(key_file, keys)
 
 
 def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> None:

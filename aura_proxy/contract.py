@@ -51,7 +51,8 @@ def dropping(names: Iterable[bytes]) -> frozenset[bytes]:
     return HOP_BY_HOP | frozenset(name.lower() for name in names)
 
 
-_REQUEST_DROP = dropping(_RECOMPUTED_REQUEST)
+# Only the gateway signs ([upstream_trust]): a client's signature never goes upstream.
+_REQUEST_DROP = dropping(_RECOMPUTED_REQUEST | {b"x-dwp-gateway-signature"})
 _CONNECTION = canonical(b"connection")
 _XFF = canonical(b"x-forwarded-for")
 _XFP = canonical(b"x-forwarded-proto")

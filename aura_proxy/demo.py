@@ -30,6 +30,10 @@ C{X-Tenant-ID} on every request; the demo agent itself does not care)::
 
 (Use port 9000, and drop the header, to talk to the demo agent directly.)
 
+With C{[upstream_trust] key_file} configured, the demo agent takes only what the
+gateway signed (L{aura_proxy.upstream_trust}, docs/identity.md): a direct call
+to port 9000 is answered 401.
+
 The stream is C{text/event-stream}; each token is one event::
 
     id: 1
@@ -57,6 +61,13 @@ from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from aura_proxy.upstream_trust import (
+    GatewaySignatureVerifier,
+    InvalidSignature,
+    TrustKey,
+    refusal_body,
+)
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -264,14 +275,24 @@ class DemoAgentResource(Resource):
     (it is mounted at the root and sees C{/api/aura/...} unchanged).
 
     @ivar interval: seconds between two token events.
+    @ivar verifier: checks the gateway's signature on every request, when a
+        key is configured; None: every request is served.
     """
 
     isLeaf = True
 
-    def __init__(self, reactor: IReactorTime, interval: float = DEFAULT_INTERVAL) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        interval: float = DEFAULT_INTERVAL,
+        trusted_keys: Sequence[TrustKey] = (),
+    ) -> None:
         super().__init__()
         self._reactor: IReactorTime = reactor
         self.interval = interval
+        self.verifier = (
+            GatewaySignatureVerifier(trusted_keys, clock=reactor.seconds) if trusted_keys else None
+        )
         self._routes: dict[bytes, tuple[Optional[frozenset[bytes]], Callable[[Request], Any]]] = {
             _API_PREFIX + b"/chat/stream": (frozenset([b"GET", b"HEAD", b"POST"]), self._stream),
             _API_PREFIX + b"/health": (frozenset([b"GET", b"HEAD"]), self._health),
@@ -279,6 +300,10 @@ class DemoAgentResource(Resource):
         }
 
     def render(self, request: Request) -> Any:
+        if self.verifier is not None:
+            refusal = self._unsigned(request, self.verifier)
+            if refusal is not None:
+                return refusal
         path: bytes = request.path or b"/"
         if len(path) > 1 and path.endswith(b"/"):
             path = path[:-1]
@@ -298,6 +323,24 @@ class DemoAgentResource(Resource):
                 {"error": "method not allowed", "method": _text(method), "allow": _text(allowed)},
             )
         return handler(request)
+
+    @staticmethod
+    def _unsigned(request: Request, verifier: GatewaySignatureVerifier) -> Optional[bytes]:
+        """The 401 body for a request the gateway did not sign, or None."""
+        path, _, query = (request.uri or b"").partition(b"?")
+        pairs = [
+            (name.lower(), value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        try:
+            verifier.verify_headers(request.method, path, query, pairs)
+        except InvalidSignature as e:
+            request.setResponseCode(401)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            return refusal_body(e.reason)
+        return None
 
     def _health(self, request: Request) -> bytes:
         return _json_response(request, 200, {"status": "ok"})
@@ -335,28 +378,36 @@ class DemoAgentResource(Resource):
         return NOT_DONE_YET
 
 
-def demo_resource(reactor: IReactorTime, interval: float = DEFAULT_INTERVAL) -> IResource:
+def demo_resource(
+    reactor: IReactorTime,
+    interval: float = DEFAULT_INTERVAL,
+    trusted_keys: Sequence[TrustKey] = (),
+) -> IResource:
     """
     The demo agent's root resource; mount it at C{/} of a L{Site}.
 
-    @param reactor: the clock for the token timers (only C{callLater} is used).
+    @param reactor: the clock for the token timers and signature timestamps.
     @param interval: seconds between two token events.
+    @param trusted_keys: the gateway's signing keys (C{[upstream_trust]});
+        when given, a request without a valid signature is answered 401.
     """
-    return cast(IResource, DemoAgentResource(reactor, interval))
+    return cast(IResource, DemoAgentResource(reactor, interval, trusted_keys))
 
 
 def demo_service(
     reactor: Any,
     endpoint_description: str = DEFAULT_ENDPOINT,
     interval: float = DEFAULT_INTERVAL,
+    trusted_keys: Sequence[TrustKey] = (),
 ) -> Service:
     """
-    A service that listens on C{endpoint_description} and serves the demo agent.
+    A service that listens on C{endpoint_description} and serves the demo agent
+    (only what the gateway signed, when C{trusted_keys} are given).
 
     @param reactor: the reactor to listen with and to time tokens with; it
         must provide C{IReactorTime} and whatever the endpoint needs
         (C{IReactorTCP} for C{tcp:}).
     """
-    site = Site(demo_resource(reactor, interval), reactor=reactor)
+    site = Site(demo_resource(reactor, interval, trusted_keys), reactor=reactor)
     site.noisy = False
     return strports_service(endpoint_description, cast(IProtocolFactory, site), reactor=reactor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from contextlib import redirect_stderr, redirect_stdout
@@ -333,3 +334,47 @@ class FastPathTests(TestCase):
         os.environ["AURA_PROXY_FAST_PATH"] = "maybe"
         [problem] = problems(MINIMAL)
         self.assertEqual(problem, "gw.ini: environment AURA_PROXY_FAST_PATH: expected true or false, got 'maybe'")
+
+
+class UpstreamTrustConfigTests(TestCase):
+    """The C{[upstream_trust]} section."""
+
+    def key_file(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_off_by_default(self) -> None:
+        """Without a key file nothing is signed: no keys."""
+        config = parse_config(MINIMAL, "gw.ini")
+        self.assertEqual((config.upstream_trust.key_file, config.upstream_trust.keys), ("", ()))
+        self.assertEqual(load_config(None).upstream_trust.keys, ())
+
+    def test_keys_read_at_load(self) -> None:
+        """The key file is read when the configuration is: current key first."""
+        from aura_proxy.upstream_trust import TrustKey
+
+        current, previous = b"c" * 32, b"p" * 48
+        path = self.key_file(
+            f"# current\n{base64.b64encode(current).decode()}\n{base64.b64encode(previous).decode()}\n")
+        config = parse_config(MINIMAL + f"[upstream_trust]\nkey_file = {path}\n", "gw.ini")
+        self.assertEqual(config.upstream_trust.key_file, path)
+        self.assertEqual(config.upstream_trust.keys, (TrustKey.of(current), TrustKey.of(previous)))
+
+    def test_unusable_key_file(self) -> None:
+        """A missing file or a short key is a configuration error naming the key and the file."""
+        missing = self.mktemp()
+        [found] = problems(MINIMAL + f"[upstream_trust]\nkey_file = {missing}\n")
+        self.assertTrue(found.startswith(f"gw.ini: [upstream_trust] key_file: {missing}: cannot read"), found)
+        short = self.key_file(base64.b64encode(b"s" * 16).decode() + "\n")
+        [found] = problems(MINIMAL + f"[upstream_trust]\nkey_file = {short}\n")
+        self.assertEqual(
+            found,
+            f"gw.ini: [upstream_trust] key_file: {short}: line 1: a key of 16 bytes, at least 32 are needed",
+        )
+
+    def test_unknown_key(self) -> None:
+        """A misspelt key of the section is an error."""
+        [found] = problems(MINIMAL + "[upstream_trust]\nkeyfile = x\n")
+        self.assertIn("[upstream_trust] keyfile: unknown key", found)

@@ -10,7 +10,7 @@ are the demo's.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, cast
+from typing import Any, Optional, Sequence, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address
@@ -29,6 +29,7 @@ from aura_proxy.demo import (
     demo_service,
     format_event,
 )
+from aura_proxy.upstream_trust import TrustKey, signature_header
 
 INTERVAL = 0.1
 
@@ -103,10 +104,10 @@ def dummy_request(uri: bytes, method: bytes = b"GET") -> Any:
 class DemoServer:
     """A demo agent L{Site} with one client connection over a L{StringTransport}."""
 
-    def __init__(self, interval: float = INTERVAL) -> None:
+    def __init__(self, interval: float = INTERVAL, trusted_keys: Sequence[TrustKey] = ()) -> None:
         # Any: without mypy-zope, Clock is not seen as "an IReactorTime".
         self.clock: Any = cast(Any, Clock())
-        self.site = Site(demo_resource(self.clock, interval), reactor=MemoryReactorClock())
+        self.site = Site(demo_resource(self.clock, interval, trusted_keys), reactor=MemoryReactorClock())
         self.transport = StringTransport()
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.channel.makeConnection(self.transport)
@@ -485,3 +486,37 @@ class ServiceTests(SynchronousTestCase):
         reactor.advance(0.1)
         self.assertIn(b"id: 1\n", transport.value())
         channel.connectionLost(Failure(ConnectionDone()))
+
+
+class SignedOnlyTests(SynchronousTestCase):
+    """With the gateway's keys, the demo agent serves only what the gateway signed."""
+
+    KEY = TrustKey.of(b"d" * 32)
+
+    def test_unsigned_refused(self) -> None:
+        """A direct call without a signature is answered 401 with a JSON body."""
+        server = DemoServer(trusted_keys=[self.KEY])
+        server.request("GET", "/api/aura/health")
+        response = server.response()
+        self.assertEqual(response.status, 401)
+        self.assertEqual(response.json()["error"]["code"], "invalid_gateway_signature")
+
+    def test_signed_served(self) -> None:
+        """A request signed for its method, path, query and tenant is served; another path is not."""
+        header = signature_header(self.KEY, 0, b"GET", b"/api/aura/chat/stream", b"q=hi", b"t1", b"")
+        server = DemoServer(trusted_keys=[self.KEY])
+        server.request("GET", "/api/aura/chat/stream?q=hi",
+                       [("X-Tenant-ID", "t1"), ("X-DWP-Gateway-Signature", header.decode())])
+        self.assertEqual(server.response().status, 200)
+        other = DemoServer(trusted_keys=[self.KEY])
+        other.request("GET", "/api/aura/echo?q=hi",
+                      [("X-Tenant-ID", "t1"), ("X-DWP-Gateway-Signature", header.decode())])
+        self.assertEqual(other.response().status, 401)
+
+    def test_too_old(self) -> None:
+        """A signature older than the clock skew is refused."""
+        header = signature_header(self.KEY, 0, b"GET", b"/api/aura/health", b"", b"", b"")
+        server = DemoServer(trusted_keys=[self.KEY])
+        server.clock.advance(31)
+        server.request("GET", "/api/aura/health", [("X-DWP-Gateway-Signature", header.decode())])
+        self.assertEqual(server.response().status, 401)

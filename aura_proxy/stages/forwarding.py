@@ -27,6 +27,7 @@ from aura_proxy.routes import strip_segments
 from aura_proxy.site import is_secure
 from aura_proxy.stages import Answer, Stage
 from aura_proxy.upstream import UpstreamClient, body_producer
+from aura_proxy.upstream_signing import UpstreamSigner
 
 if TYPE_CHECKING:
     from aura_proxy.call import Call
@@ -54,6 +55,7 @@ class Forward(Stage):
         self._response_timeout = g.response_timeout
         self._connect_timeout = g.connect_timeout
         self._deadlines = Deadlines(clock, g.response_timeout)
+        self._signer = UpstreamSigner.from_config(config.upstream_trust, clock)
 
     def run(self, request: Request, call: "Call") -> Answer:
         """Start the upstream request; the answer fires when the client's response is finished."""
@@ -73,9 +75,10 @@ class Forward(Stage):
         finished = call.finished
         if finished is None:  # (a resumed stream that could not be replayed has one already)
             finished = call.finished = Deferred(call.cancel)
-        upstream = call.upstream_call = self._client.request(
-            request.method, upstream_url(route, request.uri), outgoing, body
-        )
+        url = upstream_url(route, request.uri)
+        if self._signer is not None:  # [upstream_trust]: X-DWP-Gateway-Signature
+            self._signer.sign(request.method, url, outgoing)
+        upstream = call.upstream_call = self._client.request(request.method, url, outgoing, body)
         call.timeout = self._deadlines.add(call.expire)
         upstream.addCallbacks(
             self._got_response, self._got_error, callbackArgs=(call,), errbackArgs=(call,)

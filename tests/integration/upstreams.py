@@ -213,11 +213,14 @@ def start_fastapi_upstream(
     app: str = "tests.integration.upstream_app:app",
     ready_path: str = "/api/aura/json",
     extra_args: Sequence[str] = (),
+    env: Optional[Mapping[str, str]] = None,
 ) -> int:
     """
     Run the FastAPI + sse-starlette test upstream under uvicorn on a free
     127.0.0.1 port, wait until it answers and return the port.  A cleanup on
     C{testcase} stops it.
+
+    @param env: environment variables for its process (besides os.environ).
     """
     port = free_port()
     argv = [
@@ -236,7 +239,7 @@ def start_fastapi_upstream(
         "1",
         *extra_args,
     ]
-    start_process(testcase, argv, f"http://127.0.0.1:{port}{ready_path}")
+    start_process(testcase, argv, f"http://127.0.0.1:{port}{ready_path}", env=env)
     return port
 
 
