@@ -19,6 +19,7 @@ from aura_proxy.config import RouteConfig
 from aura_proxy.request_ids import new_request_id
 
 if TYPE_CHECKING:
+    from aura_proxy.auth.verify import Identity
     from aura_proxy.proxy import Pipeline
     from aura_proxy.relay import Relay
     from aura_proxy.resume.replay import Replay
@@ -38,12 +39,14 @@ class Call:
     @ivar response_size: body bytes of a response answered whole (a JSON
         error, a body that came with its head); a relay counts its own.
     @ivar end_reason: why a relayed or replayed response ended.
+    @ivar identity: who the request's verified token says the caller is
+        (C{[auth]}); None without one.
     """
 
     __slots__ = (
         "pipeline", "request", "id", "started", "client_ip", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
-        "status", "response_size", "is_sse", "end_reason",
+        "status", "response_size", "is_sse", "end_reason", "identity",
     )
 
     def __init__(
@@ -69,6 +72,7 @@ class Call:
         self.response_size: Optional[int] = None
         self.is_sse = False
         self.end_reason: Optional[str] = None
+        self.identity: Optional[Identity] = None
 
     def cancel(self, finished: "Deferred[None]") -> None:
         """

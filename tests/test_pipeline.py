@@ -181,7 +181,8 @@ class PipelineTests(TestCase):
         h = Harness(Echo())
         self.assertEqual(
             [type(s).__name__ for s in h.gateway.pipeline.stages],
-            ["Tenant", "ParsePath", "Preflight", "Route", "RequiredHeaders", "Resume", "Forward"],
+            ["Tenant", "ParsePath", "Preflight", "Route", "Authenticate", "RequiredHeaders", "Resume",
+             "Forward"],
         )
         self.assertEqual([type(s).__name__ for s in h.gateway.pipeline.ended], ["Record"])
 
