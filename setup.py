@@ -50,6 +50,10 @@ setup(
         "txpostgres>=1.7",
         # txpostgres drives psycopg2's asynchronous connections.
         "psycopg2-binary>=2.9",
+        # JWT verification ([auth]): a maintained JWT library, so that no
+        # signature or claim check is hand-written here; the crypto extra
+        # (cryptography, already pulled in by pyOpenSSL) gives RS256 and ES256.
+        "PyJWT[crypto]>=2.8",
         "pyOpenSSL>=24",
         "service_identity>=24",
         # Redis Streams for the shared resume log: a Twisted-native client,

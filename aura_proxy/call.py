@@ -19,6 +19,7 @@ from aura_proxy.config import RouteConfig
 from aura_proxy.request_ids import new_request_id
 
 if TYPE_CHECKING:
+    from aura_proxy.auth.verify import Identity
     from aura_proxy.proxy import Pipeline
     from aura_proxy.relay import Relay
     from aura_proxy.resume.replay import Replay
@@ -42,12 +43,14 @@ class Call:
         is one of C{[gateway] trusted_proxies}, the one it forwarded.
     @ivar via: the TCP peer when it is a trusted proxy (its X-Forwarded-*
         headers are believed), else None.
+    @ivar identity: who the request's verified token says the caller is
+        (C{[auth]}); None without one.
     """
 
     __slots__ = (
         "pipeline", "request", "id", "started", "client_ip", "via", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
-        "status", "response_size", "is_sse", "end_reason",
+        "status", "response_size", "is_sse", "end_reason", "identity",
     )
 
     def __init__(
@@ -79,6 +82,7 @@ class Call:
         self.response_size: Optional[int] = None
         self.is_sse = False
         self.end_reason: Optional[str] = None
+        self.identity: Optional[Identity] = None
 
     def cancel(self, finished: "Deferred[None]") -> None:
         """

@@ -22,6 +22,7 @@ from aura_proxy.routes import PathPattern, PatternError
 from aura_proxy.upstream_trust import KeyFileError, TrustKey, load_keys
 
 __all__ = [
+    "AuthConfig",
     "Config",
     "ConfigError",
     "CorsConfig",
@@ -179,6 +180,38 @@ class SseConfig:
     on_client_disconnect: str = "detach"
 
 
+#: The JWT algorithms C{[auth] algorithms} may name (C{none} never is).
+JWT_ALGORITHMS = ("RS256", "ES256", "HS256")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """
+    The C{[auth]} section: JWT verification at the edge (docs/identity.md).
+
+    The key files are read when the file is parsed (a key that cannot be
+    used is a configuration mistake); their contents are kept out of C{repr}.
+    """
+
+    jwt: str = "off"
+    jwks_url: Optional[str] = None
+    jwks_min_refresh: float = 60.0
+    public_key_file: Optional[str] = None
+    hs256_secret_file: Optional[str] = None
+    issuer: Optional[str] = None
+    audience: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("RS256",)
+    leeway: float = 30.0
+    tenant_claim: str = "tenant_id"
+    user_claim: str = "sub"
+    agent_claim: Optional[str] = None
+    token_from: tuple[str, ...] = ("header",)
+    #: The PEM of C{public_key_file}, read when the file was parsed.
+    public_key_pem: Optional[bytes] = field(default=None, repr=False)
+    #: The contents of C{hs256_secret_file} (trailing line break removed).
+    hs256_secret: Optional[bytes] = field(default=None, repr=False)
+
+
 @dataclass(frozen=True)
 class UpstreamTrustConfig:
     """
@@ -205,6 +238,7 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     sse: SseConfig = field(default_factory=SseConfig)
     upstream_trust: UpstreamTrustConfig = field(default_factory=UpstreamTrustConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 # -- value parsers -----------------------------------------------------------
@@ -411,6 +445,51 @@ def _resume_backend(text: str) -> str:
     raise _Invalid(f"expected memory, off or redis://host:port/db, got {text!r}")
 
 
+def _jwt_algorithms(text: str) -> tuple[str, ...]:
+    algorithms = _list(text)
+    if not algorithms:
+        raise _Invalid(f"expected one or more of {', '.join(JWT_ALGORITHMS)}")
+    for algorithm in algorithms:
+        if algorithm.lower() == "none":
+            raise _Invalid("none is never accepted: an unsigned token proves nothing")
+        if algorithm not in JWT_ALGORITHMS:
+            raise _Invalid(f"expected some of {', '.join(JWT_ALGORITHMS)}, got {algorithm!r}")
+    return algorithms
+
+
+def _token_sources(text: str) -> tuple[str, ...]:
+    sources = _list(text)
+    if not sources:
+        raise _Invalid("expected header and/or cookie:NAME")
+    for source in sources:
+        kind, _, name = source.partition(":")
+        if source == "header" or (kind == "cookie" and name):
+            continue
+        if kind == "query":
+            raise _Invalid(
+                "a token is never taken from a query parameter (URLs end up in logs, "
+                "history and browser history); use header or cookie:NAME"
+            )
+        raise _Invalid(f"expected header or cookie:NAME, got {source!r}")
+    return sources
+
+
+def _claim(text: str) -> str:
+    if not text:
+        raise _Invalid("expected a claim name")
+    return text
+
+
+def _http_url(text: str) -> str:
+    try:
+        url = URL.from_text(text)
+    except Exception as e:
+        raise _Invalid(f"{text!r} is not a URL ({e})")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise _Invalid(f"expected an http:// or https:// URL with a host, got {text!r}")
+    return text
+
+
 # -- sections ----------------------------------------------------------------
 
 _Schema = dict[str, Callable[[str], object]]
@@ -476,6 +555,22 @@ _UPSTREAM_TRUST: _Schema = {
     "key_file": str,
 }
 
+_AUTH: _Schema = {
+    "jwt": _one_of("required", "optional", "off"),
+    "jwks_url": _http_url,
+    "jwks_min_refresh": _seconds,
+    "public_key_file": str,
+    "hs256_secret_file": str,
+    "issuer": str,
+    "audience": _list,
+    "algorithms": _jwt_algorithms,
+    "leeway": _seconds,
+    "tenant_claim": _claim,
+    "user_claim": _claim,
+    "agent_claim": _claim,
+    "token_from": _token_sources,
+}
+
 _SECTIONS = {
     "gateway": _GATEWAY,
     "headers": _HEADERS,
@@ -483,6 +578,7 @@ _SECTIONS = {
     "history": _HISTORY,
     "sse": _SSE,
     "upstream_trust": _UPSTREAM_TRUST,
+    "auth": _AUTH,
 }
 
 
@@ -547,7 +643,7 @@ def parse_config(text: str, source: str) -> Config:
             reader.problem(
                 name, None,
                 "unknown section (known: gateway, route:NAME, headers, cors, history, sse, "
-                "upstream_trust)",
+                "upstream_trust, auth)",
             )
 
     gateway = _make(GatewayConfig, reader.section("gateway", _GATEWAY))
@@ -579,6 +675,7 @@ def parse_config(text: str, source: str) -> Config:
     history = _make(HistoryConfig, reader.section("history", _HISTORY))
     sse = _make(SseConfig, reader.section("sse", _SSE))
     upstream_trust = _upstream_trust(reader)
+    auth = _auth(reader, _make(AuthConfig, reader.section("auth", _AUTH)))
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
@@ -635,6 +732,7 @@ def parse_config(text: str, source: str) -> Config:
         history=history,
         sse=sse,
         upstream_trust=upstream_trust,
+        auth=auth,
     )
 
 
@@ -684,6 +782,106 @@ def _upstream_trust(reader: _Reader) -> UpstreamTrustConfig:
         reader.problem("upstream_trust", "key_file", str(e))
         return UpstreamTrustConfig()
     return UpstreamTrustConfig(key_file, keys)
+
+
+def _auth(reader: _Reader, auth: AuthConfig) -> AuthConfig:
+    """C{[auth]} with its key files read, or the problems of an inconsistent section."""
+    problems = len(reader.problems)
+    public_pem = secret = None
+    if auth.public_key_file:
+        public_pem = _read_key(reader, "public_key_file", auth.public_key_file)
+    if auth.hs256_secret_file:
+        secret = _read_key(reader, "hs256_secret_file", auth.hs256_secret_file)
+        if secret is not None:
+            secret = secret.rstrip(b"\r\n")
+            if len(secret) < _HS256_MIN_SECRET:
+                reader.problem(
+                    "auth", "hs256_secret_file",
+                    f"the secret is {len(secret)} bytes; HS256 needs at least "
+                    f"{_HS256_MIN_SECRET} (RFC 7518 3.2: as long as the hash)",
+                )
+                secret = None
+    if public_pem is not None:
+        _check_public_key(reader, auth, public_pem)
+    if auth.jwt == "off":
+        return auth
+    if auth.jwks_url and auth.public_key_file:
+        reader.problem(
+            "auth", "public_key_file",
+            "give jwks_url or public_key_file, not both (one source of public keys)",
+        )
+    public = bool(auth.jwks_url or auth.public_key_file)
+    if not public and not auth.hs256_secret_file:
+        reader.problem(
+            "auth", "jwt",
+            f"jwt = {auth.jwt} needs a key source: jwks_url, public_key_file or hs256_secret_file",
+        )
+    asymmetric = [a for a in auth.algorithms if a != "HS256"]
+    if "HS256" in auth.algorithms and not auth.hs256_secret_file:
+        reader.problem(
+            "auth", "algorithms",
+            "HS256 needs hs256_secret_file: an HS256 token is never checked against a public key",
+        )
+    if asymmetric and not public:
+        reader.problem(
+            "auth", "algorithms",
+            f"{', '.join(asymmetric)} need jwks_url or public_key_file",
+        )
+    if auth.hs256_secret_file and "HS256" not in auth.algorithms:
+        reader.problem("auth", "hs256_secret_file", "given, but algorithms does not list HS256")
+    if public and not asymmetric:
+        key = "jwks_url" if auth.jwks_url else "public_key_file"
+        reader.problem("auth", key, "given, but algorithms lists neither RS256 nor ES256")
+    if len(reader.problems) > problems:
+        return auth
+    return replace(auth, public_key_pem=public_pem, hs256_secret=secret)
+
+
+#: The shortest HS256 secret accepted, in bytes (RFC 7518 3.2: the hash's size).
+_HS256_MIN_SECRET = 32
+
+
+def _read_key(reader: _Reader, key: str, path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        reader.problem("auth", key, f"cannot read {path!r} ({e.strerror or e})")
+        return None
+
+
+def _check_public_key(reader: _Reader, auth: AuthConfig, pem: bytes) -> None:
+    """A public key file must hold an RSA or P-256 key that an algorithm listed uses."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem)
+    except ValueError:
+        reader.problem("auth", "public_key_file", f"{auth.public_key_file!r} is not a PEM public key")
+        return
+    if isinstance(key, rsa.RSAPublicKey):
+        algorithm = "RS256"
+    elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        algorithm = "ES256"
+    else:
+        reader.problem(
+            "auth", "public_key_file",
+            f"{auth.public_key_file!r} is neither an RSA nor a P-256 (ES256) public key",
+        )
+        return
+    if algorithm not in auth.algorithms:
+        reader.problem(
+            "auth", "public_key_file",
+            f"holds an {algorithm} key but algorithms does not list {algorithm}",
+        )
+    for other in auth.algorithms:
+        if other not in (algorithm, "HS256") and not auth.jwks_url:
+            reader.problem(
+                "auth", "algorithms",
+                f"lists {other}, but public_key_file holds an {algorithm} key: "
+                f"no {other} token could be verified",
+            )
 
 
 def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> None:

@@ -23,6 +23,10 @@ __all__ = [
     "bad_request",
     "cors_forbidden",
     "internal_error",
+    # [auth] (JWT)
+    "missing_token",
+    "invalid_token",
+    "tenant_mismatch",
 ]
 
 
@@ -117,3 +121,26 @@ def internal_error() -> GatewayError:
     the traceback, the client only the request id.
     """
     return GatewayError(500, "internal_error", "the gateway failed to serve this request")
+
+
+def missing_token(reason: str) -> GatewayError:
+    """
+    No token where C{[auth] jwt = required} wants one, or a request that is
+    not a token at all (401, with C{WWW-Authenticate: Bearer
+    error="invalid_request"}).
+    """
+    return GatewayError(401, "missing_token", reason)
+
+
+def invalid_token(reason: str) -> GatewayError:
+    """
+    A token that is expired, not yet valid, badly signed, for another issuer
+    or audience, or lacks a claim (401, with C{WWW-Authenticate: Bearer
+    error="invalid_token"}).
+    """
+    return GatewayError(401, "invalid_token", reason)
+
+
+def tenant_mismatch() -> GatewayError:
+    """The request's X-Tenant-ID is not the tenant its verified token names (403)."""
+    return GatewayError(403, "tenant_mismatch", "X-Tenant-ID is not the tenant of the token")

@@ -35,6 +35,7 @@ from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
+from aura_proxy.stages.auth import Authenticate
 from aura_proxy.stages.forwarding import Forward
 from aura_proxy.stages.identity import Identity
 from aura_proxy.stages.path import ParsePath
@@ -67,8 +68,9 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
             ParsePath(),  # percent-decoded segments, or 400 bad_request
             Preflight(config.cors),  # a CORS preflight is answered here: 204, or 403
             Route(config.routes),  # the most specific route, or 404 no_route
+            Authenticate(config, clock),  # [auth] JWT: identity from the token, or 401/403
             RequiredHeaders(config.headers),  # the header contract, or 400 missing_header
-            # (identity and rate limits go here: one class, one line)
+            # (rate limits go here: one class, one line)
             Resume(config, clock, services.resume),  # our Last-Event-ID: replayed from the log
             Forward(config, clock, services.client),  # upstream, within response_timeout: 502/504
         ],

@@ -181,7 +181,7 @@ class PipelineTests(TestCase):
         h = Harness(Echo())
         self.assertEqual(
             [type(s).__name__ for s in h.gateway.pipeline.stages],
-            ["Tenant", "Identity", "ParsePath", "Preflight", "Route", "RequiredHeaders", "Resume",
+            ["Tenant", "Identity", "ParsePath", "Preflight", "Route", "Authenticate", "RequiredHeaders", "Resume",
              "Forward"],
         )
         self.assertEqual([type(s).__name__ for s in h.gateway.pipeline.ended], ["Record"])

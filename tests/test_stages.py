@@ -269,7 +269,8 @@ class ResumeTests(SynchronousTestCase):
         self.assertIsInstance(answer, Deferred)
         self.assertIs(answer, call.finished)
         [(stream_id, owner, seq, _)] = self.log.attaching
-        self.assertEqual((stream_id, owner, seq), (self.stream, "t1", 1))
+        self.assertEqual((stream_id, owner, seq), (self.stream, stream_owner(call.request, call), 1))
+        self.assertIn('"t1"', owner)
 
     def test_unknown_stream_goes_on_after_this_stage(self) -> None:
         """When the log does not know the stream, the stages after Resume take the request, with no id."""
@@ -410,7 +411,8 @@ class RelayResponseTests(SynchronousTestCase):
         for fast_path, python in (("on", not sse.ACCELERATED), ("off", True)):
             config = parse_config(CONFIG.replace("[gateway]", f"[gateway]\nfast_path = {fast_path}", 1), "t.ini")
             stage = RelayResponse(config, self.clock, None, self.streams)
-            counted = stage._stamper("s1", make_call().request)
+            call = make_call()
+            counted = stage._stamper("s1", call.request, call)
             state = counted._rewriter._st  # type: ignore[attr-defined]
             self.assertEqual(type(state).__module__ == "aura_proxy.sse", python, fast_path)
             if os.environ.get("AURA_PROXY_REQUIRE_C"):
@@ -455,9 +457,33 @@ class RelayResponseTests(SynchronousTestCase):
         self.assertEqual(relay.events, 1)
 
     def test_stream_owner(self) -> None:
-        """A stream belongs to its request's tenant; a public one to nobody (the empty owner)."""
-        self.assertEqual(stream_owner(make_call(X_Tenant_ID="t1").request), "t1")
-        self.assertEqual(stream_owner(make_call().request), "")
+        """
+        A stream belongs to its tenant, its verified user, its route and its
+        method: a change in any one is another owner; the same request is the
+        same owner.
+        """
+        from aura_proxy.auth.verify import Identity
+
+        def owner(method: bytes = b"GET", route: int = 0, user: Optional[str] = None,
+                  **headers: str) -> str:
+            call = make_call(method=method, **headers)
+            call.route = C.routes[route]
+            if user is not None:
+                call.identity = Identity("t1", user, None, 0.0)
+            return stream_owner(call.request, call)
+
+        base = owner(X_Tenant_ID="t1")
+        self.assertEqual(base, owner(X_Tenant_ID="t1"))
+        others = [
+            owner(X_Tenant_ID="t2"),
+            owner(),  # a public stream: no tenant
+            owner(b"POST", X_Tenant_ID="t1"),
+            owner(route=1, X_Tenant_ID="t1"),
+            owner(user="u1", X_Tenant_ID="t1"),
+            owner(user="u2", X_Tenant_ID="t1"),
+            owner(X_Tenant_ID='t1",null'),  # no separator can be forged
+        ]
+        self.assertEqual(len(set(others + [base])), len(others) + 1)
 
 
 class History:

@@ -7,6 +7,7 @@ stamped with the gateway's ids (and logged for resume).
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.interfaces import IReactorTime
@@ -119,7 +120,7 @@ class RelayResponse(ResponseStage):
             self._clock,
             idle_timeout=self._idle_timeout,
             heartbeat_interval=self._heartbeat if is_sse else 0.0,
-            transform=self._stamper(stream_id, request) if stream_id is not None else None,
+            transform=self._stamper(stream_id, request, call) if stream_id is not None else None,
             clean_end=is_sse,
             detach_seconds=self._detach if stream_id is not None else 0.0,
             describe=call.describe,
@@ -144,12 +145,12 @@ class RelayResponse(ResponseStage):
         call.end_reason = reason
         call.pipeline.end(call.request, call)
 
-    def _stamper(self, stream_id: str, request: Request) -> StreamTransform:
+    def _stamper(self, stream_id: str, request: Request, call: "Call") -> StreamTransform:
         """The SSE rewriter of a new stream, logging each event when resume is on."""
         if self._resume is None:
             rewriter = SseRewriter.for_stream(stream_id, carry_upstream=True, accelerate=self._accelerate)
         else:
-            self._resume.open(stream_id, stream_owner(request))
+            self._resume.open(stream_id, stream_owner(request, call))
             rewriter = SseRewriter.for_stream(
                 stream_id, carry_upstream=True, on_event=self._resume.appender(stream_id),
                 accelerate=self._accelerate,
@@ -176,11 +177,25 @@ def sse_head(request: Request, call: "Call", cors: Cors, response: Optional[IRes
     out.setRawHeaders(b"x-request-id", [call.id.encode("ascii")])
 
 
-def stream_owner(request: Request) -> str:
-    """Who may resume a stream: its tenant (public streams share the empty owner)."""
-    # The header contract guarantees a tenant outside public paths.
+def stream_owner(request: Request, call: "Call") -> str:
+    """
+    Who may resume a stream, as one opaque string the stream logs compare:
+    its tenant, its verified user (C{[auth]}; none without a token), its
+    route and its method.  A C{Last-Event-ID} sent by another user of the
+    tenant, or to another route or with another method, replays nothing.
+    """
+    # The header contract guarantees a tenant outside public paths; with a
+    # token, the auth stage has made X-Tenant-ID the token's.
     values = store(request.requestHeaders).get(_TENANT)
-    return values[0].decode("utf-8", "replace") if values else ""
+    identity = call.identity
+    route = call.route
+    # JSON: unambiguous whatever characters a tenant or user holds.
+    return json.dumps((
+        values[0].decode("utf-8", "replace") if values else "",
+        identity.user if identity is not None else None,
+        route.name if route is not None else None,
+        request.method.decode("latin-1"),
+    ), separators=(",", ":"))
 
 
 class _Counted:

@@ -35,8 +35,9 @@ class Resume(Stage):
 
     When the log cannot (expired, evicted, unknown, cut short) the request
     goes on upstream as a fresh one, with the upstream's own last id (which
-    the gateway id carries) or none; another tenant's stream id goes on with
-    no id at all.  Any other C{Last-Event-ID} goes upstream unchanged.
+    the gateway id carries) or none; another owner's stream id (another
+    tenant, another verified user, another route or method: L{stream_owner})
+    goes on with no id at all.  Any other C{Last-Event-ID} goes upstream unchanged.
 
     @param log: the stream log; None when C{[sse] resume = off}.
     """
@@ -61,13 +62,15 @@ class Resume(Stage):
         if log is None:
             _upstream_again(request, upstream_id)
             return GO_ON
-        finished = call.finished = Deferred(call.cancel)
+        finished = call.finished
+        if finished is None:  # (an earlier stage that waited, e.g. for JWKS keys, made one)
+            finished = call.finished = Deferred(call.cancel)
         replay = call.replay = Replay(
             request, self._clock, self._heartbeat,
             lambda: sse_head(request, call, self._cors, None),
         )
         replay.done.addCallback(self._replay_ended, call)
-        log.attach(stream_id, stream_owner(request), seq, replay).addCallback(
+        log.attach(stream_id, stream_owner(request, call), seq, replay).addCallback(
             self._attached, call, upstream_id
         )
         return finished
