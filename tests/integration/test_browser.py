@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,7 +74,7 @@ PAGE = """<!doctype html>
 "use strict";
 const received = [];
 let opens = 0, errors = 0, posted = false;
-const es = new EventSource("/api/aura/stream?count=%(count)d&interval=0.1&tenant_id=t1");
+const es = new EventSource("/api/aura/stream?count=%(count)d&interval=0.1%(query)s");
 function report(reason) {
   if (posted) return;
   posted = true;
@@ -98,7 +99,7 @@ setTimeout(() => report("watchdog"), 15000);
 """
 
 
-def gateway_config(listen: int, admin: int, upstream: int, site: int) -> str:
+def gateway_config(listen: int, admin: int, upstream: int, site: int, auth: str = "") -> str:
     return twistd_ini(
         listen, admin, upstream,
         headers="public_paths = /page/**\ntenant_from = header, query:tenant_id\n",
@@ -106,18 +107,27 @@ def gateway_config(listen: int, admin: int, upstream: int, site: int) -> str:
             f"[route:page]\npath = /page/**\nupstream = http://127.0.0.1:{site}\n\n"
             "[history]\nenabled = false\n\n"
             "[sse]\ninject_ids = true\nresume = memory\nresume_ttl = 30\n"
-            "on_client_disconnect = detach\n"
+            f"on_client_disconnect = detach\n\n{auth}"
         ),
     )
 
 
 class _Page(Resource):
+    """The page; with C{cookie}, it also sets that cookie (a login flow would)."""
+
     isLeaf = True
+
+    def __init__(self, query: str = "&tenant_id=t1", cookie: Optional[bytes] = None) -> None:
+        super().__init__()
+        self._query = query
+        self._cookie = cookie
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return (PAGE % {"count": COUNT}).encode("utf-8")
+        if self._cookie is not None:
+            request.setHeader(b"set-cookie", self._cookie)
+        return (PAGE % {"count": COUNT, "query": self._query}).encode("utf-8")
 
 
 class _Collector(Resource):
@@ -300,24 +310,62 @@ class BrowserResumeTests(TestCase):
         one gateway stream; the forwarder saw two stream requests, the second
         carrying Last-Event-ID; the upstream was asked for the stream once.
         """
+        await self.resume_in_browser(_Page())
+
+    async def test_eventSourceWithTokenCookie(self) -> None:
+        """
+        With [auth] jwt = required and token_from = header, cookie:dwp_token,
+        a browser EventSource (which cannot send Authorization) is let in by
+        the HttpOnly cookie its page set, tenant and user from the token, and
+        after the cut its reconnection (the same cookie, the same user) is
+        answered from the stream log: every event once, the upstream asked
+        once.
+        """
+        import jwt as pyjwt
+
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        secret = os.urandom(32).hex().encode("ascii")
+        (workdir / "hs256.key").write_bytes(secret)
+        token = pyjwt.encode(
+            {"sub": "user-1", "tenant_id": "t1", "exp": int(time.time()) + 600}, secret, algorithm="HS256"
+        )
+        auth = (
+            f"[auth]\njwt = required\nalgorithms = HS256\nhs256_secret_file = {workdir / 'hs256.key'}\n"
+            "token_from = header, cookie:dwp_token\n"
+        )
+        page = _Page(query="", cookie=f"dwp_token={token}; Path=/; HttpOnly; SameSite=Strict".encode("ascii"))
+        requests = await self.resume_in_browser(page, auth, workdir)
+        for request in requests:
+            self.assertIn(b"dwp_token=" + token.encode("ascii"), request.get(b"cookie", b""))
+            self.assertNotIn(b"authorization", request)
+
+    async def resume_in_browser(
+        self, page: _Page, auth: str = "", workdir: Optional[Path] = None
+    ) -> list[dict[bytes, bytes]]:
+        """
+        The browser resume scenario for C{page} (and C{auth}, an [auth]
+        section); returns the stream requests the forwarder saw.
+        """
         chromium = find_chromium()
         if chromium is None:
             raise SkipTest("chromium is not installed (apt-get install chromium; ./dev test does)")
-        workdir = Path(self.mktemp()).resolve()
-        workdir.mkdir(parents=True)
+        if workdir is None:
+            workdir = Path(self.mktemp()).resolve()
+            workdir.mkdir(parents=True)
 
         root = Resource()
         page_dir = Resource()
         root.putChild(b"page", page_dir)
         collector = _Collector()
-        page_dir.putChild(b"index.html", _Page())
+        page_dir.putChild(b"index.html", page)
         page_dir.putChild(b"collect", collector)
         site_port, _ = start_site(self, root)
 
         upstream = start_fastapi_upstream(self)
         gw_listen, gw_admin = free_port(), free_port()
         config = workdir / "gateway.ini"
-        config.write_text(gateway_config(gw_listen, gw_admin, upstream, site_port))
+        config.write_text(gateway_config(gw_listen, gw_admin, upstream, site_port, auth))
         start_process(
             self,
             [TWISTD, "-n", "--pidfile=", "aura-proxy", "--config", str(config)],
@@ -377,3 +425,4 @@ class BrowserResumeTests(TestCase):
         self.assertEqual(report["opens"], 2, report)
         info = get_json(f"http://127.0.0.1:{upstream}/api/aura/_active")
         self.assertEqual(info["started"].get("stream"), 1)
+        return requests
