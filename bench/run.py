@@ -38,6 +38,8 @@ OUT = BENCH / "out"
 TWISTD = ROOT / ".venv" / "bin" / "twistd"
 PYSPY = ROOT / ".venv" / "bin" / "py-spy"
 TENANT_HEADER = "X-Tenant-ID: bench"
+#: More headers every request of the load sends (--jwt adds Authorization).
+EXTRA_HEADERS: list[str] = []
 PROXY_CORE = "0"
 TOOLS_CORE = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -166,7 +168,8 @@ def wait_port(port: int, proc: subprocess.Popen, name: str, log: Path, timeout: 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """A minimal HTTP/1.1 GET (Connection: close) returning status and the raw rest."""
-    req = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{TENANT_HEADER}\r\n"
+    extra = "".join(f"{h}\r\n" for h in EXTRA_HEADERS)
+    req = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{TENANT_HEADER}\r\n{extra}"
            "Accept: */*\r\nConnection: close\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(req)
@@ -450,10 +453,12 @@ def run_load(sc: Scenario, proxy: Proxy, tmp: Path, profile_out: Optional[Path])
     if sc.kind == "sse":
         cmd = ["taskset", "-c", TOOLS_CORE, str(BIN / "sseload"), "-c", str(sc.conns), "-d", str(sc.duration),
                "-w", str(sc.warmup), "-r", str(sc.ramp_per_ms), "-H", TENANT_HEADER,
+               *(arg for h in EXTRA_HEADERS for arg in ("-H", h)),
                "127.0.0.1", str(proxy.port), sc.path]
     else:
         cmd = ["taskset", "-c", TOOLS_CORE, "wrk", "-t1", f"-c{sc.conns}", f"-d{int(sc.duration)}s", "--latency",
-               "-H", TENANT_HEADER, f"http://127.0.0.1:{proxy.port}{sc.path}"]
+               "-H", TENANT_HEADER, *(arg for h in EXTRA_HEADERS for arg in ("-H", h)),
+               f"http://127.0.0.1:{proxy.port}{sc.path}"]
     sampler = RssSampler(pid)
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     sampler.start()
@@ -612,6 +617,23 @@ def profile_report(raw: Path, top: int = 15) -> str:
     return "\n".join(out) + "\n"
 
 
+def use_jwt(tmp: Path) -> None:
+    """[auth] jwt = required with a new RS256 key pair; the load sends a valid token."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp / "jwt-public.pem"
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    token = jwt.encode({"sub": "bench-user", "tenant_id": "bench", "exp": int(time.time()) + 3600},
+                       key, algorithm="RS256")
+    Aura.overrides += [("auth", "jwt", "required"), ("auth", "algorithms", "RS256"),
+                       ("auth", "public_key_file", str(public))]
+    EXTRA_HEADERS.append(f"Authorization: Bearer {token}")
+
+
 def main() -> int:
     global PROXY_CORE, TOOLS_CORE
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
@@ -630,6 +652,9 @@ def main() -> int:
     ap.add_argument("--aura-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a key of the generated aura-proxy ini, e.g. sse.resume=off "
                          "(repeatable; recorded in the report)")
+    ap.add_argument("--jwt", action="store_true",
+                    help="aura-proxy with [auth] jwt = required (RS256, a key pair made for the run); "
+                         "every request of the load (both proxies) sends the token as Authorization")
     args = ap.parse_args()
     m = re.fullmatch(r"([0-9,-]+):([0-9,-]+)", args.cpus)
     if not m:
@@ -658,6 +683,8 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = Path(tempfile.mkdtemp(prefix="aura-bench-"))
+    if args.jwt:
+        use_jwt(tmp)
     keep_tmp = False
     cmdline = os.environ.get("BENCH_CMDLINE") or "bench/run.py " + " ".join(sys.argv[1:])
     nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
