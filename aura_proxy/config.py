@@ -409,16 +409,30 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _tenant_sources(text: str) -> tuple[str, ...]:
-    sources = _list(text)
-    if not sources:
-        raise _Invalid("expected at least one source")
-    for source in sources:
-        kind, _, name = source.partition(":")
-        if source == "header" or (kind in ("query", "cookie") and name):
-            continue
-        raise _Invalid(f"expected header, query:NAME or cookie:NAME, got {source!r}")
-    return sources
+def _sources(kinds: tuple[str, ...], refused: Optional[dict[str, str]] = None) -> Callable[[str], tuple[str, ...]]:
+    """
+    A parser of a list of sources: C{header}, or C{KIND:NAME} for each of
+    C{kinds}; C{refused} maps a kind to the reason it is never one.
+    """
+    expected = " or ".join(["header", *(f"{kind}:NAME" for kind in kinds)])
+
+    def parse(text: str) -> tuple[str, ...]:
+        sources = _list(text)
+        if not sources:
+            raise _Invalid(f"expected at least one of {expected}")
+        for source in sources:
+            kind, _, name = source.partition(":")
+            if source == "header" or (kind in kinds and name):
+                continue
+            if refused and kind in refused:
+                raise _Invalid(refused[kind])
+            raise _Invalid(f"expected {expected}, got {source!r}")
+        return sources
+
+    return parse
+
+
+_tenant_sources = _sources(("query", "cookie"))
 
 
 def _history_dsn(text: str) -> str:
@@ -457,21 +471,10 @@ def _jwt_algorithms(text: str) -> tuple[str, ...]:
     return algorithms
 
 
-def _token_sources(text: str) -> tuple[str, ...]:
-    sources = _list(text)
-    if not sources:
-        raise _Invalid("expected header and/or cookie:NAME")
-    for source in sources:
-        kind, _, name = source.partition(":")
-        if source == "header" or (kind == "cookie" and name):
-            continue
-        if kind == "query":
-            raise _Invalid(
-                "a token is never taken from a query parameter (URLs end up in logs, "
-                "history and browser history); use header or cookie:NAME"
-            )
-        raise _Invalid(f"expected header or cookie:NAME, got {source!r}")
-    return sources
+_token_sources = _sources(("cookie",), {
+    "query": "a token is never taken from a query parameter (URLs end up in logs, "
+    "history and browser history); use header or cookie:NAME",
+})
 
 
 def _claim(text: str) -> str:
