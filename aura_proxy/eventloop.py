@@ -8,7 +8,7 @@ large share of the gateway's CPU per event.  L{use_lean_poll} replaces the
 reactor's poll step with the same loop without the wrapper; an exception
 escaping a read or write is still logged, as Twisted would.  The commonest
 case, a socket that is only readable, is handled in the loop itself, as
-Twisted's C{_doReadOrWrite} would handle it, saving a call per read.
+Twisted's own read-or-write dispatch would handle it, saving a call per read.
 
 It also sends what plain TCP connections were given to write at the end of
 the loop turn (L{defer_writes}), where Twisted registers the socket for
@@ -110,7 +110,7 @@ def use_lean_poll(reactor: Any) -> bool:
                 if event != EPOLLIN:
                     do_read_or_write(selectable, fd, event)
                     continue
-                # _doReadOrWrite's steps for a readable socket.
+                # Twisted's read-or-write dispatch, for a readable socket.
                 why: Any
                 try:
                     if selectable.fileno() == -1:
