@@ -369,13 +369,19 @@ def _patterns(text: str) -> tuple[PathPattern, ...]:
     return tuple(_pattern(item) for item in _list(text))
 
 
-def _upstream(text: str) -> DecodedURL:
+def _http_url_of(text: str) -> URL:
+    """C{text} as an http:// or https:// URL with a host."""
     try:
         url = URL.from_text(text)
     except Exception as e:
         raise _Invalid(f"{text!r} is not a URL ({e})")
     if url.scheme not in ("http", "https") or not url.host:
         raise _Invalid(f"expected an http:// or https:// URL with a host, got {text!r}")
+    return url
+
+
+def _upstream(text: str) -> DecodedURL:
+    url = _http_url_of(text)
     if url.query or url.fragment:
         raise _Invalid(f"an upstream URL takes no query or fragment, got {text!r}")
     return DecodedURL(url)
@@ -484,12 +490,7 @@ def _claim(text: str) -> str:
 
 
 def _http_url(text: str) -> str:
-    try:
-        url = URL.from_text(text)
-    except Exception as e:
-        raise _Invalid(f"{text!r} is not a URL ({e})")
-    if url.scheme not in ("http", "https") or not url.host:
-        raise _Invalid(f"expected an http:// or https:// URL with a host, got {text!r}")
+    _http_url_of(text)
     return text
 
 
