@@ -74,6 +74,79 @@ class _PyRelayCore:
     _last_read: float
     first_write_at: Optional[float]
     sent: int
+    # Metering (L{_meter}): what the client got, per read, never per event.
+    _metered: bool
+    _stall_open: bool
+    _event_source: Optional[object]
+    _seen_seq: int
+    _events_out: int
+    _first_event_at: float
+    _last_event_at: float
+    _stall_after: float
+    _gap_sum: float
+    _stalls: int
+    _gap_bounds: tuple[float, ...]
+    _gaps: list[int]
+
+    def _meter(self, bounds: tuple[float, ...], stall_after: float, event_source: Optional[object]) -> None:
+        """
+        Start metering this stream: gaps between the events the client gets
+        into buckets with the upper C{bounds} given (ascending; the last
+        bucket is +Inf), stalls (gaps over C{stall_after} seconds), events
+        counted by C{event_source.seq} (the SSE stamper's; None: each write
+        is one event).
+        """
+        if len(bounds) > 24:
+            raise ValueError("at most 24 gap bounds")
+        if any(b < 0 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError("gap bounds must be ascending and not negative")
+        self._gap_bounds = tuple(float(b) for b in bounds)
+        self._gaps = [0] * (len(bounds) + 1)
+        self._gap_sum = 0.0
+        self._stall_after = stall_after
+        self._stalls = 0
+        self._stall_open = False
+        self._events_out = 0
+        self._first_event_at = self._last_event_at = -1.0
+        self._seen_seq = event_source.seq if event_source is not None else 0  # type: ignore[attr-defined]
+        self._event_source = event_source
+        self._metered = True
+
+    def _gap_counts(self) -> tuple[int, ...]:
+        """The gap histogram's counts per bucket (not cumulative), the +Inf bucket last."""
+        return tuple(self._gaps)
+
+    def _meter_write(self, t: float) -> None:
+        """
+        After a write to the client at time C{t}: the events it delivered,
+        the gap before the first of them (the others of the same read had
+        none), and a stall when that gap is over C{stall_after} and the
+        timer has not counted this silence already.
+        """
+        k = 1
+        source = self._event_source
+        if source is not None:
+            seq: int = source.seq  # type: ignore[attr-defined]
+            k = seq - self._seen_seq
+            self._seen_seq = seq
+            if k <= 0:
+                return
+        if self._events_out == 0:
+            self._first_event_at = t
+        else:
+            gap = t - self._last_event_at
+            bounds = self._gap_bounds
+            i = 0
+            while i < len(bounds) and gap > bounds[i]:
+                i += 1
+            self._gaps[i] += 1
+            self._gap_sum += gap
+            if gap > self._stall_after and not self._stall_open:
+                self._stalls += 1
+        self._gaps[0] += k - 1
+        self._stall_open = False
+        self._last_event_at = t
+        self._events_out += k
 
     def dataReceived(self, data: bytes) -> None:
         """One upstream read: rewrite it, count it, write it to the client."""
@@ -97,6 +170,8 @@ class _PyRelayCore:
             writer.write(data)
         if self._beats:
             self._at_boundary = data.endswith(_BLOCK_ENDS)
+        if self._metered:
+            self._meter_write(self._last_read)
 
 
 if TYPE_CHECKING:
@@ -174,6 +249,14 @@ class Relay(_RelayCore, Protocol):
         #: Whether the upstream sent its whole body (even if the client left).
         self.upstream_complete = False
         self._stopped = False
+        #: Heartbeats written to the client.
+        self.heartbeats = 0
+        #: Called once when the client leaves and the stream detaches (the
+        #: upstream is still read, into the stream log); metrics end the
+        #: client's stream there.
+        self.on_detach: Optional[Callable[[], None]] = None
+        # Metering is off until _meter (aura_proxy.metrics) turns it on.
+        self._metered = False
 
     @property
     def events(self) -> Optional[int]:
@@ -261,6 +344,8 @@ class Relay(_RelayCore, Protocol):
             self._orphan_call = self._clock.callLater(
                 self._detach_seconds, self.stop, "client_disconnect"
             )
+            if self.on_detach is not None:
+                self.on_detach()
             return
         self.stop("client_disconnect")
 
@@ -286,6 +371,8 @@ class Relay(_RelayCore, Protocol):
         """
         self._timer = None
         now = self._clock.seconds()
+        if self._metered:
+            self.note_stall(now)
         silent = now - self._last_read
         if silent >= self._idle_timeout:
             log.info(
@@ -302,10 +389,24 @@ class Relay(_RelayCore, Protocol):
                 # Never inside an event the client has only part of.
                 if self._at_boundary and not self._client_gone:
                     self._request.write(HEARTBEAT)
+                    self.heartbeats += 1
                 self._last_beat = now
                 quiet = 0.0
             wait = min(wait, self._heartbeat_interval - quiet)
         self._timer = self._clock.callLater(wait, self._check_timers)
+
+    def note_stall(self, now: float) -> bool:
+        """
+        When metered: count the silence since the last event as a stall if
+        it is over C{stall_after} and not counted yet (the timer, the end of
+        the stream, a scrape); whether it is one.
+        """
+        if self._events_out > 0 and now - self._last_event_at > self._stall_after:
+            if not self._stall_open:
+                self._stall_open = True
+                self._stalls += 1
+            return True
+        return False
 
     def _cancel_timers(self) -> None:
         for call in (self._timer, self._orphan_call):

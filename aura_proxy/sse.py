@@ -512,6 +512,15 @@ class SseRewriter:
         return self._st.seq  # type: ignore[no-any-return]
 
     @property
+    def counter(self) -> object:
+        """
+        An object whose C{seq} attribute is L{seq}, read without a Python
+        call (the C stamper's, or the Python state's): what the relay reads
+        per read when it meters a stream (L{aura_proxy.metrics}).
+        """
+        return self._st  # type: ignore[no-any-return]
+
+    @property
     def upstream_id(self) -> Optional[str]:
         """The upstream's last event ID buffer so far, or None if it sent none."""
         up = self._st.upstream
