@@ -59,6 +59,10 @@ setup(
         # Redis Streams for the shared resume log: a Twisted-native client,
         # where a blocking one would stall the reactor.
         "txredisapi>=1.4.10",
+        # GET /metrics on the admin port ([metrics]): the Prometheus text
+        # format and its parser (the parent of workers > 1 sums its
+        # workers' figures), from the maintained client, not hand-written.
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": [
