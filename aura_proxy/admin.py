@@ -1,5 +1,6 @@
 """
-The admin site (C{admin_listen}): health for load balancers and operators.
+The admin site (C{admin_listen}): health for load balancers and operators,
+and the Prometheus figures (C{GET /metrics}, L{aura_proxy.metrics}).
 
 Kept off the client-facing port so that probes never need a tenant and the
 public can never see it.  Built here, and only here, for the single process
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from klein import Klein
 from twisted.application import strports
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -27,6 +29,8 @@ __all__ = ["Admin", "HealthReport", "admin_service", "admin_site", "gateway_heal
 #: What C{GET /healthz} answers: a JSON object whose C{status} is C{"ok"}
 #: while the process serves (anything else answers 503).
 HealthReport = Callable[[], dict[str, object]]
+#: What C{GET /metrics} answers: the Prometheus text, now or later.
+MetricsText = Callable[[], "Deferred[bytes]"]
 
 
 class Admin:
@@ -34,8 +38,9 @@ class Admin:
 
     app = Klein()
 
-    def __init__(self, report: HealthReport) -> None:
+    def __init__(self, report: HealthReport, metrics: Optional[MetricsText] = None) -> None:
         self._report = report
+        self._metrics = metrics
 
     def resource(self) -> IResource:
         """The admin site's root resource."""
@@ -51,6 +56,17 @@ class Admin:
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode("utf-8")
 
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: Request) -> "bytes | Deferred[bytes]":
+        """The Prometheus figures (prometheus_client's text format); 404 when C{[metrics]} is off."""
+        if self._metrics is None:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"error":{"status":404,"code":"not_found","message":"[metrics] enabled = false"}}'
+        from aura_proxy.metrics import metrics_resource_answer
+
+        return self._metrics().addCallback(lambda body: metrics_resource_answer(request, body))
+
 
 def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = None) -> HealthReport:
     """The health report of a gateway process: open streams, and call history's state."""
@@ -64,14 +80,16 @@ def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = Non
     return report
 
 
-def admin_site(report: HealthReport, reactor: Any) -> Site:
-    """The admin site serving C{report} at C{/healthz}, without an access log."""
-    site = Site(Admin(report).resource(), reactor=reactor)
+def admin_site(report: HealthReport, reactor: Any, metrics: Optional[MetricsText] = None) -> Site:
+    """The admin site serving C{report} at C{/healthz} (and C{metrics} at C{/metrics}), without an access log."""
+    site = Site(Admin(report, metrics).resource(), reactor=reactor)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
     return site
 
 
-def admin_service(listen: str, report: HealthReport, reactor: Any) -> IService:
+def admin_service(
+    listen: str, report: HealthReport, reactor: Any, metrics: Optional[MetricsText] = None
+) -> IService:
     """The admin site listening on C{listen} (an endpoint description) while running."""
-    return strports.service(listen, admin_site(report, reactor), reactor=reactor)
+    return strports.service(listen, admin_site(report, reactor, metrics), reactor=reactor)

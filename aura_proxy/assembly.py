@@ -24,12 +24,13 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Optional, Protocol
 
+from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from aura_proxy.admin import admin_service, gateway_health
+from aura_proxy.admin import MetricsText, admin_service, gateway_health
 from aura_proxy.config import (
     DEFAULT_CONFIG_NAME,
     Config,
@@ -39,6 +40,7 @@ from aura_proxy.config import (
     parse_config,
 )
 from aura_proxy.history import HistoryService, make_history
+from aura_proxy.metrics import GatewayMetrics, exposition
 from aura_proxy.process import ProcessTuning
 from aura_proxy.proxy import Gateway
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
@@ -173,6 +175,7 @@ def gateway_service(
     site_factory: SiteFactory = GatewaySite,
     admin: bool = True,
     tuning: bool = True,
+    metrics_listen: Optional[str] = None,
 ) -> GatewayService:
     """
     One process serving the gateway.
@@ -191,12 +194,23 @@ def gateway_service(
         their parent does).
     @param tuning: whether starting the tree tunes the process
         (L{aura_proxy.process}); off only for tests run inside trial's process.
+    @param metrics_listen: where a worker serves its own C{/metrics} for its
+        parent to sum (a private C{unix:} endpoint); None: nowhere but the
+        admin site.
     """
     g = config.gateway
     history = make_history(config.history, reactor)
     client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
     resume = make_resume_log(config.sse, reactor, g.fast_path)
-    gateway = Gateway(config, reactor, client, history, resume)
+    metrics = None
+    if config.metrics.enabled:
+        # One registry per process (never prometheus_client's global one).
+        metrics = GatewayMetrics(
+            reactor, CollectorRegistry(auto_describe=False), config.metrics.stall_after,
+            worker="main" if admin else None, fast_path=g.fast_path,
+        )
+        metrics.history, metrics.resume, metrics.client = history, resume, client
+    gateway = Gateway(config, reactor, client, history, resume, metrics)
     site = site_factory(gateway, reactor=reactor)
     top = GatewayService(gateway, site, client, history, resume)
     if tuning:
@@ -210,9 +224,21 @@ def gateway_service(
         strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
     else:
         listener(site).setServiceParent(top)
+    text = _metrics_text(metrics)
     if admin:
-        admin_service(g.admin_listen, gateway_health(gateway, history), reactor).setServiceParent(top)
+        admin_service(g.admin_listen, gateway_health(gateway, history), reactor, text).setServiceParent(top)
+    if metrics_listen is not None and text is not None:
+        # The worker's own figures, for its parent only (no health, no log).
+        admin_service(metrics_listen, lambda: {"status": "ok"}, reactor, text).setServiceParent(top)
     return top
+
+
+def _metrics_text(metrics: Optional[GatewayMetrics]) -> Optional[MetricsText]:
+    """What C{/metrics} answers for C{metrics}: its registry's text; None when off."""
+    if metrics is None:
+        return None
+    registry = metrics.registry
+    return lambda: succeed(exposition(registry))
 
 
 def supervisor_service(
@@ -230,7 +256,8 @@ def supervisor_service(
     workers.setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
-    admin_service(config.gateway.admin_listen, workers.health, reactor).setServiceParent(top)
+    text = workers.metrics if config.metrics.enabled else None
+    admin_service(config.gateway.admin_listen, workers.health, reactor, text).setServiceParent(top)
     return top
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "HeadersConfig",
     "HistoryConfig",
     "IDENTITY_HEADERS",
+    "MetricsConfig",
     "Network",
     "RouteConfig",
     "SseConfig",
@@ -180,6 +181,14 @@ class SseConfig:
     on_client_disconnect: str = "detach"
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The C{[metrics]} section: Prometheus figures on the admin port (docs/operations.md)."""
+
+    enabled: bool = True
+    stall_after: float = 15.0
+
+
 #: The JWT algorithms C{[auth] algorithms} may name (C{none} never is).
 JWT_ALGORITHMS = ("RS256", "ES256", "HS256")
 
@@ -239,6 +248,7 @@ class Config:
     sse: SseConfig = field(default_factory=SseConfig)
     upstream_trust: UpstreamTrustConfig = field(default_factory=UpstreamTrustConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # -- value parsers -----------------------------------------------------------
@@ -575,6 +585,11 @@ _AUTH: _Schema = {
     "token_from": _token_sources,
 }
 
+_METRICS: _Schema = {
+    "enabled": _boolean,
+    "stall_after": _positive_seconds,
+}
+
 _SECTIONS = {
     "gateway": _GATEWAY,
     "headers": _HEADERS,
@@ -583,6 +598,7 @@ _SECTIONS = {
     "sse": _SSE,
     "upstream_trust": _UPSTREAM_TRUST,
     "auth": _AUTH,
+    "metrics": _METRICS,
 }
 
 
@@ -647,7 +663,7 @@ def parse_config(text: str, source: str) -> Config:
             reader.problem(
                 name, None,
                 "unknown section (known: gateway, route:NAME, headers, cors, history, sse, "
-                "upstream_trust, auth)",
+                "upstream_trust, auth, metrics)",
             )
 
     gateway = _make(GatewayConfig, reader.section("gateway", _GATEWAY))
@@ -680,6 +696,7 @@ def parse_config(text: str, source: str) -> Config:
     sse = _make(SseConfig, reader.section("sse", _SSE))
     upstream_trust = _upstream_trust(reader)
     auth = _auth(reader, _make(AuthConfig, reader.section("auth", _AUTH)))
+    metrics = _make(MetricsConfig, reader.section("metrics", _METRICS))
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
@@ -737,6 +754,7 @@ def parse_config(text: str, source: str) -> Config:
         sse=sse,
         upstream_trust=upstream_trust,
         auth=auth,
+        metrics=metrics,
     )
 
 

@@ -33,6 +33,7 @@ from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
+from aura_proxy.metrics import MeasureCalls
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
 from aura_proxy.stages.auth import Authenticate
@@ -52,6 +53,7 @@ from aura_proxy.upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from aura_proxy.history import HistoryService
+    from aura_proxy.metrics import GatewayMetrics
 
 __all__ = ["Gateway", "Pipeline", "Services", "build_pipeline"]
 
@@ -59,6 +61,8 @@ __all__ = ["Gateway", "Pipeline", "Services", "build_pipeline"]
 def build_pipeline(config: Config, services: Services) -> "Pipeline":
     """The request path for C{config}: every stage, in the order a request meets it."""
     clock = services.clock
+    # [metrics] enabled = false: no stage gets it, nothing is counted.
+    metrics = services.metrics if config.metrics.enabled else None
     return Pipeline(
         config,
         clock,
@@ -71,13 +75,13 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
             Authenticate(config, clock),  # [auth] JWT: identity from the token, or 401/403
             RequiredHeaders(config.headers),  # the header contract, or 400 missing_header
             # (rate limits go here: one class, one line)
-            Resume(config, clock, services.resume),  # our Last-Event-ID: replayed from the log
-            Forward(config, clock, services.client),  # upstream, within response_timeout: 502/504
+            Resume(config, clock, services.resume, metrics),  # our Last-Event-ID: replayed from the log
+            Forward(config, clock, services.client, metrics),  # upstream, within response_timeout: 502/504
         ],
-        response=RelayResponse(config, clock, services.resume, services.streams),  # SSE, ids
+        response=RelayResponse(config, clock, services.resume, services.streams, metrics),  # SSE, ids
         ended=[
             Record(config.headers, clock, services.history),  # one history row per call
-        ],
+        ] + ([MeasureCalls(metrics)] if metrics is not None else []),  # [metrics]: per call, not per event
     )
 
 
@@ -91,6 +95,8 @@ class Services:
     @ivar history: call history, or None when it is off.
     @ivar resume: the stream log, or None when C{[sse] resume = off}.
     @ivar streams: the responses being relayed, for shutdown.
+    @ivar metrics: the process's figures (L{aura_proxy.metrics}), or None
+        when C{[metrics] enabled = false}.
     """
 
     clock: IReactorTime
@@ -98,6 +104,7 @@ class Services:
     history: Optional["HistoryService"]
     resume: Optional[ResumeLog]
     streams: OpenStreams
+    metrics: Optional["GatewayMetrics"] = None
 
 
 class Pipeline:
@@ -214,9 +221,12 @@ class Gateway:
         client: UpstreamClient,
         history: Optional["HistoryService"] = None,
         resume: Optional[ResumeLog] = None,
+        metrics: Optional["GatewayMetrics"] = None,
     ) -> None:
+        """@param metrics: the process's figures; None: none are kept."""
         self.streams = OpenStreams(reactor)
-        self._services = Services(reactor, client, history, resume, self.streams)
+        self.metrics = metrics
+        self._services = Services(reactor, client, history, resume, self.streams, metrics)
         self.pipeline = build_pipeline(config, self._services)
 
     @property

@@ -15,6 +15,10 @@ I{parent}):
     that cannot start does not spin);
   - reports every worker in its health report (L{WorkerSupervisor.health}),
     which the parent's admin site serves at C{GET /healthz};
+  - with C{[metrics]} on, gives each worker a Unix socket in a directory
+    only this user may enter (made at start, removed at stop), where the
+    worker serves its own figures; the parent's C{GET /metrics} scrapes the
+    running workers and sums them (L{WorkerSupervisor.metrics});
   - on shutdown (SIGTERM/SIGINT to twistd) sends SIGTERM to every worker and
     waits for them to end (each ends its open streams and flushes its history
     like a single-process gateway), then SIGKILLs whatever is left after
@@ -26,6 +30,7 @@ The worker process itself is L{aura_proxy.worker}.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from dataclasses import dataclass
@@ -34,10 +39,14 @@ from typing import Any, Optional
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, readBody
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from aura_proxy.config import Config
 from aura_proxy.twisted_internals import tcp_endpoint_address
@@ -54,6 +63,8 @@ __all__ = [
 
 log = Logger("aura_proxy.workers")
 
+#: Seconds the parent waits for one worker's figures before counting it down.
+METRICS_SCRAPE_TIMEOUT = 5.0
 #: Seconds the parent waits for its workers after SIGTERM before SIGKILL.
 DEFAULT_STOP_TIMEOUT = 30.0
 #: Seconds before the first restart of a worker that died.
@@ -211,6 +222,35 @@ class WorkerSupervisor(Service):
         self._executable = executable
         self._socket: Optional[socket.socket] = None
         self._stopping = False
+        # Where the workers serve their figures (made at start): None when [metrics] is off.
+        self._metrics_dir: Optional[str] = None
+
+    def metrics_socket(self, worker: WorkerState) -> Optional[str]:
+        """The Unix socket where C{worker} serves its figures, or None when C{[metrics]} is off."""
+        if self._metrics_dir is None:
+            return None
+        return os.path.join(self._metrics_dir, f"worker-{worker.index}.sock")
+
+    def metrics(self) -> "Deferred[bytes]":
+        """
+        The parent's C{GET /metrics}: every running worker's figures, summed,
+        and C{aura_proxy_up{worker}} per slot (L{aura_proxy.metrics.WorkersMetrics}).
+        """
+        from aura_proxy.metrics import WorkersMetrics
+
+        def scrape(index: int) -> "Deferred[Optional[str]]":
+            path = self.metrics_socket(self.workers[index - 1])
+            if path is None:
+                return succeed(None)
+            agent = Agent.usingEndpointFactory(self._reactor, _UnixSocket(self._reactor, path))
+            d = agent.request(b"GET", b"http://worker/metrics")
+            d.addCallback(lambda response: readBody(response) if response.code == 200 else None)
+            d.addTimeout(METRICS_SCRAPE_TIMEOUT, self._reactor)
+            return d.addCallback(lambda body: body.decode("utf-8") if body is not None else None)
+
+        return WorkersMetrics(
+            lambda: [(w.index, w.alive) for w in self.workers], scrape, self.config.gateway.fast_path
+        ).render()
 
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
@@ -233,6 +273,10 @@ class WorkerSupervisor(Service):
         self._bind()
         super().startService()
         self._stopping = False
+        if self.config.metrics.enabled and self._metrics_dir is None:
+            from aura_proxy.metrics import private_socket_dir
+
+            self._metrics_dir = private_socket_dir()
         assert self._socket is not None
         host, port = self._socket.getsockname()[:2]
         log.info(
@@ -254,6 +298,9 @@ class WorkerSupervisor(Service):
             sock, self._socket = self._socket, None
             if sock is not None:
                 sock.close()
+            directory, self._metrics_dir = self._metrics_dir, None
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
         return self._drain().addCallback(close)
 
@@ -261,7 +308,7 @@ class WorkerSupervisor(Service):
 
     def worker_argv(self, worker: WorkerState) -> list[str]:
         """The command line of C{worker}'s process."""
-        return [
+        argv = [
             self._executable, "-m", "aura_proxy.worker",
             "--index", str(worker.index),
             "--listen-fd", str(LISTEN_FD),
@@ -269,6 +316,10 @@ class WorkerSupervisor(Service):
             "--source", self.config.source,
             "--watch-parent",
         ]
+        path = self.metrics_socket(worker)
+        if path is not None:
+            argv += ["--metrics-socket", path]
+        return argv
 
     def _spawn(self, worker: WorkerState) -> None:
         assert self._socket is not None
@@ -368,6 +419,18 @@ class WorkerSupervisor(Service):
         except Exception:
             # Already gone: processEnded is on its way.
             pass
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixSocket:
+    """Every URL an agent asks for, over one Unix socket (a worker's figures)."""
+
+    def __init__(self, reactor: Any, path: str) -> None:
+        self._reactor = reactor
+        self._path = path
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return UNIXClientEndpoint(self._reactor, self._path, timeout=METRICS_SCRAPE_TIMEOUT)
 
 
 # -- the worker ----------------------------------------------------------------

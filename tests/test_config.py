@@ -155,6 +155,17 @@ class ProblemTests(TestCase):
         [found] = problems(MINIMAL + "[headers]\nmax_identity_length = 0\n")
         self.assertIn("gw.ini: [headers] max_identity_length:", found)
 
+    def test_metrics_section(self) -> None:
+        """[metrics]: enabled (default true) and stall_after (seconds > 0, default 15); mistakes name the key."""
+        metrics = parse_config(MINIMAL, "gw.ini").metrics
+        self.assertEqual((metrics.enabled, metrics.stall_after), (True, 15.0))
+        metrics = parse_config(MINIMAL + "[metrics]\nenabled = off\nstall_after = 2.5\n", "gw.ini").metrics
+        self.assertEqual((metrics.enabled, metrics.stall_after), (False, 2.5))
+        [found] = problems(MINIMAL + "[metrics]\nstall_after = 0\n")
+        self.assertIn("gw.ini: [metrics] stall_after:", found)
+        [found] = problems(MINIMAL + "[metrics]\nenable = true\n")
+        self.assertIn("gw.ini: [metrics] enable: unknown key", found)
+
     def test_unknown_section(self) -> None:
         """A misspelt section is an error, not silently ignored."""
         found = problems(MINIMAL + "[cros]\nallowed_origins = *\n")

@@ -258,6 +258,10 @@ class MemoryResumeLog:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def stats(self) -> tuple[str, int, int]:
+        """For metrics, at scrape time: C{("memory", streams kept, event bytes kept)}."""
+        return "memory", len(self._streams), sum(stream.size for stream in self._streams.values())
+
     def open(self, stream_id: str, owner: str) -> None:
         self._streams[stream_id] = self._stream(owner, self._max_events, self._max_bytes)
 

@@ -55,6 +55,8 @@ class Replay:
         self._last_write = clock.seconds()
         self.done: Deferred[str] = Deferred()
         self.events = 0
+        #: Heartbeats written.
+        self.heartbeats = 0
         self.first_write_at: Optional[float] = None
 
     def attached(self, attachment: Attachment) -> None:
@@ -108,6 +110,7 @@ class Replay:
         silent = self._clock.seconds() - self._last_write
         if silent >= self._heartbeat_interval:
             self._request.write(HEARTBEAT)
+            self.heartbeats += 1
             self._last_write = self._clock.seconds()
             silent = 0.0
         self._beat = self._clock.callLater(self._heartbeat_interval - silent, self._check_beat)

@@ -17,7 +17,7 @@ from twisted.web.server import Request
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors, copy_end_to_end, dropping
 from aura_proxy.header_store import canonical, store
-from aura_proxy.relay import PyRelay, Relay, StreamTransform
+from aura_proxy.relay import PyRelay, Relay
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.sse import SseRewriter, make_stream_id
 from aura_proxy.site import client_left
@@ -26,6 +26,7 @@ from aura_proxy.streams import OpenStreams
 
 if TYPE_CHECKING:
     from aura_proxy.call import Call
+    from aura_proxy.metrics import GatewayMetrics
 
 __all__ = ["RelayResponse", "sse_head", "stream_owner"]
 
@@ -56,11 +57,19 @@ class RelayResponse(ResponseStage):
         replay; None when C{[sse] resume = off}.
     @param streams: where each relay is registered while it runs (for
         C{active_streams} and shutdown).
+    @param metrics: told when an SSE stream starts (its relay then meters
+        it) and ends; None: no figures.
     """
 
     def __init__(
-        self, config: Config, clock: IReactorTime, resume: Optional[ResumeLog], streams: OpenStreams
+        self,
+        config: Config,
+        clock: IReactorTime,
+        resume: Optional[ResumeLog],
+        streams: OpenStreams,
+        metrics: Optional["GatewayMetrics"] = None,
     ) -> None:
+        self._metrics = metrics
         self._clock = clock
         self._cors = Cors(config.cors)
         self._streams = streams
@@ -115,17 +124,20 @@ class RelayResponse(ResponseStage):
     ) -> None:
         """The body as it arrives: the one place a L{Relay} is made, started and waited for."""
         is_sse = call.is_sse
+        transform = self._stamper(stream_id, request, call) if stream_id is not None else None
         relay = call.relay = self._relay_class(
             request,
             self._clock,
             idle_timeout=self._idle_timeout,
             heartbeat_interval=self._heartbeat if is_sse else 0.0,
-            transform=self._stamper(stream_id, request, call) if stream_id is not None else None,
+            transform=transform,
             clean_end=is_sse,
             detach_seconds=self._detach if stream_id is not None else 0.0,
             describe=call.describe,
         )
         self._streams.add(relay)
+        if is_sse and self._metrics is not None:
+            self._metrics.stream_started(call, relay, transform.counter if transform is not None else None)
         if is_sse or response.length != 0:
             # Headers go out now, before the first event (a client must see
             # the stream open even when the agent is slow to speak).
@@ -137,6 +149,8 @@ class RelayResponse(ResponseStage):
         relay = call.relay
         assert relay is not None
         self._streams.discard(relay)
+        if self._metrics is not None:
+            self._metrics.stream_ended(relay, reason)
         if stream_id is not None and self._resume is not None:
             if relay.upstream_complete:
                 self._resume.close(stream_id)
@@ -145,7 +159,7 @@ class RelayResponse(ResponseStage):
         call.end_reason = reason
         call.pipeline.end(call.request, call)
 
-    def _stamper(self, stream_id: str, request: Request, call: "Call") -> StreamTransform:
+    def _stamper(self, stream_id: str, request: Request, call: "Call") -> "_Counted":
         """The SSE rewriter of a new stream, logging each event when resume is on."""
         if self._resume is None:
             rewriter = SseRewriter.for_stream(stream_id, carry_upstream=True, accelerate=self._accelerate)
@@ -211,3 +225,8 @@ class _Counted:
     @property
     def count(self) -> int:
         return self._rewriter.seq
+
+    @property
+    def counter(self) -> object:
+        """What the relay's metering reads C{seq} from (L{SseRewriter.counter})."""
+        return self._rewriter.counter

@@ -23,6 +23,7 @@ from aura_proxy.stages.relaying import sse_head, stream_owner
 
 if TYPE_CHECKING:
     from aura_proxy.call import Call
+    from aura_proxy.metrics import GatewayMetrics
 
 __all__ = ["Resume"]
 
@@ -40,9 +41,17 @@ class Resume(Stage):
     goes on with no id at all.  Any other C{Last-Event-ID} goes upstream unchanged.
 
     @param log: the stream log; None when C{[sse] resume = off}.
+    @param metrics: told when a replay starts and ends; None: no figures.
     """
 
-    def __init__(self, config: Config, clock: IReactorTime, log: Optional[ResumeLog]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        log: Optional[ResumeLog],
+        metrics: Optional["GatewayMetrics"] = None,
+    ) -> None:
+        self._metrics = metrics
         self._clock = clock
         self._cors = Cors(config.cors)
         self._heartbeat = config.gateway.heartbeat_interval
@@ -87,6 +96,8 @@ class Resume(Stage):
                 attachment.detach()
             return
         if attachment is not None and attachment is not FOREIGN:
+            if self._metrics is not None:
+                self._metrics.replay_started(call, replay)
             replay.attached(attachment)
             return
         # Not replayable: upstream after all, through the stages after this one.
@@ -97,6 +108,8 @@ class Resume(Stage):
         call.pipeline.go_on(call.request, call, after=self)
 
     def _replay_ended(self, reason: str, call: "Call") -> None:
+        if self._metrics is not None and call.replay is not None:
+            self._metrics.replay_ended(call.replay, reason)
         call.status = 200
         call.end_reason = reason
         call.pipeline.end(call.request, call)
