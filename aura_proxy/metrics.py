@@ -234,6 +234,7 @@ class GatewayMetrics:
         stream = self._relays.pop(relay, None)
         if stream is None:
             return
+        relay.on_detach = None
         route = stream.route
         now = self._seconds()
         relay.note_stall(now)
