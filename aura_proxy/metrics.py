@@ -59,7 +59,6 @@ __all__ = [
     "END_REASONS",
     "GAP_BUCKETS",
     "GatewayMetrics",
-    "MeasureCalls",
     "UPSTREAM_ERROR_KINDS",
     "WorkersMetrics",
     "exposition",
@@ -140,9 +139,10 @@ def route_name(call: "Call") -> str:
     return route.name if route is not None else "-"
 
 
-class GatewayMetrics:
+class GatewayMetrics(EndStage):
     """
-    The figures of one gateway process, and the collector that exposes them.
+    The figures of one gateway process, and the collector that exposes them;
+    also the pipeline's end stage that counts every call (L{ended}).
 
     @param registry: where the figures are registered (one per process).
     @param stall_after: a gap between events longer than this is a stall.
@@ -168,7 +168,8 @@ class GatewayMetrics:
         self.resume: Any = None
         self.client: Optional["UpstreamClient"] = None
         # Folded totals: what ended streams and calls left.
-        self._requests: dict[tuple[str, str, str], float] = {}
+        # (route, method bytes, status // 100): calls.
+        self._requests: dict[tuple[str, bytes, int], float] = {}
         self._request_seconds: dict[str, _Histogram] = {}
         self._streams_total: dict[str, float] = {}
         self._first_event: dict[str, _Histogram] = {}
@@ -190,22 +191,32 @@ class GatewayMetrics:
 
     # -- what the request path reports ------------------------------------------
 
-    def call_ended(self, call: "Call") -> None:
-        """Every call, when it ends: its status class; a plain call's duration."""
-        route = route_name(call)
-        method = call.request.method
-        status = _STATUS_CLASSES.get(call.status // 100, "none")
-        key = (route, method.decode("ascii") if method in _METHODS else "other", status)
-        self._requests[key] = self._requests.get(key, 0) + 1
+    def ended(self, request: Request, call: "Call") -> None:
+        """
+        Every call, when it ends (an end stage of the pipeline): its status
+        class; a plain call's duration.
+        """
+        route = call.route
+        name = route.name if route is not None else "-"
+        method = request.method
+        # Raw in the key (labels made at scrape time), bounded all the same.
+        key = (name, method if method in _METHODS else b"other", call.status // 100)
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
         if call.upstream_call is not None:
             self._upstream_active -= 1
         if not call.is_sse and call.replay is None:
-            _observe(self._request_seconds, route, REQUEST_BUCKETS, self._seconds() - call.started)
+            h = self._request_seconds.get(name)
+            if h is None:
+                h = self._request_seconds[name] = _Histogram(len(REQUEST_BUCKETS) + 1)
+            took = self._seconds() - call.started
+            h.counts[bisect_left(REQUEST_BUCKETS, took)] += 1
+            h.total += took
         if call.timed_out and call.relay is None:
-            accept = call.request.getHeader(b"accept")
+            accept = request.getHeader(b"accept")
             if accept is not None and _SSE_ACCEPT in accept:
                 # A stream asked for, whose response head never came.
-                _bump(self._ends, (route, "response_timeout"))
+                _bump(self._ends, (name, "response_timeout"))
 
     def upstream_started(self) -> None:
         """A call went upstream (it holds an upstream connection until it ends)."""
@@ -332,8 +343,11 @@ class GatewayMetrics:
             p + "requests", "Calls answered, by route, method and status class.",
             labels=("route", "method", "status_class"),
         )
-        for (route, method, status), n in sorted(self._requests.items()):
-            requests.add_metric((route, method, status), n)
+        merged: dict[tuple[str, str, str], float] = {}
+        for (route, method, status), n in self._requests.items():
+            _bump(merged, (route, method.decode("ascii"), _STATUS_CLASSES.get(status, "none")), n)
+        for labels, n in sorted(merged.items()):
+            requests.add_metric(labels, n)
         yield requests
         yield _histogram(
             p + "request_duration_seconds",
@@ -377,8 +391,7 @@ class GatewayMetrics:
             p + "upstream_pool_connections", "Upstream connections: idle in the pool, active in calls.",
             labels=("state",),
         )
-        fast = getattr(self.client, "_fast", None)
-        pool.add_metric(("idle",), fast.idle_connections() if fast is not None else 0)
+        pool.add_metric(("idle",), self.client.idle_connections() if self.client is not None else 0)
         pool.add_metric(("active",), max(self._upstream_active, 0))
         yield pool
         yield from self._history_families()
@@ -466,13 +479,6 @@ def _spool_bytes(directory: str) -> int:
     except OSError:
         return 0
     return total
-
-
-class MeasureCalls(EndStage):
-    """The end stage that counts every call (L{GatewayMetrics.call_ended})."""
-
-    def __init__(self, metrics: GatewayMetrics) -> None:
-        self.ended = lambda request, call: metrics.call_ended(call)  # type: ignore[method-assign]
 
 
 def exposition(registry: CollectorRegistry) -> bytes:

@@ -33,7 +33,6 @@ from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
-from aura_proxy.metrics import MeasureCalls
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
 from aura_proxy.stages.auth import Authenticate
@@ -81,7 +80,8 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
         response=RelayResponse(config, clock, services.resume, services.streams, metrics),  # SSE, ids
         ended=[
             Record(config.headers, clock, services.history),  # one history row per call
-        ] + ([MeasureCalls(metrics)] if metrics is not None else []),  # [metrics]: per call, not per event
+            *([metrics] if metrics is not None else []),  # [metrics]: every call counted
+        ],
     )
 
 

@@ -131,6 +131,10 @@ class UpstreamClient:
         """Send one request; the Deferred fires with the response headers."""
         return self.agent.request(method, url, headers, body)
 
+    def idle_connections(self) -> int:
+        """How many http:// connections wait in the pool now (for metrics; https:// ones are not counted)."""
+        return self._fast.idle_connections() if self._fast is not None else 0
+
     def close(self) -> "Deferred[object]":
         """Close the idle pooled connections (on shutdown)."""
         closing: list[Deferred[Any]] = []

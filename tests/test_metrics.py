@@ -316,7 +316,7 @@ class WorkersSumTests(SynchronousTestCase):
         clock = Clock()
         registry = CollectorRegistry(auto_describe=False)
         metrics = GatewayMetrics(clock, registry, worker=None)
-        metrics._requests[("aura", "GET", "2xx")] = requests
+        metrics._requests[("aura", b"GET", 2)] = requests
         metrics._streams_total["aura"] = streams
         return exposition(registry).decode()
 
