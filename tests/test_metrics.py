@@ -309,6 +309,51 @@ class ResumeFigureTests(TestCase):
         self.assertEqual(h.value("aura_proxy_sse_events_total", route="aura"), 5)
 
 
+class _FakeHistory:
+    """A history service's stats, as L{aura_proxy.history.HistoryService.stats} gives them."""
+
+    class config:
+        spool_dir = "/nonexistent-spool"
+
+    def stats(self) -> dict[str, int]:
+        return {"queue_length": 7, "spool_pending": 0, "written": 120, "failed": 2, "dropped": 1}
+
+
+class GaugeTests(SynchronousTestCase):
+    """Figures read from the gateway's parts at scrape time."""
+
+    def test_history(self) -> None:
+        """History's queue depth, spool size, rows written and rows lost (refused + dropped)."""
+        registry = CollectorRegistry(auto_describe=False)
+        metrics = GatewayMetrics(Clock(), registry)
+        metrics.history = _FakeHistory()  # type: ignore[assignment]
+        self.assertEqual(registry.get_sample_value("aura_proxy_history_queue_depth"), 7)
+        self.assertEqual(registry.get_sample_value("aura_proxy_history_spool_bytes"), 0)
+        self.assertEqual(registry.get_sample_value("aura_proxy_history_rows_written_total"), 120)
+        self.assertEqual(registry.get_sample_value("aura_proxy_history_rows_failed_total"), 3)
+
+    def test_redis_resume_log(self) -> None:
+        """A Redis stream log reports the streams this process writes and their kept bytes."""
+        from aura_proxy.resume.redis import RedisResumeLog
+
+        log = RedisResumeLog(Clock(), "redis://127.0.0.1:1/0", 60, 10, 1000)
+        log.open("s1", "owner")
+        log.append("s1", 1, b"data: 12345\n\n")
+        log.append("s1", 2, b"data: 1\n\n")
+        registry = CollectorRegistry(auto_describe=False)
+        metrics = GatewayMetrics(Clock(), registry)
+        metrics.resume = log
+        self.assertEqual(registry.get_sample_value("aura_proxy_resume_log_streams", {"store": "redis"}), 1)
+        self.assertEqual(registry.get_sample_value("aura_proxy_resume_log_bytes", {"store": "redis"}), 22)
+
+    def test_no_history_no_resume(self) -> None:
+        """Without history or a stream log, their figures are absent (not zero)."""
+        registry = CollectorRegistry(auto_describe=False)
+        GatewayMetrics(Clock(), registry)
+        self.assertIsNone(registry.get_sample_value("aura_proxy_history_queue_depth"))
+        self.assertIsNone(registry.get_sample_value("aura_proxy_resume_log_streams", {"store": "memory"}))
+
+
 class WorkersSumTests(SynchronousTestCase):
     """The parent's C{/metrics} with C{workers > 1}: the workers' figures summed."""
 
