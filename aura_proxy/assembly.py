@@ -9,9 +9,11 @@ process of C{workers > 1} (L{aura_proxy.worker}) and the integration tests.
     process serving the gateway and the supervisor of C{workers > 1};
   - L{gateway_service} is one process serving the gateway: process tuning,
     call history, the drain of open streams (and the resume log), the demo
-    agent when asked, the public listener, the admin site;
+    agent when asked, the public listener, the admin site (health, and the
+    dashboard with its upstream prober);
   - L{supervisor_service} is the parent of C{workers > 1}: the supervisor,
-    the demo agent when asked, the admin site reporting the workers.
+    the demo agent when asked, the admin site reporting the workers (its
+    dashboard reads every worker's calls from the history database).
 
 Both trees stop in order, last child first, each once the one before it has
 stopped (L{StopInOrder}): the listeners first, then open streams are ended
@@ -24,6 +26,7 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Optional, Protocol
 
+from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -38,6 +41,7 @@ from aura_proxy.config import (
     default_config_text,
     parse_config,
 )
+from aura_proxy.dashboard import dashboard_service
 from aura_proxy.history import HistoryService, make_history
 from aura_proxy.process import ProcessTuning
 from aura_proxy.proxy import Gateway
@@ -173,6 +177,7 @@ def gateway_service(
     site_factory: SiteFactory = GatewaySite,
     admin: bool = True,
     tuning: bool = True,
+    registry: Optional[CollectorRegistry] = None,
 ) -> GatewayService:
     """
     One process serving the gateway.
@@ -191,8 +196,12 @@ def gateway_service(
         their parent does).
     @param tuning: whether starting the tree tunes the process
         (L{aura_proxy.process}); off only for tests run inside trial's process.
+    @param registry: the process's metrics, which the admin site's dashboard
+        reads (default: a new, empty one).
     """
     g = config.gateway
+    if registry is None:
+        registry = CollectorRegistry()
     history = make_history(config.history, reactor)
     client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
     resume = make_resume_log(config.sse, reactor, g.fast_path)
@@ -211,18 +220,28 @@ def gateway_service(
     else:
         listener(site).setServiceParent(top)
     if admin:
-        admin_service(g.admin_listen, gateway_health(gateway, history), reactor).setServiceParent(top)
+        health = gateway_health(gateway, history)
+        dashboard = dashboard_service(config, registry, reactor, health)
+        admin_service(g.admin_listen, health, reactor, dashboard).setServiceParent(top)
     return top
 
 
 def supervisor_service(
-    config: Config, config_text: str, reactor: Any, *, demo: bool = False, **supervisor: Any
+    config: Config,
+    config_text: str,
+    reactor: Any,
+    *,
+    demo: bool = False,
+    registry: Optional[CollectorRegistry] = None,
+    **supervisor: Any,
 ) -> StopInOrder:
     """
     The parent process of C{workers > 1}: the L{WorkerSupervisor}, the demo
     agent when asked, and the admin site reporting every worker.
 
     @param config_text: the text C{config} was parsed from, handed to workers.
+    @param registry: the whole gateway's metrics, which the admin site's
+        dashboard reads (default: a new, empty one).
     @param supervisor: more keyword arguments of L{WorkerSupervisor} (timeouts).
     """
     top = StopInOrder()
@@ -230,7 +249,8 @@ def supervisor_service(
     workers.setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
-    admin_service(config.gateway.admin_listen, workers.health, reactor).setServiceParent(top)
+    dashboard = dashboard_service(config, registry or CollectorRegistry(), reactor, workers.health)
+    admin_service(config.gateway.admin_listen, workers.health, reactor, dashboard).setServiceParent(top)
     return top
 
 
