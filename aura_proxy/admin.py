@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from aura_proxy.history import HistoryService
     from aura_proxy.proxy import Gateway
 
-__all__ = ["Admin", "HealthReport", "admin_service", "admin_site", "gateway_health"]
+__all__ = ["Admin", "AdminService", "HealthReport", "admin_service", "admin_site", "gateway_health"]
 
 #: What C{GET /healthz} answers: a JSON object whose C{status} is C{"ok"}
 #: while the process serves (anything else answers 503).
@@ -141,6 +141,24 @@ def admin_site(report: HealthReport, reactor: Any, dashboard: Optional["Dashboar
     return site
 
 
+class AdminService(MultiService):
+    """
+    The admin site's services: the dashboard's (its upstream prober, its open
+    streams), when there is one, and the listener.
+
+    @ivar site: the admin site.
+    """
+
+    name = "admin"
+
+    def __init__(self, listen: str, report: HealthReport, reactor: Any, dashboard: Optional["DashboardService"]) -> None:
+        super().__init__()
+        self.site = admin_site(report, reactor, dashboard.dashboard if dashboard is not None else None)
+        if dashboard is not None:
+            dashboard.setServiceParent(self)
+        strports.service(listen, self.site, reactor=reactor).setServiceParent(self)
+
+
 def admin_service(
     listen: str, report: HealthReport, reactor: Any, dashboard: Optional["DashboardService"] = None
 ) -> IService:
@@ -149,9 +167,4 @@ def admin_service(
     running; with C{dashboard}, serving it, which runs (and probes the
     upstreams) while the site does.
     """
-    if dashboard is None:
-        return strports.service(listen, admin_site(report, reactor), reactor=reactor)
-    top = MultiService()
-    dashboard.setServiceParent(top)
-    strports.service(listen, admin_site(report, reactor, dashboard.dashboard), reactor=reactor).setServiceParent(top)
-    return top
+    return AdminService(listen, report, reactor, dashboard)

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from aura_proxy.history.reader import HistoryReader
 from aura_proxy.history.recent import (
     MAX_LIMIT,
     RECENT_COLUMNS,
     CallFilter,
-    HistoryReader,
     parse_call_filter,
     recent_sql,
 )

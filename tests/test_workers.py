@@ -302,7 +302,7 @@ class SupervisorTests(TestCase):
         """
         supervisor, fake = self.make()
         self.assertIsInstance(self.tree, StopInOrder)
-        self.assertEqual([type(s).__name__ for s in self.tree], ["WorkerSupervisor", "StreamServerEndpointService"])
+        self.assertEqual([type(s).__name__ for s in self.tree], ["WorkerSupervisor", "AdminService"])
         self.assertEqual(len(fake.tcpServers), 1)
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
 

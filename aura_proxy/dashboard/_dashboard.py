@@ -29,7 +29,8 @@ from twisted.web.server import Request
 
 from aura_proxy.config import Config, RouteConfig
 from aura_proxy.dashboard.figures import Figures
-from aura_proxy.history.recent import CallFilter, HistoryReader
+from aura_proxy.history.reader import HistoryReader
+from aura_proxy.history.recent import CallFilter
 from aura_proxy.upstream_health import UpstreamProber
 
 __all__ = ["STATIC_FILES", "Dashboard", "DashboardService", "dashboard_service", "static_file"]

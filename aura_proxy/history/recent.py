@@ -6,9 +6,7 @@ class, a path prefix), checked where it comes in (L{parse_call_filter}:
 query parameters of the admin site).  L{recent_sql} writes the one SELECT
 both backends run (C{SQLiteBackend.recent}, C{PostgresBackend.recent}); it
 names the columns it reads, so that columns added to the table later change
-nothing here.  L{HistoryReader} is a read-only connection of its own, apart
-from the writer's: with C{workers = N} the parent process, which serves the
-admin site and writes no history, reads every worker's rows through it.
+nothing here.  L{aura_proxy.history.reader.HistoryReader} runs it.
 """
 
 from __future__ import annotations
@@ -18,15 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Optional, Sequence
 
-from twisted.internet.defer import Deferred
-
-from aura_proxy.config import HistoryConfig
-
 __all__ = [
     "MAX_LIMIT",
     "RECENT_COLUMNS",
     "CallFilter",
-    "HistoryReader",
     "parse_call_filter",
     "recent_rows",
     "recent_sql",
@@ -167,38 +160,3 @@ def recent_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, object]]:
         out.append(call)
     return out
 
-
-class HistoryReader:
-    """
-    A read-only connection to the call history database of C{config}, apart
-    from the writer's; it connects when first asked and again after a failure.
-    Never blocks the reactor: SQLite in a thread of its own, PostgreSQL
-    through txpostgres.
-    """
-
-    def __init__(self, config: HistoryConfig, reactor: Any) -> None:
-        from aura_proxy.history.service import backend_for
-
-        self.config = config
-        self._backend: Any = backend_for(config, reactor, reactor)
-        self._connected = False
-
-    def recent(self, where: CallFilter) -> "Deferred[list[dict[str, object]]]":
-        """The newest calls matching C{where}, newest first (L{recent_rows}'s dicts)."""
-        return Deferred.fromCoroutine(self._recent(where))
-
-    async def _recent(self, where: CallFilter) -> list[dict[str, object]]:
-        try:
-            if not self._connected:
-                await self._backend.connect()
-                self._connected = True
-            rows = await self._backend.recent(where)
-        except BaseException:
-            self._connected = False
-            raise
-        return recent_rows(rows)
-
-    def close(self) -> "Deferred[None]":
-        """Close the connection (and SQLite's thread)."""
-        self._connected = False
-        return self._backend.close()  # type: ignore[no-any-return]

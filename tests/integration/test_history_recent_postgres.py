@@ -15,7 +15,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
 from aura_proxy.history.postgres import PostgresBackend
-from aura_proxy.history.recent import CallFilter, HistoryReader
+from aura_proxy.history.reader import HistoryReader
+from aura_proxy.history.recent import CallFilter
 from aura_proxy.history.schema import to_row
 from tests.history_helpers import history_config
 from tests.test_history_recent import RecentQueryMixin
