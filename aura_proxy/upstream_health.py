@@ -19,8 +19,10 @@ from typing import Any, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -166,6 +168,10 @@ class UpstreamProber(Service):
                 return  # cancelled by stopService: no finding
             result.up = False
             result.checked_at = self._reactor.seconds()
+            if failure.check(ConnectingCancelledError, CancelledError, defer.TimeoutError):
+                # Our own timeout (addTimeout cancels the connect).
+                result.last_error = f"TimeoutError: no connection within {self.timeout:g} s"
+                return
             message = failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
             result.last_error = f"{failure.type.__name__}: {message}"  # type: ignore[union-attr]
 
