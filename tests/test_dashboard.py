@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -21,7 +22,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aura_proxy.admin import admin_site
 from aura_proxy.config import parse_config
-from aura_proxy.dashboard import END_REASONS, Dashboard, Figures, histogram_quantile, read_registry, static_file
+from aura_proxy.dashboard import (
+    END_REASONS,
+    Dashboard,
+    Figures,
+    dashboard_service,
+    histogram_quantile,
+    read_registry,
+    static_file,
+)
 from aura_proxy.history.recent import CallFilter
 from tests.dashboard_helpers import BUCKETS, fake_metrics
 
@@ -475,3 +484,31 @@ class DashboardSiteTests(SynchronousTestCase):
         self.assertTrue(c.text().endswith("0\r\n\r\n"), c.text()[-40:])
         self.assertEqual(self.dashboard.clients, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class DashboardServiceTests(SynchronousTestCase):
+    """L{dashboard_service}: what runs beside the admin site."""
+
+    def test_proberRunsWhileRunning(self) -> None:
+        """Started, the upstream prober connects to every upstream; stopped, nothing is left on the clock."""
+        clock = MemoryReactorClock()
+        service = dashboard_service(parse_config(INI + "\n[history]\nenabled = false\n", "gw.ini"),
+                                    CollectorRegistry(), clock)
+        self.assertEqual(clock.tcpClients, [])
+        service.startService()
+        # tools.internal through the reactor's resolver (MemoryReactor's answers 127.0.0.1).
+        self.assertEqual(sorted((h, p) for h, p, *_ in clock.tcpClients),
+                         [("127.0.0.1", 8000), ("127.0.0.1", 9000)])
+        self.successResultOf(service.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_historyReaderOnlyWhenHistoryIsOn(self) -> None:
+        """History off: the page says so (no calls reader); on: a reader of [history]'s database, opened when first asked."""
+        off = dashboard_service(parse_config(INI + "\n[history]\nenabled = false\n", "gw.ini"),
+                                CollectorRegistry(), MemoryReactorClock())
+        self.assertFalse(off.dashboard._base()["history"])
+        path = os.path.abspath(self.mktemp())
+        on = dashboard_service(parse_config(INI + f"\n[history]\ndsn = sqlite:///{path}\n", "gw.ini"),
+                               CollectorRegistry(), MemoryReactorClock())
+        self.assertTrue(on.dashboard._base()["history"])
+        self.assertFalse(os.path.exists(path))
