@@ -512,3 +512,35 @@ class DashboardServiceTests(SynchronousTestCase):
                                CollectorRegistry(), MemoryReactorClock())
         self.assertTrue(on.dashboard._base()["history"])
         self.assertFalse(os.path.exists(path))
+
+
+class ContinuousSamplingTests(SynchronousTestCase):
+    """A started dashboard (the admin site runs) samples with no page open."""
+
+    def test_pageOpenedLaterGetsThePast(self) -> None:
+        """
+        Started, the dashboard samples every second without pages; a page
+        opened later gets the figures of the last seconds in its first
+        snapshot (rates of before it came), and no sample of its own.
+        """
+        clock = MemoryReactorClock()
+        metrics = fake_metrics()
+        dashboard = Dashboard(metrics.registry, clock)
+        dashboard.start()
+        self.addCleanup(dashboard.stop)
+        for i in range(5):
+            metrics.events.labels("aura").inc(10 * i)
+            clock.advance(1.0)
+        self.assertEqual(dashboard.clients, 0)
+        site = admin_site(lambda: {"status": "ok"}, clock, dashboard)
+        site.timeOut = None
+        c = Client(site)
+        c.get("/dashboard/events")
+        first = sse_snapshots(c.text())[0]
+        self.assertEqual([p["event_rate"] for p in first["series"]], [10.0, 20.0, 30.0, 40.0])
+        self.assertEqual(first["time"], 5.0)
+        c.leave()
+        # The page gone, sampling goes on (heartbeats do not).
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        dashboard.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])

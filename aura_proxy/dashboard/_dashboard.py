@@ -2,15 +2,16 @@
 The dashboard: a snapshot of the gateway every second, sent as Server-Sent
 Events to the page the admin site serves at C{/}.
 
-One L{Dashboard} per admin site.  While at least one page is open it ticks
-every C{interval} seconds on the clock it was given: it samples the metrics
-registry (L{Figures}), adds the routes with their upstream health
+One L{Dashboard} per admin site.  While the admin site runs
+(L{DashboardService}) it ticks every C{interval} seconds on the clock it was
+given and samples the metrics registry (L{Figures}: one C{collect()}), so
+that a page opened later gets the last minutes at once.  On each tick, for
+every open page, it adds the routes with their upstream health
 (L{aura_proxy.upstream_health.UpstreamProber}) and the health report, asks
-call history for the last calls each page filters for (one query per
+call history for the last calls the page filters for (one query per
 distinct filter per tick, skipped while the last one is still running), and
-writes one C{snapshot} event to each page.  A comment line goes out every
-C{heartbeat} seconds as well.  When a page goes away its stream is dropped
-at once; when the last one goes, the ticking stops.
+writes one C{snapshot} event.  A comment line goes out every C{heartbeat}
+seconds as well.  When a page goes away its stream is dropped at once.
 """
 
 from __future__ import annotations
@@ -106,15 +107,24 @@ class Dashboard:
         self._clients: list[_Client] = []
         self._ticker: Optional[LoopingCall] = None
         self._beater: Optional[LoopingCall] = None
+        #: Whether the ticker runs without pages too (L{start}).
+        self._always = False
         self._pending: dict[CallFilter, Deferred[Any]] = {}
         self._last: dict[str, Any] = {}
 
     # -- the snapshot ----------------------------------------------------------
 
-    def _base(self) -> dict[str, Any]:
-        """Sample the registry now: every figure but the calls."""
+    def _base(self, sample: Optional[bool] = None) -> dict[str, Any]:
+        """
+        Every figure but the calls, of a sample taken now when C{sample}
+        (default: unless the ticker samples continuously, L{start}, and has
+        one), else of the last one.
+        """
         now = self._clock.seconds()
-        self.figures.sample(now)
+        if sample is None:
+            sample = not self._always
+        if sample or self.figures.latest is None:
+            self.figures.sample(now)
         body = self.figures.snapshot()
         body["time"] = now
         body["interval"] = self.interval
@@ -178,33 +188,42 @@ class Dashboard:
         request.notifyFinish().addBoth(lambda _: self._drop(client))
         # Reconnect soon after the gateway restarts; then the first figures at once.
         request.write(b"retry: 2000\n\n")
-        self._start()
         self._send_all([client], self._base())
+        self._start()
         return client.done
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Sample every C{interval} seconds from now on, pages open or not (the admin site runs)."""
+        self._always = True
+        self._start(pages=False)
+
+    def _start(self, pages: bool = True) -> None:
         if self._ticker is None:
             ticker = self._ticker = LoopingCall(self.tick)
             ticker.clock = self._clock
             ticker.start(self.interval, now=False).addErrback(
                 lambda f: log.failure("dashboard tick failed", f)
             )
-        if self._beater is None:
+        if pages and self._beater is None:
             beater = self._beater = LoopingCall(self._beat)
             beater.clock = self._clock
             beater.start(self.heartbeat, now=False)
 
     def _stop_ticking(self) -> None:
-        for loop in (self._ticker, self._beater):
+        """Stop the heartbeats, and the ticker unless it samples continuously."""
+        loops = [self._beater] + ([] if self._always else [self._ticker])
+        for loop in loops:
             if loop is not None and loop.running:
                 loop.stop()
-        self._ticker = self._beater = None
+        self._beater = None
+        if not self._always:
+            self._ticker = None
 
     def tick(self) -> None:
         """Sample once and send every open page its snapshot."""
-        if not self._clients:
-            return
-        self._send_all(list(self._clients), self._base())
+        base = self._base(sample=True)
+        if self._clients:
+            self._send_all(list(self._clients), base)
 
     def _send_all(self, clients: list[_Client], base: dict[str, Any]) -> None:
         """Send C{base} plus each client's calls; one history query per filter."""
@@ -262,9 +281,10 @@ class Dashboard:
             client.done.callback(None)
 
     def stop(self) -> None:
-        """End every open stream (the admin site is stopping)."""
+        """End every open stream and stop ticking (the admin site is stopping)."""
         for client in list(self._clients):
             self._drop(client)
+        self._always = False
         self._stop_ticking()
 
     @property
@@ -275,9 +295,9 @@ class Dashboard:
 
 class DashboardService(MultiService):
     """
-    What the dashboard runs beside the admin site: the upstream prober (a
-    child), and on stop the end of every open page's stream and of the
-    history reader's connection.
+    What the dashboard runs beside the admin site: its sampling of the
+    registry, the upstream prober (a child), and on stop the end of every
+    open page's stream and of the history reader's connection.
 
     @ivar dashboard: the L{Dashboard} the admin site serves.
     """
@@ -290,6 +310,10 @@ class DashboardService(MultiService):
         self._reader = reader
         if prober is not None:
             prober.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self.dashboard.start()
 
     def stopService(self) -> "Deferred[None]":
         self.dashboard.stop()

@@ -203,6 +203,11 @@ class Figures:
             self._samples.popleft()
         return s
 
+    @property
+    def latest(self) -> Optional[Sample]:
+        """The last sample taken, if any."""
+        return self._samples[-1] if self._samples else None
+
     def series(self) -> list[dict[str, float]]:
         """
         One point per kept sample after the first: its time, the streams open
@@ -216,9 +221,9 @@ class Figures:
                 continue
             events = sum(_delta(now.events.get(r, 0.0), before.events.get(r, 0.0)) for r in now.events)
             points.append({
-                "t": now.t,
+                "t": round(now.t, 3),
                 "open_streams": sum(now.open_streams.values()),
-                "event_rate": events / dt,
+                "event_rate": round(events / dt, 3),
             })
         return points
 
