@@ -476,6 +476,23 @@ class DashboardSiteTests(SynchronousTestCase):
         self.assertEqual(len(snapshots), 4)
         self.assertEqual(snapshots[-1]["calls"], [{"id": "late"}])
 
+    def test_slowPageSkipsSnapshots(self) -> None:
+        """
+        While the page's connection cannot take more (the transport pauses
+        the response's producer), its snapshots and heartbeats are skipped,
+        not queued; once it drains, the next tick's snapshot goes out.
+        """
+        c = Client(self.site)
+        c.get("/dashboard/events", "1.1")
+        self.assertEqual(len(sse_snapshots(c.text())), 1)
+        c.transport.producer.pauseProducing()  # the HTTP channel, as a full socket would
+        self.clock.pump([1.0] * 20)
+        self.assertEqual(len(sse_snapshots(c.text())), 1)
+        self.assertNotIn(": heartbeat", c.text())
+        c.transport.producer.resumeProducing()
+        self.clock.advance(1.0)
+        self.assertEqual(len(sse_snapshots(c.text())), 2)
+
     def test_stopEndsEveryStream(self) -> None:
         """Stopping the dashboard (the admin site stops) ends each open stream's response cleanly."""
         c = Client(self.site)

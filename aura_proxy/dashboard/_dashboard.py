@@ -23,10 +23,12 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from aura_proxy.config import Config, RouteConfig
 from aura_proxy.dashboard.figures import Figures
@@ -56,9 +58,16 @@ def static_file(name: str) -> bytes:
     return resources.files("aura_proxy.dashboard").joinpath("static", name).read_bytes()
 
 
-@dataclass
+@implementer(IPushProducer)
+@dataclass(eq=False)
 class _Client:
-    """One open page: its request, its filter, the stream it is sent."""
+    """
+    One open page: its request, its filter, the stream it is sent.
+
+    The producer of its response: while the page's connection cannot take
+    more (C{paused}), its snapshots are skipped, not queued (the next one
+    says it all).
+    """
 
     request: Request
     where: CallFilter
@@ -66,6 +75,18 @@ class _Client:
     calls: list[dict[str, object]] = field(default_factory=list)
     calls_error: Optional[str] = None
     sent: int = 0
+    skipped: int = 0
+    paused: bool = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        # The connection is going: notifyFinish drops the client.
+        self.paused = True
 
 
 class Dashboard:
@@ -186,6 +207,7 @@ class Dashboard:
         client = _Client(request, where, Deferred(cancel))
         self._clients.append(client)
         request.notifyFinish().addBoth(lambda _: self._drop(client))
+        request.registerProducer(client, True)
         # Reconnect soon after the gateway restarts; then the first figures at once.
         request.write(b"retry: 2000\n\n")
         self._send_all([client], self._base())
@@ -258,6 +280,9 @@ class Dashboard:
     def _write(self, client: _Client, base: dict[str, Any]) -> None:
         if client not in self._clients:
             return
+        if client.paused:
+            client.skipped += 1
+            return
         body = dict(base)
         body["filter"] = client.where.as_dict()
         body["calls"] = client.calls
@@ -269,7 +294,8 @@ class Dashboard:
 
     def _beat(self) -> None:
         for client in list(self._clients):
-            client.request.write(b": heartbeat\n\n")
+            if not client.paused:
+                client.request.write(b": heartbeat\n\n")
 
     def _drop(self, client: _Client) -> None:
         """Forget C{client} (it left, or was cancelled); stop ticking when none is left."""
@@ -277,6 +303,9 @@ class Dashboard:
             self._clients.remove(client)
         if not self._clients:
             self._stop_ticking()
+        request = client.request
+        if request.producer is not None and request.channel is not None:
+            request.unregisterProducer()
         if not client.done.called:
             client.done.callback(None)
 
