@@ -90,7 +90,11 @@
 
     const health = s.health || {};
     const hs = $("health-status");
-    hs.textContent = "health " + (health.status || "?");
+    let healthText = "health " + (health.status || "?");
+    if (Array.isArray(health.workers)) {
+      healthText += " · " + health.workers.filter((w) => w.alive).length + "/" + health.workers.length + " workers";
+    }
+    hs.textContent = healthText;
     hs.className = "badge " + (health.status === "ok" ? "ok" : "bad");
 
     const series = s.series || [];
