@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -62,6 +63,12 @@ class ProberTests(SynchronousTestCase):
         """The probed port is the URL's, or 80/443 by scheme."""
         self.assertEqual([upstream_address(r) for r in self.routes],
                          [("127.0.0.1", 9000), ("127.0.0.1", 9000), ("10.0.0.7", 443)])
+
+    def test_endpointByAddressKind(self) -> None:
+        """IPv4 and IPv6 literals connect directly; a host name goes through the reactor's resolver."""
+        self.assertIsInstance(self.prober._endpoint("127.0.0.1", 80), TCP4ClientEndpoint)
+        self.assertIsInstance(self.prober._endpoint("::1", 80), TCP6ClientEndpoint)
+        self.assertIsInstance(self.prober._endpoint("agent.internal", 80), HostnameEndpoint)
 
     def test_oneConnectPerDistinctUpstreamAtStart(self) -> None:
         """Starting probes at once, each distinct host:port once (two routes share one upstream)."""
