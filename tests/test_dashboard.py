@@ -541,7 +541,7 @@ class ContinuousSamplingTests(SynchronousTestCase):
         """
         clock = MemoryReactorClock()
         metrics = fake_metrics()
-        dashboard = Dashboard(metrics.registry, clock)
+        dashboard = Dashboard(metrics.registry, clock, idle_interval=1.0)
         dashboard.start()
         self.addCleanup(dashboard.stop)
         for i in range(5):
@@ -560,3 +560,18 @@ class ContinuousSamplingTests(SynchronousTestCase):
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         dashboard.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_idleSamplingIsSparse(self) -> None:
+        """With no page open, a sample every C{idle_interval} seconds only; with one, every second."""
+        clock = MemoryReactorClock()
+        dashboard = Dashboard(CollectorRegistry(), clock, idle_interval=5.0)
+        dashboard.start()
+        self.addCleanup(dashboard.stop)
+        clock.pump([1.0] * 20)
+        times = [p["t"] for p in dashboard.figures.series()]
+        self.assertEqual(times, [6.0, 11.0, 16.0])  # the first sample at 1.0
+        site = admin_site(lambda: {"status": "ok"}, clock, dashboard)
+        site.timeOut = None
+        Client(site).get("/dashboard/events")
+        clock.pump([1.0] * 3)
+        self.assertEqual([p["t"] for p in dashboard.figures.series()][-3:], [21.0, 22.0, 23.0])

@@ -3,9 +3,10 @@ The dashboard: a snapshot of the gateway every second, sent as Server-Sent
 Events to the page the admin site serves at C{/}.
 
 One L{Dashboard} per admin site.  While the admin site runs
-(L{DashboardService}) it ticks every C{interval} seconds on the clock it was
-given and samples the metrics registry (L{Figures}: one C{collect()}), so
-that a page opened later gets the last minutes at once.  On each tick, for
+(L{DashboardService}) it samples the metrics registry (L{Figures}: one
+C{collect()}) on the clock it was given, every C{idle_interval} seconds
+while no page is open (so that a page opened later gets the last minutes at
+once), every C{interval} seconds while one is.  On each tick, for
 every open page, it adds the routes with their upstream health
 (L{aura_proxy.upstream_health.UpstreamProber}) and the health report, asks
 call history for the last calls the page filters for (one query per
@@ -107,6 +108,7 @@ class Dashboard:
         health: Optional[Callable[[], dict[str, object]]] = None,
         interval: float = 1.0,
         heartbeat: float = 15.0,
+        idle_interval: float = 5.0,
     ) -> None:
         """
         @param registry: the gateway's metrics (C{prometheus_client}
@@ -116,11 +118,15 @@ class Dashboard:
             name), or None.
         @param calls: reads the last calls, or None when history is off.
         @param health: the admin site's health report, or None.
+        @param idle_interval: seconds between samples while no page is open
+            (a C{collect()} of a gateway's registry takes milliseconds on
+            the reactor thread: not every second for nobody).
         """
         self.figures = Figures(registry)
         self.routes = tuple(routes)
         self.interval = interval
         self.heartbeat = heartbeat
+        self.idle_interval = idle_interval
         self._clock = clock
         self._prober = prober
         self._calls = calls
@@ -242,7 +248,14 @@ class Dashboard:
             self._ticker = None
 
     def tick(self) -> None:
-        """Sample once and send every open page its snapshot."""
+        """
+        Sample once and send every open page its snapshot; with no page
+        open, sample only every C{idle_interval} seconds.
+        """
+        latest = self.figures.latest
+        if not self._clients and latest is not None:
+            if self._clock.seconds() - latest.t < self.idle_interval - self.interval / 2:
+                return
         base = self._base(sample=True)
         if self._clients:
             self._send_all(list(self._clients), base)
