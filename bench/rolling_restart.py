@@ -684,7 +684,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     defaults = {"rolling": (200, 2.0), "takeover": (1, 5.0), "drain": (20, 5.0)}[args.scenario]
     args.streams = args.streams if args.streams is not None else defaults[0]
     args.rate = args.rate if args.rate is not None else defaults[1]
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="aura-rr-"))
+    workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="aura-rr-"))
     workdir.mkdir(parents=True, exist_ok=True)
     fleet = Fleet(workdir)
     try:
