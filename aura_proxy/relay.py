@@ -229,8 +229,10 @@ class Relay(_RelayCore, Protocol):
                 # whole blocks only, so the client has whole events; what it
                 # holds back of the next one is dropped (the client resumes
                 # and gets that event whole), and the retry hint follows.
+                # (An oversized block passed through unparsed has its start
+                # out already: no hint, which would complete it as an event.)
                 self._transform.flush()
-                rest = RETRY_HINT
+                rest = RETRY_HINT if getattr(self._transform, "at_block_end", True) else b""
             else:
                 rest = self._transform.flush()
             if rest:

@@ -357,6 +357,22 @@ class DrainTests(_RelayCase):
         self.assertEqual(self.successResultOf(relay.done), "shutdown")
         self.assertFalse(relay.upstream_complete)
 
+    def test_no_hint_inside_an_oversized_block(self) -> None:
+        """
+        A stream cut while an oversized block passes through unparsed (its
+        start already sent) gets no retry hint, which would complete that
+        block as an event: the client discards the partial block at the end.
+        """
+        rewriter = SseRewriter.for_stream("A" * 22, max_buffer=16)
+        relay, request, _, _ = self.start(transform=rewriter)
+        relay.dataReceived(b"data: " + b"x" * 40)
+        self.assertFalse(rewriter.at_block_end)
+        relay.stop("shutdown")
+        end(relay, ResponseFailed([Failure(Exception("cut"))]))
+        body = b"".join(request.written)
+        self.assertNotIn(b"retry:", body)
+        self.assertEqual(parse_events(body), [])
+
     def test_other_ends_flush_as_before(self) -> None:
         """An upstream error still hands the client what the transform held back (no retry hint)."""
         relay, request, _, _ = self.start(transform=Upper())

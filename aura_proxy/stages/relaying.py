@@ -217,3 +217,7 @@ class _Counted:
     @property
     def count(self) -> int:
         return self._rewriter.seq
+
+    @property
+    def at_block_end(self) -> bool:
+        return self._rewriter.at_block_end
