@@ -435,8 +435,28 @@ def drop_table(dsn: str, table: str) -> None:
     if dsn.startswith("postgresql://"):
         import psycopg2
 
-        with psycopg2.connect(dsn) as db, db.cursor() as cur:
-            cur.execute(f"DROP TABLE IF EXISTS {table}")
+        try:
+            with psycopg2.connect(dsn) as db, db.cursor() as cur:
+                cur.execute(f"DROP TABLE IF EXISTS {table}")
+        except Exception as e:
+            print(f"could not drop history table {table}: {e}", file=sys.stderr)
+
+
+def postgres_up(dsn: str) -> None:
+    """Raise L{Missing} unless PostgreSQL answers at C{dsn} (waits up to 30 s: it may be restarting)."""
+    try:
+        import psycopg2
+    except ImportError:
+        raise Missing("psycopg2 not installed")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            psycopg2.connect(dsn, connect_timeout=2).close()
+            return
+        except Exception as e:
+            if time.monotonic() > deadline:
+                raise Missing(f"no PostgreSQL at {dsn}: {e}")
+            time.sleep(1)
 
 
 def check_history(rows: list[tuple[str, Optional[str], int]], streams: list[Stream],
@@ -455,7 +475,14 @@ def wait_history(dsn: str, table: str, paths: list[Path], streams: list[Stream],
                  timeout: float = 20.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        report = check_history(history_rows(dsn, table, paths), streams, extra)
+        try:
+            rows = history_rows(dsn, table, paths)
+        except Exception:  # the database restarting (another test's), the table not there yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        report = check_history(rows, streams, extra)
         if report["history_missing"] == 0 or time.monotonic() > deadline:
             return report
         time.sleep(0.3)
@@ -464,16 +491,11 @@ def wait_history(dsn: str, table: str, paths: list[Path], streams: list[Stream],
 # -- scenarios -----------------------------------------------------------------------------
 
 
-def _history(args: argparse.Namespace, fleet: Fleet, name: str) -> tuple[str, str]:
-    table = f"rr_{uuid.uuid4().hex[:12]}"
-    if args.history == "postgresql":
-        return args.pg_dsn, table
-    return f"sqlite:///{fleet.workdir / name / 'history.db'}", table
-
-
 def rolling(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     if not redis_up():
         raise Missing("no Redis on 127.0.0.1:6379")
+    if args.history == "postgresql":
+        postgres_up(args.pg_dsn)
     upstream = fleet.ssesrv()
     table = f"rr_{uuid.uuid4().hex[:12]}"
     dsns = {}
