@@ -582,7 +582,6 @@ def takeover(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     result = tally(streams, count)
     result["signal"] = args.signal
     result["a_exit"] = code
-    result["resumed_after_event"] = [max((q for q in s.seqs[:cut_after + 5]), default=0) for s in streams][:3]
     paths = [fleet.workdir / n / "history.db" for n in ("a", "b")]
     if sig == signal.SIGTERM:
         result.update(wait_history("", table, paths, streams, []))
