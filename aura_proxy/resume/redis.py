@@ -295,9 +295,9 @@ class _Follower:
             self._last_seq = seq
             self._subscriber.replay_event(seq, fields[1])
             return True
-        if fields[0] == b"cut":
-            self.cut = True
-        return False  # the end (or cut) marker
+        # the end marker (whole: even if its writer is gone now) or the cut one
+        self.cut = fields[0] == b"cut"
+        return False
 
     def _failed(self, failure: Failure) -> None:
         if self.done:
