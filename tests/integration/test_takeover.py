@@ -101,3 +101,14 @@ class RollingRestartTests(SynchronousTestCase):
         self.assertGreaterEqual(r["resumed_streams"], 20, r)
         self.assertEqual((r["history_missing"], r["history_twice"]), (0, 0), r)
         self.assertTrue(r["ok"], r)
+
+    def test_rolling_restart_with_workers(self) -> None:
+        """
+        The same with C{workers = 2} on each gateway (SIGTERM to the parent,
+        which closes its socket and has both workers drain): 10 streams, 0
+        lost, 0 duplicated, every connection in history once (SQLite files).
+        """
+        r = scenario(self, "rolling", "--streams", "10", "--workers", "2", "--history", "sqlite")
+        self.assertEqual((r["completed"], r["lost"], r["duplicated"]), (10, 0, 0), r)
+        self.assertEqual((r["history_missing"], r["history_twice"]), (0, 0), r)
+        self.assertTrue(r["ok"], r)
