@@ -29,7 +29,7 @@ from typing import Any, Callable, NoReturn, Optional, Protocol
 from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from aura_proxy.admin import admin_service, gateway_health
@@ -48,7 +48,7 @@ from aura_proxy.proxy import Gateway
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
 from aura_proxy.upstream import UpstreamClient
-from aura_proxy.workers import WorkerSupervisor
+from aura_proxy.workers import DEFAULT_STOP_TIMEOUT, WorkerSupervisor
 
 __all__ = [
     "GatewayService",
@@ -95,14 +95,23 @@ class StopInOrder(MultiService):
 
 
 class _Drain(Service):
-    """On shutdown: end every open stream (recorded as C{shutdown}), close the pool."""
+    """
+    On shutdown (SIGTERM), once the listener has closed: let calls in flight
+    finish for up to C{[gateway] drain_timeout} seconds, then end the streams
+    still open (recorded as C{shutdown}; SSE after a whole event, with a
+    C{retry:} hint, their logs marked cut), stop the resume log (which
+    releases this instance's lease and ends its replays), close the pool.
+    """
 
     name = "drain"
 
-    def __init__(self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog]) -> None:
+    def __init__(
+        self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog], timeout: float = 0.0
+    ) -> None:
         self._gateway = gateway
         self._client = client
         self._resume = resume
+        self._timeout = timeout
 
     def startService(self) -> None:
         Service.startService(self)
@@ -110,12 +119,21 @@ class _Drain(Service):
         if start is not None:
             start()
 
+    async def _drain(self) -> None:
+        if self._timeout > 0:
+            _log.info(
+                "draining: {calls} calls in flight, {streams} streams open; up to {timeout:g} s",
+                calls=self._gateway.streams.calls, streams=len(self._gateway.streams),
+                timeout=self._timeout,
+            )
+            await self._gateway.drain(self._timeout)
+        resume = self._resume
+        await self._gateway.shutdown(then=None if resume is None else lambda: maybeDeferred(resume.stop))
+        await maybeDeferred(self._client.close)
+
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)
-        done: list[Deferred[Any]] = [self._gateway.shutdown(), maybeDeferred(self._client.close)]
-        if self._resume is not None:
-            done.append(maybeDeferred(self._resume.stop))
-        return gatherResults(done).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._drain())
 
 
 class GatewayService(StopInOrder):
@@ -212,7 +230,7 @@ def gateway_service(
         ProcessTuning(reactor, g.fast_path).setServiceParent(top)
     if history is not None:
         history.setServiceParent(top)
-    _Drain(gateway, client, resume).setServiceParent(top)
+    _Drain(gateway, client, resume, g.drain_timeout).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
@@ -245,6 +263,10 @@ def supervisor_service(
     @param supervisor: more keyword arguments of L{WorkerSupervisor} (timeouts).
     """
     top = StopInOrder()
+    # Each worker drains for up to drain_timeout before it exits: wait longer.
+    supervisor.setdefault(
+        "stop_timeout", max(DEFAULT_STOP_TIMEOUT, config.gateway.drain_timeout + 15.0)
+    )
     workers = WorkerSupervisor(config, config_text, reactor, **supervisor)
     workers.setServiceParent(top)
     if demo:

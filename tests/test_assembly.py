@@ -169,7 +169,7 @@ class StopOrderTests(SynchronousTestCase):
         tree = gateway_service(parse_config(ini(), "gw.ini"), fake, tuning=False)
         streams_ended: Deferred[None] = Deferred()
 
-        def shutdown(grace: float = 2.0) -> "Deferred[None]":
+        def shutdown(grace: float = 2.0, then: Any = None) -> "Deferred[None]":
             order.append("streams told to end")
             return streams_ended
 
