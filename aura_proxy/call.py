@@ -63,6 +63,8 @@ class Call:
         self.pipeline = pipeline
         self.request = request
         self.id = new_request_id()
+        # Also on the request, for an answer made outside the path (a 500).
+        request.request_id = self.id  # type: ignore[attr-defined]
         self.started = started
         peer: Optional[str] = getattr(request.getClientAddress(), "host", None)
         self.via: Optional[str] = None
