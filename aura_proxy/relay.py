@@ -122,8 +122,10 @@ class Relay(_RelayCore, Protocol):
     @ivar done: fires with the end reason (C{completed}, C{client_disconnect},
         C{upstream_error}, C{idle_timeout} or C{shutdown}) once the client's
         response is finished or the client is gone.
-    @ivar sent: body bytes written to the client.
+    @ivar sent: body bytes written to the client (none after it left).
     @ivar first_write_at: clock time of the first body write, or None.
+    @ivar left_at: clock time the client left before the response ended, or None.
+    @ivar detached_at: clock time the relay detached into the stream log, or None.
     """
 
     def __init__(
@@ -178,12 +180,37 @@ class Relay(_RelayCore, Protocol):
         self._writer: Optional[ClientWriter] = None
         #: Whether the upstream sent its whole body (even if the client left).
         self.upstream_complete = False
+        #: Clock time the client went away while its response was relayed, or None.
+        self.left_at: Optional[float] = None
+        #: Clock time the relay detached (kept reading into the stream log
+        #: after the client left), or None.
+        self.detached_at: Optional[float] = None
+        self._events_when_left: Optional[int] = None
         self._stopped = False
 
     @property
     def events(self) -> Optional[int]:
-        """SSE events relayed, when an SSE transform counts them; else None."""
+        """
+        SSE events read from the upstream (stamped; those read after the
+        client left included), when an SSE transform counts them; else None.
+        """
         return getattr(self._transform, "count", None)
+
+    @property
+    def delivered(self) -> Optional[int]:
+        """
+        SSE events written to the client: all of L{events}, or those written
+        before the client left (when an SSE transform counts them; else None).
+        """
+        return self.events if self.left_at is None else self._events_when_left
+
+    @property
+    def detached_events(self) -> Optional[int]:
+        """Events read into the stream log after the client left; None when the relay never detached."""
+        if self.detached_at is None:
+            return None
+        events, delivered = self.events, self._events_when_left
+        return None if events is None or delivered is None else events - delivered
 
     def client_transport(self) -> Optional[ITransport]:
         """The client's connection, or None once the client is gone."""
@@ -269,9 +296,14 @@ class Relay(_RelayCore, Protocol):
         if self._client_gone:
             return
         self._client_gone = True
+        # What the client got is fixed now: once per stream, nothing per read
+        # (the step writes nothing more once _client_gone is set).
+        self.left_at = self._clock.seconds()
+        self._events_when_left = self.events
         if self._detach_seconds > 0 and self.transport is not None and self._reason is None:
             # Detached: the upstream goes on into the stream log, unpaused.
             self._reason = "client_disconnect"
+            self.detached_at = self.left_at
             self.transport.resumeProducing()  # type: ignore[attr-defined]
             self._orphan_call = self._clock.callLater(
                 self._detach_seconds, self.stop, "client_disconnect"

@@ -225,6 +225,39 @@ class FlowTests(_RelayCase):
         self.assertEqual(reasons, ["client_disconnect"])
         self.assertFalse(request.finished)
 
+    def test_delivered_stops_when_the_client_leaves(self) -> None:
+        """
+        The relay counts what the client got apart from what it read: events
+        and bytes written before the client left, the moment it left, and
+        (detached) the events read into the log after that.
+        """
+        relay, request, upstream, clock = self.start(transform=Upper(), detach_seconds=30)
+        relay.dataReceived(b"one")
+        relay.dataReceived(b"two")
+        self.assertEqual((relay.delivered, relay.detached_events, relay.left_at), (2, None, None))
+        clock.advance(4)
+        relay.client_gone()
+        self.assertEqual((relay.left_at, relay.detached_at), (4.0, 4.0))
+        self.assertEqual(upstream.state, "producing")
+        relay.dataReceived(b"three")
+        relay.dataReceived(b"four")
+        relay.dataReceived(b"five")
+        self.assertEqual(request.written, [b"ONE", b"TWO"])
+        self.assertEqual((relay.events, relay.delivered, relay.detached_events, relay.sent), (5, 2, 3, 6))
+        end(relay)
+        self.assertEqual((relay.delivered, relay.detached_events, relay.sent), (2, 3, 6))
+
+    def test_left_without_detaching(self) -> None:
+        """A client that leaves a relay that does not detach: delivered is frozen, and there is no tail."""
+        relay, _, upstream, clock = self.start(transform=Upper())
+        relay.dataReceived(b"one")
+        clock.advance(1)
+        relay.client_gone()
+        self.assertEqual(upstream.state, "stopped")
+        end(relay, ResponseFailed([Failure(Exception("closed"))]))
+        self.assertEqual((relay.delivered, relay.detached_events, relay.left_at, relay.detached_at),
+                         (1, None, 1.0, None))
+
     def test_stop_producing_only_pauses(self) -> None:
         """
         The client transport's stopProducing (its connection closing) only

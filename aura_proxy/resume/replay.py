@@ -31,6 +31,7 @@ class Replay:
     @ivar done: fires with the end reason (C{completed}, C{shutdown}: the
         log was cut short, or C{client_disconnect}).
     @ivar events: events written.
+    @ivar sent: bytes of those events written (heartbeats not counted).
     @ivar first_write_at: clock time of the first event written, or None.
     """
 
@@ -55,6 +56,7 @@ class Replay:
         self._last_write = clock.seconds()
         self.done: Deferred[str] = Deferred()
         self.events = 0
+        self.sent = 0
         self.first_write_at: Optional[float] = None
 
     def attached(self, attachment: Attachment) -> None:
@@ -82,6 +84,7 @@ class Replay:
         if self.first_write_at is None:
             self.first_write_at = self._last_write
         self.events += 1
+        self.sent += len(block)
         self._request.write(block)
 
     def replay_end(self) -> None:

@@ -87,7 +87,7 @@ class RelayResponse(ResponseStage):
         request.setResponseCode(response.code, response.phrase)
         if is_sse:
             sse_head(request, call, self._cors, response)
-            stream_id = make_stream_id() if self._inject_ids else None
+            stream_id = call.stream_id = make_stream_id() if self._inject_ids else None
             self._relay(request, call, response, stream_id)
             return
         copy_end_to_end(response.headers, request.responseHeaders, _RESPONSE_DROP)
