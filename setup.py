@@ -21,7 +21,8 @@ setup(
     package_dir={"": "."},
     packages=find_packages(include=["aura_proxy", "aura_proxy.*"]) + ["twisted.plugins"],
     package_data={
-        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "_chunked_read.pyi", "_relay_core.pyi", "history/*.sql"],
+        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "_chunked_read.pyi", "_relay_core.pyi", "history/*.sql",
+                       "dashboard/static/*.html", "dashboard/static/*.js", "dashboard/static/*.css"],
         "twisted": ["plugins/aura_proxy_plugin.py"],
     },
     include_package_data=False,
@@ -61,7 +62,8 @@ setup(
         "txredisapi>=1.4.10",
         # GET /metrics on the admin port ([metrics]): the Prometheus text
         # format and its parser (the parent of workers > 1 sums its
-        # workers' figures), from the maintained client, not hand-written.
+        # workers' figures), from the maintained client, not hand-written;
+        # the dashboard reads the same registry back.
         "prometheus_client>=0.20",
     ],
     extras_require={

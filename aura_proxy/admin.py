@@ -1,6 +1,7 @@
 """
 The admin site (C{admin_listen}): health for load balancers and operators,
-and the Prometheus figures (C{GET /metrics}, L{aura_proxy.metrics}).
+the Prometheus figures (C{GET /metrics}, L{aura_proxy.metrics}) and the
+live dashboard (C{GET /}, L{aura_proxy.dashboard}).
 
 Kept off the client-facing port so that probes never need a tenant and the
 public can never see it.  Built here, and only here, for the single process
@@ -15,16 +16,21 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from klein import Klein
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from aura_proxy.errors import GatewayError, bad_request
+
 if TYPE_CHECKING:
+    from aura_proxy.dashboard import Dashboard, DashboardService
     from aura_proxy.history import HistoryService
     from aura_proxy.proxy import Gateway
 
-__all__ = ["Admin", "HealthReport", "admin_service", "admin_site", "gateway_health"]
+__all__ = [
+    "Admin", "AdminService", "HealthReport", "MetricsText", "admin_service", "admin_site", "gateway_health",
+]
 
 #: What C{GET /healthz} answers: a JSON object whose C{status} is C{"ok"}
 #: while the process serves (anything else answers 503).
@@ -38,8 +44,14 @@ class Admin:
 
     app = Klein()
 
-    def __init__(self, report: HealthReport, metrics: Optional[MetricsText] = None) -> None:
+    def __init__(
+        self,
+        report: HealthReport,
+        dashboard: Optional["Dashboard"] = None,
+        metrics: Optional[MetricsText] = None,
+    ) -> None:
         self._report = report
+        self._dashboard = dashboard
         self._metrics = metrics
 
     def resource(self) -> IResource:
@@ -60,12 +72,74 @@ class Admin:
     def metrics(self, request: Request) -> "bytes | Deferred[bytes]":
         """The Prometheus figures (prometheus_client's text format); 404 when C{[metrics]} is off."""
         if self._metrics is None:
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"application/json")
-            return b'{"error":{"status":404,"code":"not_found","message":"[metrics] enabled = false"}}'
+            return _error(request, GatewayError(404, "not_found", "[metrics] enabled = false"))
         from aura_proxy.metrics import metrics_resource_answer
 
         return self._metrics().addCallback(lambda body: metrics_resource_answer(request, body))
+
+    # -- the dashboard (aura_proxy.dashboard) ----------------------------------
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def dashboard_page(self, request: Request) -> bytes:
+        """The dashboard's page."""
+        return self._static(request, "index.html")
+
+    @app.route("/dashboard/<name>", methods=["GET", "HEAD"])
+    def dashboard_file(self, request: Request, name: str) -> bytes:
+        """The page's script and style sheet."""
+        return self._static(request, name)
+
+    @app.route("/dashboard/snapshot", methods=["GET"])
+    def dashboard_snapshot(self, request: Request) -> Any:
+        """One snapshot as JSON (query parameters: the calls' filter)."""
+        dashboard, where = self._dashboard_request(request)
+        if dashboard is None:
+            return where
+
+        def answer(body: dict[str, object]) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            return json.dumps(body, default=str).encode("utf-8")
+
+        return dashboard.snapshot(where).addCallback(answer)
+
+    @app.route("/dashboard/events", methods=["GET"])
+    def dashboard_events(self, request: Request) -> Any:
+        """Snapshots as Server-Sent Events, every second, until the client leaves."""
+        dashboard, where = self._dashboard_request(request)
+        if dashboard is None:
+            return where
+        return dashboard.attach(request, where)
+
+    def _dashboard_request(self, request: Request) -> Any:
+        """(the dashboard, the calls' filter), or (None, the error's body) after setting its status."""
+        from aura_proxy.history.recent import parse_call_filter
+
+        if self._dashboard is None:
+            return None, _error(request, GatewayError(404, "not_found", "the dashboard is not enabled"))
+        try:
+            where = parse_call_filter(request.args or {})
+        except ValueError as e:
+            return None, _error(request, bad_request(str(e)))
+        return self._dashboard, where
+
+    def _static(self, request: Request, name: str) -> bytes:
+        from aura_proxy.dashboard import STATIC_FILES, static_file
+
+        if self._dashboard is None or name not in STATIC_FILES:
+            return _error(request, GatewayError(404, "not_found", "no such page on the admin site"))
+        request.setHeader(b"content-type", STATIC_FILES[name])
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return static_file(name)
+
+
+def _error(request: Request, error: GatewayError) -> bytes:
+    """Set C{error}'s status and content type on C{request}; its JSON body."""
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return error.body()
 
 
 def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = None) -> HealthReport:
@@ -80,16 +154,57 @@ def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = Non
     return report
 
 
-def admin_site(report: HealthReport, reactor: Any, metrics: Optional[MetricsText] = None) -> Site:
-    """The admin site serving C{report} at C{/healthz} (and C{metrics} at C{/metrics}), without an access log."""
-    site = Site(Admin(report, metrics).resource(), reactor=reactor)
+def admin_site(
+    report: HealthReport,
+    reactor: Any,
+    dashboard: Optional["Dashboard"] = None,
+    metrics: Optional[MetricsText] = None,
+) -> Site:
+    """
+    The admin site serving C{report} at C{/healthz} (C{dashboard} at C{/},
+    C{metrics} at C{/metrics}), without an access log.
+    """
+    site = Site(Admin(report, dashboard, metrics).resource(), reactor=reactor)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
     return site
 
 
+class AdminService(MultiService):
+    """
+    The admin site's services: the dashboard's (its upstream prober, its open
+    streams), when there is one, and the listener.
+
+    @ivar site: the admin site.
+    """
+
+    name = "admin"
+
+    def __init__(
+        self,
+        listen: str,
+        report: HealthReport,
+        reactor: Any,
+        dashboard: Optional["DashboardService"],
+        metrics: Optional[MetricsText] = None,
+    ) -> None:
+        super().__init__()
+        self.site = admin_site(report, reactor, dashboard.dashboard if dashboard is not None else None, metrics)
+        if dashboard is not None:
+            dashboard.setServiceParent(self)
+        strports.service(listen, self.site, reactor=reactor).setServiceParent(self)
+
+
 def admin_service(
-    listen: str, report: HealthReport, reactor: Any, metrics: Optional[MetricsText] = None
+    listen: str,
+    report: HealthReport,
+    reactor: Any,
+    dashboard: Optional["DashboardService"] = None,
+    metrics: Optional[MetricsText] = None,
 ) -> IService:
-    """The admin site listening on C{listen} (an endpoint description) while running."""
-    return strports.service(listen, admin_site(report, reactor, metrics), reactor=reactor)
+    """
+    The admin site listening on C{listen} (an endpoint description) while
+    running; with C{dashboard}, serving it, which runs (and probes the
+    upstreams) while the site does; with C{metrics}, C{GET /metrics}.
+    """
+    return AdminService(listen, report, reactor, dashboard, metrics)

@@ -9,9 +9,11 @@ process of C{workers > 1} (L{aura_proxy.worker}) and the integration tests.
     process serving the gateway and the supervisor of C{workers > 1};
   - L{gateway_service} is one process serving the gateway: process tuning,
     call history, the drain of open streams (and the resume log), the demo
-    agent when asked, the public listener, the admin site;
+    agent when asked, the public listener, the admin site (health, and the
+    dashboard with its upstream prober);
   - L{supervisor_service} is the parent of C{workers > 1}: the supervisor,
-    the demo agent when asked, the admin site reporting the workers.
+    the demo agent when asked, the admin site reporting the workers (its
+    dashboard reads every worker's calls from the history database).
 
 Both trees stop in order, last child first, each once the one before it has
 stopped (L{StopInOrder}): the listeners first, then open streams are ended
@@ -27,7 +29,7 @@ from typing import Any, Callable, NoReturn, Optional, Protocol
 from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from aura_proxy.admin import MetricsText, admin_service, gateway_health
@@ -39,6 +41,7 @@ from aura_proxy.config import (
     default_config_text,
     parse_config,
 )
+from aura_proxy.dashboard import dashboard_service
 from aura_proxy.history import HistoryService, make_history
 from aura_proxy.metrics import GatewayMetrics, exposition
 from aura_proxy.process import ProcessTuning
@@ -46,7 +49,7 @@ from aura_proxy.proxy import Gateway
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
 from aura_proxy.upstream import UpstreamClient
-from aura_proxy.workers import WorkerSupervisor
+from aura_proxy.workers import DEFAULT_STOP_TIMEOUT, WorkerSupervisor
 
 __all__ = [
     "GatewayService",
@@ -93,14 +96,23 @@ class StopInOrder(MultiService):
 
 
 class _Drain(Service):
-    """On shutdown: end every open stream (recorded as C{shutdown}), close the pool."""
+    """
+    On shutdown (SIGTERM), once the listener has closed: let calls in flight
+    finish for up to C{[gateway] drain_timeout} seconds, then end the streams
+    still open (recorded as C{shutdown}; SSE after a whole event, with a
+    C{retry:} hint, their logs marked cut), stop the resume log (which
+    releases this instance's lease and ends its replays), close the pool.
+    """
 
     name = "drain"
 
-    def __init__(self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog]) -> None:
+    def __init__(
+        self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog], timeout: float = 0.0
+    ) -> None:
         self._gateway = gateway
         self._client = client
         self._resume = resume
+        self._timeout = timeout
 
     def startService(self) -> None:
         Service.startService(self)
@@ -108,12 +120,21 @@ class _Drain(Service):
         if start is not None:
             start()
 
+    async def _drain(self) -> None:
+        if self._timeout > 0:
+            _log.info(
+                "draining: {calls} calls in flight, {streams} streams open; up to {timeout:g} s",
+                calls=self._gateway.streams.calls, streams=len(self._gateway.streams),
+                timeout=self._timeout,
+            )
+            await self._gateway.drain(self._timeout)
+        resume = self._resume
+        await self._gateway.shutdown(then=None if resume is None else lambda: maybeDeferred(resume.stop))
+        await maybeDeferred(self._client.close)
+
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)
-        done: list[Deferred[Any]] = [self._gateway.shutdown(), maybeDeferred(self._client.close)]
-        if self._resume is not None:
-            done.append(maybeDeferred(self._resume.stop))
-        return gatherResults(done).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._drain())
 
 
 class GatewayService(StopInOrder):
@@ -175,6 +196,7 @@ def gateway_service(
     site_factory: SiteFactory = GatewaySite,
     admin: bool = True,
     tuning: bool = True,
+    registry: Optional[CollectorRegistry] = None,
     metrics_listen: Optional[str] = None,
 ) -> GatewayService:
     """
@@ -194,19 +216,23 @@ def gateway_service(
         their parent does).
     @param tuning: whether starting the tree tunes the process
         (L{aura_proxy.process}); off only for tests run inside trial's process.
+    @param registry: the process's metrics (L{aura_proxy.metrics}, with
+        C{[metrics]} on), which C{/metrics} and the admin site's dashboard
+        read (default: a new one; one per process, never the global one).
     @param metrics_listen: where a worker serves its own C{/metrics} for its
         parent to sum (a private C{unix:} endpoint); None: nowhere but the
         admin site.
     """
     g = config.gateway
+    if registry is None:
+        registry = CollectorRegistry()
     history = make_history(config.history, reactor)
     client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
     resume = make_resume_log(config.sse, reactor, g.fast_path)
     metrics = None
     if config.metrics.enabled:
-        # One registry per process (never prometheus_client's global one).
         metrics = GatewayMetrics(
-            reactor, CollectorRegistry(auto_describe=False), config.metrics.stall_after,
+            reactor, registry, config.metrics.stall_after,
             worker="main" if admin else None, fast_path=g.fast_path,
         )
         metrics.history, metrics.resume, metrics.client = history, resume, client
@@ -217,7 +243,7 @@ def gateway_service(
         ProcessTuning(reactor, g.fast_path).setServiceParent(top)
     if history is not None:
         history.setServiceParent(top)
-    _Drain(gateway, client, resume).setServiceParent(top)
+    _Drain(gateway, client, resume, g.drain_timeout).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
@@ -226,10 +252,12 @@ def gateway_service(
         listener(site).setServiceParent(top)
     text = _metrics_text(metrics)
     if admin:
-        admin_service(g.admin_listen, gateway_health(gateway, history), reactor, text).setServiceParent(top)
+        health = gateway_health(gateway, history)
+        dashboard = dashboard_service(config, registry, reactor, health)
+        admin_service(g.admin_listen, health, reactor, dashboard, text).setServiceParent(top)
     if metrics_listen is not None and text is not None:
-        # The worker's own figures, for its parent only (no health, no log).
-        admin_service(metrics_listen, lambda: {"status": "ok"}, reactor, text).setServiceParent(top)
+        # The worker's own figures, for its parent only (no dashboard, no log).
+        admin_service(metrics_listen, lambda: {"status": "ok"}, reactor, None, text).setServiceParent(top)
     return top
 
 
@@ -242,22 +270,38 @@ def _metrics_text(metrics: Optional[GatewayMetrics]) -> Optional[MetricsText]:
 
 
 def supervisor_service(
-    config: Config, config_text: str, reactor: Any, *, demo: bool = False, **supervisor: Any
+    config: Config,
+    config_text: str,
+    reactor: Any,
+    *,
+    demo: bool = False,
+    registry: Optional[CollectorRegistry] = None,
+    **supervisor: Any,
 ) -> StopInOrder:
     """
     The parent process of C{workers > 1}: the L{WorkerSupervisor}, the demo
     agent when asked, and the admin site reporting every worker.
 
     @param config_text: the text C{config} was parsed from, handed to workers.
+    @param registry: the whole gateway's metrics, which the admin site's
+        dashboard reads (default: a new, empty one).
     @param supervisor: more keyword arguments of L{WorkerSupervisor} (timeouts).
     """
     top = StopInOrder()
-    workers = WorkerSupervisor(config, config_text, reactor, **supervisor)
+    # Each worker drains for up to drain_timeout before it exits: wait longer.
+    supervisor.setdefault(
+        "stop_timeout", max(DEFAULT_STOP_TIMEOUT, config.gateway.drain_timeout + 15.0)
+    )
+    if registry is None:
+        registry = CollectorRegistry()
+    # With [metrics] on, the workers' figures, summed, land in registry.
+    workers = WorkerSupervisor(config, config_text, reactor, registry=registry, **supervisor)
     workers.setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
+    dashboard = dashboard_service(config, registry, reactor, workers.health)
     text = workers.metrics if config.metrics.enabled else None
-    admin_service(config.gateway.admin_listen, workers.health, reactor, text).setServiceParent(top)
+    admin_service(config.gateway.admin_listen, workers.health, reactor, dashboard, text).setServiceParent(top)
     return top
 
 

@@ -45,12 +45,16 @@ class Call:
         headers are believed), else None.
     @ivar identity: who the request's verified token says the caller is
         (C{[auth]}); None without one.
+    @ivar stream_id: the gateway's id of the SSE stream this call relays or
+        replays, or None.
+    @ivar resumed_after: a replayed stream's C{Last-Event-ID} sequence
+        number, or None.
     """
 
     __slots__ = (
         "pipeline", "request", "id", "started", "client_ip", "via", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
-        "status", "response_size", "is_sse", "end_reason", "identity",
+        "status", "response_size", "is_sse", "end_reason", "identity", "stream_id", "resumed_after",
     )
 
     def __init__(
@@ -59,6 +63,8 @@ class Call:
         self.pipeline = pipeline
         self.request = request
         self.id = new_request_id()
+        # Also on the request, for an answer made outside the path (a 500).
+        request.request_id = self.id  # type: ignore[attr-defined]
         self.started = started
         peer: Optional[str] = getattr(request.getClientAddress(), "host", None)
         self.via: Optional[str] = None
@@ -83,6 +89,8 @@ class Call:
         self.is_sse = False
         self.end_reason: Optional[str] = None
         self.identity: Optional[Identity] = None
+        self.stream_id: Optional[str] = None
+        self.resumed_after: Optional[int] = None
 
     def cancel(self, finished: "Deferred[None]") -> None:
         """

@@ -107,6 +107,11 @@ def bad_request(message: str) -> GatewayError:
     return GatewayError(400, "bad_request", message)
 
 
+def malformed_http() -> GatewayError:
+    """Malformed HTTP (a bad request line or header, bad framing): refused before routing (400)."""
+    return GatewayError(400, "bad_request", "malformed HTTP request: bad request line, header or framing")
+
+
 def cors_forbidden(refused: str) -> GatewayError:
     """
     A CORS preflight from an origin, or for a method or header, that is not

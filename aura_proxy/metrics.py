@@ -501,6 +501,9 @@ class WorkersMetrics:
     one that is not running or did not answer, whose figures are then
     absent), and C{aura_proxy_build_info}.
 
+    Registered in C{registry} (when given) as a collector of the last sum
+    (the dashboard reads it there): L{render} scrapes and refreshes it.
+
     @param workers: the worker slots' indexes and whether each is running.
     @param scrape: fetches one worker's text by index.
     """
@@ -510,10 +513,18 @@ class WorkersMetrics:
         workers: Callable[[], Iterable[tuple[int, bool]]],
         scrape: Scrape,
         fast_path: bool = True,
+        registry: Optional[CollectorRegistry] = None,
     ) -> None:
         self._workers = workers
         self._scrape = scrape
         self._fast_path = fast_path
+        self._families: list[Metric] = []
+        if registry is not None:
+            registry.register(self)  # type: ignore[arg-type]
+
+    def collect(self) -> list[Metric]:
+        """The sum as of the last L{render} (nothing before the first)."""
+        return self._families
 
     def render(self) -> "Deferred[bytes]":
         """Scrape every running worker now; the summed text."""
@@ -531,8 +542,9 @@ class WorkersMetrics:
                 if good:
                     assert isinstance(text, str)
                     texts.append(text)
+            self._families = sum_families(texts) + [up, build_info(self._fast_path)]
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Fixed(sum_families(texts) + [up, build_info(self._fast_path)]))  # type: ignore[arg-type]
+            registry.register(_Fixed(self._families))  # type: ignore[arg-type]
             return generate_latest(registry)
 
         # A failed scrape's result is a Failure (not a str): that worker is down.

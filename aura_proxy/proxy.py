@@ -10,8 +10,9 @@ stage; the end stages (call history) run once for every call when it ends,
 however it was answered.
 
 Before the first stage, while the body arrives, L{aura_proxy.site.GatewayRequest}
-refuses a body over C{max_request_body} (413); L{Gateway.rejected_body}
-records that call too.
+refuses a body over C{max_request_body}: L{Gateway.rejected_body} runs the
+stages that classify a request (tenant, identity, path, route) first, so an
+unrouted path is a 404 whatever its body, then answers 413, and records the call.
 
 A pipeline is built from one frozen L{Config}.  L{Gateway} holds the current
 one; L{Gateway.use} swaps in a pipeline built from a new configuration while
@@ -21,7 +22,7 @@ the requests in flight finish on the one they started with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -187,20 +188,31 @@ class Pipeline:
         if finished is not None and not finished.called:
             finished.callback(None)
 
-    def rejected(self, request: Request, error: GatewayError) -> None:
+    def rejected(self, request: Request, error: GatewayError) -> tuple[GatewayError, str]:
         """
-        Record a request refused before the path (a body over the limit,
-        answered by the site): the stages that classify it tell its tenant,
-        path and route.
+        Answer for, and record, a request refused before the path (a body
+        over the limit, answered by the site): the stages that classify it
+        (tenant, identity, path, route) run first, so that their refusal
+        (an unrouted path's 404, a bad path's 400) is the answer rather than
+        C{error}; they also tell its tenant, path and route.  The gateway's
+        CORS headers are set on C{request.responseHeaders}.
+
+        @return: the error to answer and the call's request id (the id of its
+            history row), for the site to write.
         """
         # Its body is not the gateway's to measure: the site stopped reading it.
         call = Call(self, request, self._seconds())
         for run in self._classifying:
-            if run(request, call) is not None:
+            answer = run(request, call)
+            if answer is not None:
+                if isinstance(answer, GatewayError):
+                    error = answer
                 break
         call.status = error.status
-        call.response_size = len(error.body())
+        call.response_size = len(error.body(call.id))
+        self._cors.apply(request.requestHeaders, request.responseHeaders)
         self.end(request, call)
+        return error, call.id
 
 
 class Gateway:
@@ -249,18 +261,32 @@ class Gateway:
         return GatewayResource(self)
 
     def handle(self, request: Request) -> "Deferred[None]":
-        """Serve one request (L{Pipeline.handle})."""
-        return self.pipeline.handle(request)
+        """Serve one request (L{Pipeline.handle}), counted in flight until it ends."""
+        served = self.pipeline.handle(request)
+        if served.called:
+            return served
+        return self.streams.track(served)
 
-    def rejected_body(self, request: Request, error: GatewayError) -> None:
-        """Record a request refused for its body size before it was routed."""
-        self.pipeline.rejected(request, error)
+    def rejected_body(self, request: Request, error: GatewayError) -> tuple[GatewayError, str]:
+        """
+        A request refused for its body size while it arrived: the error to
+        answer (C{error}, or the refusal of a check that comes before the
+        body limit: L{Pipeline.rejected}) and the call's request id, both
+        for the site's answer (body and X-Request-ID); the call is recorded.
+        """
+        return self.pipeline.rejected(request, error)
 
     def active_streams(self) -> int:
         """How many responses are being relayed now."""
         return len(self.streams)
 
-    def shutdown(self, grace: float = 2.0) -> "Deferred[None]":
+    def drain(self, timeout: float) -> "Deferred[None]":
+        """Let calls in flight finish for up to C{timeout} seconds (on SIGTERM); see L{OpenStreams.drain}."""
+        return self.streams.drain(timeout)
+
+    def shutdown(
+        self, grace: float = 2.0, then: Optional[Callable[[], "Deferred[Any]"]] = None
+    ) -> "Deferred[None]":
         """End every relayed response (on SIGTERM); see L{OpenStreams.shutdown}."""
-        return self.streams.shutdown(grace)
+        return self.streams.shutdown(grace, then)
 

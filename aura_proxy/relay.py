@@ -36,11 +36,16 @@ from zope.interface import implementer
 from aura_proxy import client_wire
 from aura_proxy.client_wire import ClientWriter, end_response
 
-__all__ = ["Relay", "PyRelay", "StreamTransform", "HEARTBEAT", "ACCELERATED"]
+__all__ = ["Relay", "PyRelay", "StreamTransform", "HEARTBEAT", "RETRY_HINT", "ACCELERATED"]
 
 #: What the client gets on a silent SSE stream: a comment line, ignored by
 #: every EventSource, which keeps proxies and browsers from timing out.
 HEARTBEAT = b": keep-alive\n\n"
+
+#: What ends an SSE stream the gateway cuts on shutdown (after a whole event):
+#: a C{retry} field alone, which dispatches nothing and tells an EventSource
+#: to reconnect after one second (to another instance, which resumes it).
+RETRY_HINT = b"retry: 1000\n\n"
 
 _BLOCK_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
@@ -192,8 +197,10 @@ class Relay(_RelayCore, Protocol):
     @ivar done: fires with the end reason (C{completed}, C{client_disconnect},
         C{upstream_error}, C{idle_timeout} or C{shutdown}) once the client's
         response is finished or the client is gone.
-    @ivar sent: body bytes written to the client.
+    @ivar sent: body bytes written to the client (none after it left).
     @ivar first_write_at: clock time of the first body write, or None.
+    @ivar left_at: clock time the client left before the response ended, or None.
+    @ivar detached_at: clock time the relay detached into the stream log, or None.
     """
 
     def __init__(
@@ -248,6 +255,12 @@ class Relay(_RelayCore, Protocol):
         self._writer: Optional[ClientWriter] = None
         #: Whether the upstream sent its whole body (even if the client left).
         self.upstream_complete = False
+        #: Clock time the client went away while its response was relayed, or None.
+        self.left_at: Optional[float] = None
+        #: Clock time the relay detached (kept reading into the stream log
+        #: after the client left), or None.
+        self.detached_at: Optional[float] = None
+        self._events_when_left: Optional[int] = None
         self._stopped = False
         #: Heartbeats written to the client.
         self.heartbeats = 0
@@ -260,8 +273,27 @@ class Relay(_RelayCore, Protocol):
 
     @property
     def events(self) -> Optional[int]:
-        """SSE events relayed, when an SSE transform counts them; else None."""
+        """
+        SSE events read from the upstream (stamped; those read after the
+        client left included), when an SSE transform counts them; else None.
+        """
         return getattr(self._transform, "count", None)
+
+    @property
+    def delivered(self) -> Optional[int]:
+        """
+        SSE events written to the client: all of L{events}, or those written
+        before the client left (when an SSE transform counts them; else None).
+        """
+        return self.events if self.left_at is None else self._events_when_left
+
+    @property
+    def detached_events(self) -> Optional[int]:
+        """Events read into the stream log after the client left; None when the relay never detached."""
+        if self.detached_at is None:
+            return None
+        events, delivered = self.events, self._events_when_left
+        return None if events is None or delivered is None else events - delivered
 
     def client_transport(self) -> Optional[ITransport]:
         """The client's connection, or None once the client is gone."""
@@ -302,7 +334,17 @@ class Relay(_RelayCore, Protocol):
                     error=reason.getErrorMessage(),
                 )
         if self._transform is not None and not self._client_gone:
-            rest = self._transform.flush()
+            if self._reason == "shutdown":
+                # Cut by a drain: never half an event.  The rewriter sends
+                # whole blocks only, so the client has whole events; what it
+                # holds back of the next one is dropped (the client resumes
+                # and gets that event whole), and the retry hint follows.
+                # (An oversized block passed through unparsed has its start
+                # out already: no hint, which would complete it as an event.)
+                self._transform.flush()
+                rest = RETRY_HINT if getattr(self._transform, "at_block_end", True) else b""
+            else:
+                rest = self._transform.flush()
             if rest:
                 self.sent += len(rest)
                 self._request.write(rest)
@@ -337,9 +379,14 @@ class Relay(_RelayCore, Protocol):
         if self._client_gone:
             return
         self._client_gone = True
+        # What the client got is fixed now: once per stream, nothing per read
+        # (the step writes nothing more once _client_gone is set).
+        self.left_at = self._clock.seconds()
+        self._events_when_left = self.events
         if self._detach_seconds > 0 and self.transport is not None and self._reason is None:
             # Detached: the upstream goes on into the stream log, unpaused.
             self._reason = "client_disconnect"
+            self.detached_at = self.left_at
             self.transport.resumeProducing()  # type: ignore[attr-defined]
             self._orphan_call = self._clock.callLater(
                 self._detach_seconds, self.stop, "client_disconnect"

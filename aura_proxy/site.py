@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES, HTTPChannel, datetimeToString
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -24,13 +24,16 @@ from zope.interface import implementer
 from aura_proxy import errors
 from aura_proxy.client_wire import ClientWriter
 from aura_proxy.eventloop import defer_writes
-from aura_proxy.twisted_internals import channel_protocol_factory, direct_send_transport, request_line
+from aura_proxy.request_ids import new_request_id
+from aura_proxy.twisted_internals import (
+    answer_malformed_requests, channel_protocol_factory, direct_send_transport, request_line,
+)
 
 if TYPE_CHECKING:
     from aura_proxy.proxy import Gateway
 
 __all__ = [
-    "GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "client_left", "is_secure",
+    "GatewayChannel", "GatewayRequest", "StockGatewayChannel", "GatewayResource", "GatewaySite", "client_left", "is_secure",
 ]
 
 log = Logger()
@@ -49,6 +52,9 @@ class GatewayRequest(Request):
     too_large = False
     body_length = 0
     client_gone = False
+    #: The request's id (its X-Request-ID and history row id), once the
+    #: gateway has made its call (L{aura_proxy.call.Call}).
+    request_id: Optional[str] = None
     #: What L{GatewayResource} serves this request with: cancelled if the
     #: connection is lost before the response is finished.
     serving: "Optional[Deferred[None]]" = None
@@ -187,20 +193,38 @@ class GatewayRequest(Request):
         self.method, self.uri, self.clientproto = request_line(channel)
         self.path = self.uri.partition(b"?")[0]
         error = errors.body_too_large(self._limit())
-        body = error.body()
-        transport = self.channel.transport  # type: ignore[union-attr]
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
-        )
-        transport.loseConnection()
-        site = getattr(self.channel, "site", None)
+        site = getattr(channel, "site", None)
         gateway = getattr(site, "gateway", None)
+        # Recorded first: the answer carries the id of the call's history
+        # row; a check that comes before the body limit (an unrouted path's
+        # 404) may answer instead.
         if gateway is not None:
-            gateway.rejected_body(self, error)
+            error, request_id = gateway.rejected_body(self, error)
+        else:
+            request_id = new_request_id()
+        body = error.body(request_id)
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b"Error")),
+            b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"X-Request-ID: %s\r\n" % request_id.encode("ascii"),
+            b"Connection: close\r\n",
+        ]
+        for name, values in self.responseHeaders.getAllRawHeaders():  # the gateway's CORS headers
+            head += [b"%s: %s\r\n" % (name, value) for value in values]
+        transport = channel.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.write(b"".join(head) + b"\r\n" + body)
+        transport.loseConnection()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """
+        The site failed to serve the request (a bug): the gateway's JSON 500
+        with a request id, as L{GatewayResource} answers it, never
+        twisted.web's HTML page.
+        """
+        _failed(reason, self)
+        return reason
 
 
 _SERVER = [server_version]
@@ -229,6 +253,10 @@ class GatewayChannel(HTTPChannel):
 
     secure: Optional[bool] = None
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header longer than the channel reads: the gateway's 400."""
+        _malformed(self)
+
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):
             HTTPChannel.writeHeaders(self, version, code, reason, headers)
@@ -241,6 +269,49 @@ class GatewayChannel(HTTPChannel):
         self.transport.write(b"".join(parts))  # type: ignore[union-attr]
 
 
+class StockGatewayChannel(HTTPChannel):
+    """
+    twisted.web's own channel (C{fast_path = off}: every head and body byte
+    is written by twisted.web) with the gateway's answer to malformed HTTP.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header longer than the channel reads: the gateway's 400."""
+        _malformed(self)
+
+
+def _malformed(channel: HTTPChannel) -> None:
+    """
+    Answer malformed HTTP (a bad request line or header, bad framing, a line
+    too long) before any request was made of it: the gateway's JSON 400
+    with a request id (body and X-Request-ID, named in a debug log line
+    too), then close, as twisted.web's bare 400 does.  No history row:
+    there is no request to record.
+    """
+    request_id = new_request_id()
+    body = errors.malformed_http().body(request_id)
+    transport = channel.transport
+    if transport is not None:
+        transport.write(
+            b"HTTP/1.1 400 Bad Request\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"X-Request-ID: %s\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), request_id.encode("ascii"), body)
+        )
+        log.debug(
+            "malformed HTTP request from {peer}: 400 bad_request (request {request_id})",
+            peer=getattr(transport.getPeer(), "host", "-"), request_id=request_id,
+        )
+    channel.loseConnection()
+
+
+#: Whether malformed HTTP gets the gateway's JSON 400 (else twisted.web's bare one).
+MALFORMED_ANSWERED = all([
+    answer_malformed_requests(GatewayChannel, _malformed),
+    answer_malformed_requests(StockGatewayChannel, _malformed),
+])
+
 _wrap_channel = channel_protocol_factory()
 
 
@@ -248,9 +319,9 @@ def _gateway_protocol(site: "GatewaySite") -> Any:
     # twisted.web's default wraps a new channel in the protocol that can
     # switch to HTTP/2 after TLS negotiation; the same, with GatewayChannel
     # (fast_path = off: twisted.web's own channel writes the heads).
-    if not site.fast_path or _wrap_channel is None:
+    if _wrap_channel is None:
         return Site.protocol(site)  # type: ignore[call-arg]
-    return _wrap_channel(GatewayChannel())
+    return _wrap_channel(GatewayChannel() if site.fast_path else StockGatewayChannel())
 
 
 class GatewaySite(Site):
@@ -348,7 +419,14 @@ def _served(result: None, request: Request) -> None:
 def _failed(failure: Failure, request: Request) -> None:
     if failure.check(CancelledError):
         return
-    log.failure("unhandled error serving {path}", failure, path=_text(request.uri or b""))
+    # The call's id (L{aura_proxy.call.Call} leaves it on the request), or a
+    # new one when the failure came before there was a call: the client's
+    # answer and the log line with the traceback name the same id.
+    request_id = getattr(request, "request_id", None) or new_request_id()
+    log.failure(
+        "unhandled error serving {path} (request {request_id})", failure,
+        path=_text(request.uri or b""), request_id=request_id,
+    )
     if request.finished or client_left(request):
         return
     if request.startedWriting:
@@ -357,10 +435,11 @@ def _failed(failure: Failure, request: Request) -> None:
         if transport is not None:
             getattr(transport, "abortConnection", transport.loseConnection)()
         return
-    body = errors.internal_error().body()
+    body = errors.internal_error().body(request_id)
     request.setResponseCode(500)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
     request.write(body)
     request.finish()
 

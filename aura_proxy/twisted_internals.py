@@ -45,6 +45,7 @@ __all__ = [
     "DataLoss",
     "channel_protocol_factory",
     "request_line",
+    "answer_malformed_requests",
     "tcp_endpoint_address",
     "accept_one_at_a_time",
     "quiet_pool",
@@ -406,6 +407,35 @@ def request_line(channel: Any) -> tuple[bytes, bytes, bytes]:
         getattr(channel, "_path", b""),
         getattr(channel, "_version", b"HTTP/1.1"),
     )
+
+
+def _check_bad_request() -> Optional[str]:
+    from twisted.web.http import HTTPChannel
+
+    if not callable(getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)):
+        return "HTTPChannel has no _respondToBadRequestAndDisconnect"
+    return _uses(HTTPChannel.lineReceived, "_respondToBadRequestAndDisconnect")
+
+
+_probe(
+    "bad_request", "HTTPChannel._respondToBadRequestAndDisconnect",
+    "the gateway's JSON 400 (with a request id) for malformed HTTP, instead of a bare 400",
+    _check_bad_request,
+)
+
+
+def answer_malformed_requests(channel_class: type, answer: Callable[[Any], None]) -> bool:
+    """
+    Make C{channel_class} (the gateway's own subclass of C{HTTPChannel})
+    answer malformed HTTP (a bad request line or header, bad framing) with
+    C{answer(channel)}, which must write the answer and close the
+    connection.  False: unavailable on this Twisted, and twisted.web's bare
+    C{400 Bad Request} stays.
+    """
+    if not available("bad_request"):
+        return False
+    setattr(channel_class, "_respondToBadRequestAndDisconnect", answer)
+    return True
 
 
 # -- listening ports -----------------------------------------------------------------

@@ -65,6 +65,8 @@ log = Logger("aura_proxy.workers")
 
 #: Seconds the parent waits for one worker's figures before counting it down.
 METRICS_SCRAPE_TIMEOUT = 5.0
+#: Seconds between the parent's own readings of its workers' figures (for the dashboard).
+METRICS_REFRESH = 5.0
 #: Seconds the parent waits for its workers after SIGTERM before SIGKILL.
 DEFAULT_STOP_TIMEOUT = 30.0
 #: Seconds before the first restart of a worker that died.
@@ -205,6 +207,7 @@ class WorkerSupervisor(Service):
         max_delay: float = DEFAULT_MAX_DELAY,
         stable_after: float = DEFAULT_STABLE_AFTER,
         executable: str = sys.executable,
+        registry: Any = None,
     ) -> None:
         """
         @param config_text: the INI text of C{config}, handed to every worker
@@ -224,6 +227,17 @@ class WorkerSupervisor(Service):
         self._stopping = False
         # Where the workers serve their figures (made at start): None when [metrics] is off.
         self._metrics_dir: Optional[str] = None
+        self._metrics_sum: Any = None
+        self._metrics_refresh: Any = None
+        if config.metrics.enabled:
+            from aura_proxy.metrics import WorkersMetrics
+
+            # The sum of the workers' figures, in registry too (the dashboard
+            # reads it), refreshed at each GET /metrics and every few seconds.
+            self._metrics_sum = WorkersMetrics(
+                lambda: [(w.index, w.alive) for w in self.workers], self._scrape_worker,
+                config.gateway.fast_path, registry,
+            )
 
     def metrics_socket(self, worker: WorkerState) -> Optional[str]:
         """The Unix socket where C{worker} serves its figures, or None when C{[metrics]} is off."""
@@ -236,21 +250,20 @@ class WorkerSupervisor(Service):
         The parent's C{GET /metrics}: every running worker's figures, summed,
         and C{aura_proxy_up{worker}} per slot (L{aura_proxy.metrics.WorkersMetrics}).
         """
-        from aura_proxy.metrics import WorkersMetrics
+        if self._metrics_sum is None:
+            return succeed(b"")
+        return self._metrics_sum.render()  # type: ignore[no-any-return]
 
-        def scrape(index: int) -> "Deferred[Optional[str]]":
-            path = self.metrics_socket(self.workers[index - 1])
-            if path is None:
-                return succeed(None)
-            agent = Agent.usingEndpointFactory(self._reactor, _UnixSocket(self._reactor, path))
-            d = agent.request(b"GET", b"http://worker/metrics")
-            d.addCallback(lambda response: readBody(response) if response.code == 200 else None)
-            d.addTimeout(METRICS_SCRAPE_TIMEOUT, self._reactor)
-            return d.addCallback(lambda body: body.decode("utf-8") if body is not None else None)
-
-        return WorkersMetrics(
-            lambda: [(w.index, w.alive) for w in self.workers], scrape, self.config.gateway.fast_path
-        ).render()
+    def _scrape_worker(self, index: int) -> "Deferred[Optional[str]]":
+        """Worker C{index}'s own figures (its text), over its private socket."""
+        path = self.metrics_socket(self.workers[index - 1])
+        if path is None:
+            return succeed(None)
+        agent = Agent.usingEndpointFactory(self._reactor, _UnixSocket(self._reactor, path))
+        d = agent.request(b"GET", b"http://worker/metrics")
+        d.addCallback(lambda response: readBody(response) if response.code == 200 else None)
+        d.addTimeout(METRICS_SCRAPE_TIMEOUT, self._reactor)
+        return d.addCallback(lambda body: body.decode("utf-8") if body is not None else None)
 
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
@@ -273,10 +286,15 @@ class WorkerSupervisor(Service):
         self._bind()
         super().startService()
         self._stopping = False
-        if self.config.metrics.enabled and self._metrics_dir is None:
+        if self._metrics_sum is not None and self._metrics_dir is None:
+            from twisted.internet.task import LoopingCall
+
             from aura_proxy.metrics import private_socket_dir
 
             self._metrics_dir = private_socket_dir()
+            self._metrics_refresh = LoopingCall(self._metrics_sum.render)
+            self._metrics_refresh.clock = self._reactor
+            self._metrics_refresh.start(METRICS_REFRESH, now=False)
         assert self._socket is not None
         host, port = self._socket.getsockname()[:2]
         log.info(
@@ -293,16 +311,24 @@ class WorkerSupervisor(Service):
                 worker.restart_call.cancel()
             worker.restart_call = None
         Service.stopService(self)
+        # The parent's copy of the listening socket goes first: once every
+        # worker has closed its own (each drains with its listener closed),
+        # new connections are refused, so a load balancer sends them to
+        # another instance instead of queueing them here.
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
 
-        def close(result: object) -> None:
-            sock, self._socket = self._socket, None
-            if sock is not None:
-                sock.close()
+        refresh, self._metrics_refresh = self._metrics_refresh, None
+        if refresh is not None and refresh.running:
+            refresh.stop()
+
+        def forget_sockets(result: object) -> None:
             directory, self._metrics_dir = self._metrics_dir, None
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
 
-        return self._drain().addCallback(close)
+        return self._drain().addCallback(forget_sockets)
 
     # -- workers ---------------------------------------------------------------
 

@@ -390,6 +390,16 @@ class WorkersSumTests(SynchronousTestCase):
         self.assertEqual(samples[("aura_proxy_upstream_pool_connections", (("state", "idle"),))], 0)
         self.assertIn(("aura_proxy_build_info", (("fast_path", "on"), ("version", "0.1.0"))), samples)
 
+    def test_last_sum_in_the_registry(self) -> None:
+        """The parent's registry (which the dashboard reads) holds the sum of the last scrape."""
+        registry = CollectorRegistry(auto_describe=False)
+        text = self.worker_text(2, 10)
+        summed = WorkersMetrics(lambda: [(1, True), (2, True)], lambda index: succeed(text), registry=registry)
+        self.assertIsNone(registry.get_sample_value("aura_proxy_sse_streams_total", {"route": "aura"}))
+        self.successResultOf(summed.render())
+        self.assertEqual(registry.get_sample_value("aura_proxy_sse_streams_total", {"route": "aura"}), 4)
+        self.assertEqual(registry.get_sample_value("aura_proxy_up", {"worker": "2"}), 1)
+
     def test_gauges_of_a_dead_worker_vanish(self) -> None:
         """Summing only what answered: a gauge is the sum over the workers still there."""
         clock = Clock()
@@ -412,7 +422,7 @@ class AdminMetricsTests(SynchronousTestCase):
         """The registry's text, with prometheus_client's content type."""
         registry = CollectorRegistry(auto_describe=False)
         GatewayMetrics(Clock(), registry)
-        client = StubTreq(Admin(lambda: {"status": "ok"}, lambda: succeed(exposition(registry))).resource())
+        client = StubTreq(Admin(lambda: {"status": "ok"}, metrics=lambda: succeed(exposition(registry))).resource())
         response = self.successResultOf(client.get("http://admin/metrics"))
         self.assertEqual(response.code, 200)
         self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version="))

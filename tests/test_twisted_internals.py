@@ -99,6 +99,10 @@ class CanaryTests(SynchronousTestCase):
         """HTTPConnectionPool builds its protocols with _factory."""
         self.assertProbe("pool_factory")
 
+    def test_bad_request(self) -> None:
+        """HTTPChannel answers malformed HTTP through _respondToBadRequestAndDisconnect."""
+        self.assertProbe("bad_request")
+
     def test_nothing_else_unavailable(self) -> None:
         """On a tested Twisted every fast path is available but those known to be off there."""
         off = {key for key, internal in internals.INTERNALS.items() if not internal.ok}
@@ -234,6 +238,40 @@ class FallbackTests(SynchronousTestCase):
         self.assertIsNotNone(internals.channel_protocol_factory())
         switched_off(self, "channel_protocol")
         self.assertIsNone(internals.channel_protocol_factory())
+
+    def test_malformed_answer(self) -> None:
+        """
+        A channel class gets the gateway's answer to malformed HTTP; without
+        the private name, it keeps twisted.web's bare 400.
+        """
+        from twisted.internet.testing import StringTransport
+
+        answered: list[object] = []
+
+        def answer(channel: HTTPChannel) -> None:
+            answered.append(channel)
+            channel.loseConnection()
+
+        class Ours(HTTPChannel):
+            pass
+
+        self.assertTrue(internals.answer_malformed_requests(Ours, answer))
+        channel = Ours()
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"NOT HTTP\r\n\r\n")
+        self.assertEqual(answered, [channel])
+
+        class Stock(HTTPChannel):
+            pass
+
+        switched_off(self, "bad_request")
+        self.assertFalse(internals.answer_malformed_requests(Stock, answer))
+        transport = StringTransport()
+        channel = Stock()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"NOT HTTP\r\n\r\n")
+        self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertEqual(len(answered), 1)
 
     def test_request_line(self) -> None:
         """The request line a channel is reading; defaults without the names."""

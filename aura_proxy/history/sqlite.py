@@ -9,6 +9,7 @@ at once on the one connection.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from itertools import chain
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -18,6 +19,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from aura_proxy.history.recent import CallFilter, recent_sql
 from aura_proxy.history.schema import COLUMNS, Row, insert_sql, load_migrations, version_table
 
 __all__ = ["SQLiteBackend", "sqlite_path"]
@@ -49,6 +51,21 @@ _ROW_ERRORS = (
 _NOTHING: dict[None, None] = {}
 sqlite3.register_adapter(type(None), _NOTHING.get)  # type: ignore[arg-type]
 sqlite3.register_adapter(bool, int)
+
+
+#: SQLite's ALTER TABLE has no ADD COLUMN IF NOT EXISTS: the backend checks.
+_ADD_COLUMN = re.compile(r"^ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)\s", re.I)
+
+
+def _adds_existing_column(conn: sqlite3.Connection, statement: str) -> bool:
+    """Whether C{statement} adds a column its table already has (then it is skipped)."""
+    match = _ADD_COLUMN.match(statement)
+    if match is None:
+        return False
+    table, column = match.groups()
+    # table is the validated configured name (the only one the DDL names).
+    have = {row[1].lower() for row in conn.execute(f"PRAGMA table_info({table})")}
+    return column.lower() in have
 
 
 def sqlite_path(dsn: str) -> str:
@@ -83,6 +100,13 @@ class SQLiteBackend:
     def insert(self, rows: Sequence[Row]) -> "Deferred[int]":
         """Insert C{rows} in one transaction; fire with how many were new."""
         return self._run(self._insert_rows, list(rows))
+
+    def recent(self, where: CallFilter) -> "Deferred[list[tuple[Any, ...]]]":
+        """
+        The newest calls matching C{where} (L{aura_proxy.history.recent}'s
+        columns), read in the backend's thread.
+        """
+        return self._run(self._select, *recent_sql(self.table, "qmark", where))
 
     def is_row_error(self, failure: Failure) -> bool:
         """Constraint, range, type or encoding problems are the row's fault."""
@@ -147,7 +171,8 @@ class SQLiteBackend:
                 ).fetchone()
                 if not done:
                     for statement in migration.statements:
-                        conn.execute(statement)
+                        if not _adds_existing_column(conn, statement):
+                            conn.execute(statement)
                     conn.execute(
                         f"INSERT INTO {versions} (version, description, applied_at) "
                         "VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
@@ -180,6 +205,11 @@ class SQLiteBackend:
             conn.execute("ROLLBACK")
             raise
         return inserted
+
+    def _select(self, sql: str, params: list[object]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            raise sqlite3.OperationalError("history database is not open")
+        return self._conn.execute(sql, params).fetchall()
 
     def _statement(self, rows: int) -> str:
         statement = self._statements.get(rows)

@@ -96,7 +96,7 @@ class RelayResponse(ResponseStage):
         request.setResponseCode(response.code, response.phrase)
         if is_sse:
             sse_head(request, call, self._cors, response)
-            stream_id = make_stream_id() if self._inject_ids else None
+            stream_id = call.stream_id = make_stream_id() if self._inject_ids else None
             self._relay(request, call, response, stream_id)
             return
         copy_end_to_end(response.headers, request.responseHeaders, _RESPONSE_DROP)
@@ -152,8 +152,14 @@ class RelayResponse(ResponseStage):
         if self._metrics is not None:
             self._metrics.stream_ended(relay, reason)
         if stream_id is not None and self._resume is not None:
+            cut = getattr(self._resume, "cut", None) if self._streams.draining else None
             if relay.upstream_complete:
                 self._resume.close(stream_id)
+            elif cut is not None:
+                # Cut by this instance's shutdown, not by its upstream: the
+                # log stays, marked cut, so that a client resuming on another
+                # instance gets what it missed, then goes upstream.
+                cut(stream_id)
             else:
                 self._resume.abandon(stream_id)
         call.end_reason = reason
@@ -230,3 +236,7 @@ class _Counted:
     def counter(self) -> object:
         """What the relay's metering reads C{seq} from (L{SseRewriter.counter})."""
         return self._rewriter.counter
+
+    @property
+    def at_block_end(self) -> bool:
+        return self._rewriter.at_block_end

@@ -71,6 +71,7 @@ class Resume(Stage):
         if log is None:
             _upstream_again(request, upstream_id)
             return GO_ON
+        call.stream_id, call.resumed_after = stream_id, seq
         finished = call.finished
         if finished is None:  # (an earlier stage that waited, e.g. for JWKS keys, made one)
             finished = call.finished = Deferred(call.cancel)
@@ -100,8 +101,10 @@ class Resume(Stage):
                 self._metrics.replay_started(call, replay)
             replay.attached(attachment)
             return
-        # Not replayable: upstream after all, through the stages after this one.
+        # Not replayable: upstream after all, through the stages after this one
+        # (as a new stream, with an id of its own).
         call.replay = None
+        call.stream_id = call.resumed_after = None
         # Another tenant's stream: nothing of it, not even its upstream id,
         # goes with this request.
         _upstream_again(call.request, None if attachment is FOREIGN else upstream_id)
