@@ -14,7 +14,10 @@ I{parent}):
     that doubles for each worker that dies soon after it started (so a worker
     that cannot start does not spin);
   - reports every worker in its health report (L{WorkerSupervisor.health}),
-    which the parent's admin site serves at C{GET /healthz};
+    which the parent's admin site serves at C{GET /healthz} (and
+    C{GET /readyz}: ready while at least one worker runs);
+  - forwards SIGUSR1 (reopen the access log file, after logrotate) to
+    every worker (L{signal_workers});
   - on shutdown (SIGTERM/SIGINT to twistd) sends SIGTERM to every worker and
     waits for them to end (each ends its open streams and flushes its history
     like a single-process gateway), then SIGKILLs whatever is left after
@@ -211,6 +214,16 @@ class WorkerSupervisor(Service):
         self._executable = executable
         self._socket: Optional[socket.socket] = None
         self._stopping = False
+
+    @property
+    def listening(self) -> bool:
+        """Whether the shared listening socket is bound (from start to stop)."""
+        return self._socket is not None
+
+    def signal_workers(self, name: str) -> None:
+        """Send signal C{name} (C{"USR1"}: reopen the access log) to every running worker."""
+        for worker in self.workers:
+            self._signal(worker, name)
 
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
