@@ -70,13 +70,13 @@ _second: list[Any] = [None, ""]
 
 
 def _iso(t: float) -> str:
-    """C{t} (Unix time) as ISO 8601 UTC with milliseconds; the seconds formatted once per second."""
-    whole = int(t)
+    """C{t} (Unix time) as ISO 8601 UTC, rounded to the millisecond; the seconds formatted once per second."""
+    whole, ms = divmod(int(t * 1000.0 + 0.5), 1000)
     cache = _second
     if cache[0] != whole:
         cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         cache[0] = whole
-    return "%s.%03dZ" % (cache[1], int((t - whole) * 1000.0))
+    return "%s.%03dZ" % (cache[1], ms)
 
 
 _JSON_CALL = (
