@@ -21,6 +21,7 @@ stopped (L{StopInOrder}): the listeners first, then open streams are ended
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any, Callable, NoReturn, Optional, Protocol
 
@@ -240,7 +241,7 @@ class _ForwardUsr1(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        self._restore = install_usr1(self._reactor, lambda: self._workers.signal_workers("USR1"))
+        self._restore = install_usr1(self._reactor, lambda: self._workers.signal_workers(signal.SIGUSR1))
 
     def stopService(self) -> None:
         Service.stopService(self)

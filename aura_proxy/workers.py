@@ -32,7 +32,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
@@ -220,10 +220,14 @@ class WorkerSupervisor(Service):
         """Whether the shared listening socket is bound (from start to stop)."""
         return self._socket is not None
 
-    def signal_workers(self, name: str) -> None:
-        """Send signal C{name} (C{"USR1"}: reopen the access log) to every running worker."""
+    def signal_workers(self, number: int) -> None:
+        """
+        Send signal C{number} (SIGUSR1: reopen the access log) to every
+        running worker.  (A number: Twisted's C{signalProcess} takes only a
+        few signals by name, and USR1 is not one of them.)
+        """
         for worker in self.workers:
-            self._signal(worker, name)
+            self._signal(worker, number)
 
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
@@ -373,7 +377,7 @@ class WorkerSupervisor(Service):
 
         return DeferredList(waits).addCallback(done)
 
-    def _signal(self, worker: WorkerState, name: str) -> None:
+    def _signal(self, worker: WorkerState, name: Union[str, int]) -> None:
         if worker.process is None:
             return
         try:

@@ -67,7 +67,7 @@ __all__ = [
 reactor: Any = _global_reactor
 
 #: A test configuration: listeners are unused (start_gateway listens itself),
-#: history is off.  Format with routes=..., gateway=..., extra=...
+#: history and the access log are off.  Format with routes=..., gateway=..., extra=...
 BASE_INI = """\
 [gateway]
 {gateway}
@@ -97,6 +97,10 @@ enabled = false
 inject_ids = false
 resume = off
 on_client_disconnect = cancel
+
+; The access log off: the gateway runs inside trial's process.
+[log]
+access = off
 {extra}
 """
 
