@@ -18,7 +18,7 @@ from typing import Any, Optional
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone
 
-from tests.integration.gateway import ChunkCollector, client, parse_events, twistd_ini, wait_until
+from tests.integration.gateway import ChunkCollector, client, parse_events, sleep, twistd_ini, wait_until
 from tests.integration.upstreams import free_port, start_fastapi_upstream, start_process, tail
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -192,6 +192,34 @@ class TwistdHealthAccessTests(TestCase):
         self.assertEqual(line["request_id"], second)
         self.assertEqual(len(self.lines(rotated)), 2)
         self.assertIn("access log: reopened", tail(process.log_path))  # type: ignore[attr-defined]
+
+    async def test_stream_line_at_its_end(self) -> None:
+        """
+        A stream writes nothing to the access log while it runs (not per
+        event, not per flush), and one line when it ends: here when the
+        client leaves, with the events it got so far.
+        """
+        log = self.workdir / "access.log"
+        self.start(
+            "[history]\nenabled = false\n[sse]\ninject_ids = true\nresume = off\n"
+            f"on_client_disconnect = cancel\n[log]\naccess = {log}\nformat = json\n"
+        )
+        http_client, _ = client()
+        response = await http_client.get(
+            f"http://127.0.0.1:{self.listen}/api/aura/endless?interval=0.05", headers=TENANT, unbuffered=True)
+        self.assertEqual(response.code, 200)
+        collector = ChunkCollector()
+        response.deliverBody(collector)
+        await collector.wait_for(lambda body: body.count(b"event: tick") >= 5)
+        # Several flushes of the writer pass while the stream runs.
+        await sleep(2.5)
+        self.assertEqual(self.lines(log), [])
+        collector.abort()
+        await collector.done
+        [line] = await wait_until(lambda: self.lines(log), 15, "no line after the stream ended")
+        self.assertEqual((line["is_stream"], line["path"], line["end_reason"]),
+                         (True, "/api/aura/endless", "client_disconnect"))
+        self.assertGreaterEqual(line["event_count"], 5)
 
     async def test_access_log_text_on_stdout(self) -> None:
         """The shipped default (access = stdout, format = text): one text line per call in the process output."""
