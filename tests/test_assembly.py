@@ -14,6 +14,7 @@ from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aura_proxy import assembly
@@ -240,6 +241,32 @@ class DecisionTests(SynchronousTestCase):
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config_text, text)
         self.assertFalse(any(isinstance(s, ProcessTuning) for s in tree))
+
+
+class StartWarningTests(SynchronousTestCase):
+    """What L{make_service} warns about before it builds anything."""
+
+    def warnings(self, text: str) -> list[str]:
+        with capturedLogs() as events:
+            make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock())
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_deprecated_key(self) -> None:
+        """A deprecated key is one warning line naming the file, the key and what to write instead."""
+        [line] = self.warnings(ini("access_log = false"))
+        self.assertTrue(line.startswith("gw.ini: [gateway] access_log is deprecated"), line)
+        self.assertIn("[log] access = off", line)
+
+    def test_admin_beyond_loopback(self) -> None:
+        """An admin site beyond loopback without a token is a warning; with a token, or on loopback, none."""
+        open_admin = ini().replace("admin_listen = tcp:8081:interface=127.0.0.1", "admin_listen = tcp:8081")
+        [line] = self.warnings(open_admin)
+        self.assertIn("beyond loopback, without [admin] token_file", line)
+        self.assertEqual(self.warnings(ini()), [])
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("0123456789abcdef0123\n")
+        self.assertEqual(self.warnings(open_admin + f"[admin]\ntoken_file = {token}\n"), [])
 
 
 class FileTests(SynchronousTestCase):
