@@ -239,7 +239,8 @@ class Gateway:
         """
         Serve new requests on a pipeline built from C{config}; requests in
         flight finish on the pipeline they started on.  (The listeners,
-        the upstream pool, history and the stream log stay as they are.)
+        the upstream pool, history, the stream log and where the access log
+        goes stay as they are; its format follows C{config}.)
         """
         self.pipeline = build_pipeline(config, self._services)
 
