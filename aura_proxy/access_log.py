@@ -443,8 +443,18 @@ class AccessLogService(Service):
         self._ticker: Optional[LoopingCall] = None
         self._restore: Optional[Callable[[], None]] = None
 
-    def startService(self) -> None:
-        """Open the log (a file that cannot be opened stops the start), start the timer."""
+    def privilegedStartService(self) -> None:
+        """
+        Open the log before twistd gives up its privileges (C{--uid}), as
+        nginx opens its logs: a file that cannot be opened stops the start
+        here, before the reactor runs.
+        """
+        Service.privilegedStartService(self)
+        self._open()
+
+    def _open(self) -> None:
+        if self.writer.is_open:
+            return
         try:
             self.writer.open()
         except OSError as e:
@@ -452,6 +462,10 @@ class AccessLogService(Service):
                 e.errno or errno.EIO,
                 f"[log] access: cannot open {self.writer.target!r} ({e.strerror or e})",
             ) from e
+
+    def startService(self) -> None:
+        """Open the log if not yet open (a file that cannot be opened stops the start), start the timer."""
+        self._open()
         Service.startService(self)
         self._ticker = LoopingCall(self.writer.flush)
         self._ticker.clock = self._clock  # type: ignore[assignment]

@@ -345,6 +345,22 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("[log] access", str(error))
         self.assertIn(path, str(error))
 
+    def test_opened_before_privileges_are_dropped(self) -> None:
+        """privilegedStartService opens the file (before twistd's --uid); startService keeps that descriptor."""
+        service = AccessLogService(AccessLogWriter(self.path), Clock(), signals=False)
+        service.privilegedStartService()
+        self.assertTrue(service.writer.is_open)
+        os.rename(self.path, self.path + ".moved")
+        service.startService()
+        service.write("x\n")
+        service.stopService()
+        with open(self.path + ".moved") as f:
+            self.assertEqual(f.read(), "x\n")
+        path = os.path.join(self.mktemp(), "missing-dir", "access.log")
+        error = self.assertRaises(
+            OSError, AccessLogService(AccessLogWriter(path), Clock(), signals=False).privilegedStartService)
+        self.assertIn("[log] access", str(error))
+
     def test_sigusr1_reopens(self) -> None:
         """
         With signals, SIGUSR1 has the reactor reopen the file (the handler
