@@ -22,6 +22,7 @@ from aura_proxy.routes import PathPattern, PatternError
 from aura_proxy.upstream_trust import KeyFileError, TrustKey, load_keys
 
 __all__ = [
+    "AdminConfig",
     "AuthConfig",
     "Config",
     "ConfigError",
@@ -30,6 +31,7 @@ __all__ = [
     "HeadersConfig",
     "HistoryConfig",
     "IDENTITY_HEADERS",
+    "LogConfig",
     "Network",
     "RouteConfig",
     "SseConfig",
@@ -97,7 +99,6 @@ class GatewayConfig:
     drain_timeout: float = 30.0
     max_request_body: int = 10485760
     max_idle_connections: int = 100
-    access_log: bool = True
     #: Processes sharing the listening socket (C{auto} is resolved to
     #: C{os.cpu_count()} when the file is parsed); see L{aura_proxy.workers}.
     workers: int = 1
@@ -229,6 +230,41 @@ class UpstreamTrustConfig:
     keys: tuple[TrustKey, ...] = ()
 
 
+#: What C{[log] access} may name besides a file path.
+ACCESS_LOG_OFF, ACCESS_LOG_STDOUT = "off", "stdout"
+#: The shortest C{[admin] token_file} token accepted, in bytes.
+ADMIN_TOKEN_MIN = 16
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """
+    The C{[log]} section: the access log (L{aura_proxy.access_log}).
+
+    @ivar access: C{off}, C{stdout} or the path of a file (appended to,
+        reopened on SIGUSR1).
+    @ivar format: C{json} (one object per line) or C{text}.
+    """
+
+    access: str = ACCESS_LOG_STDOUT
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """
+    The C{[admin]} section: who may use the admin site.
+
+    @ivar token_file: the file holding the admin bearer token, as configured;
+        empty: the admin site asks for no token.
+    @ivar token: its token, read when the configuration is loaded (kept out
+        of C{repr}); None without a token file.
+    """
+
+    token_file: str = ""
+    token: Optional[bytes] = field(default=None, repr=False)
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole, valid gateway configuration."""
@@ -242,6 +278,12 @@ class Config:
     sse: SseConfig = field(default_factory=SseConfig)
     upstream_trust: UpstreamTrustConfig = field(default_factory=UpstreamTrustConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    #: What the file asks for in a way that still works but will not for
+    #: ever (a deprecated key), one line each: logged at start, printed by
+    #: the check command.
+    deprecations: tuple[str, ...] = ()
 
 
 # -- value parsers -----------------------------------------------------------
@@ -511,6 +553,7 @@ _GATEWAY: _Schema = {
     "drain_timeout": _seconds,
     "max_request_body": _count(0),
     "max_idle_connections": _count(0),
+    # Deprecated: read into [log] access (see _log).
     "access_log": _boolean,
     "workers": _workers,
     "fast_path": _boolean,
@@ -579,6 +622,30 @@ _AUTH: _Schema = {
     "token_from": _token_sources,
 }
 
+def _access_target(text: str) -> str:
+    if not text:
+        raise _Invalid("expected off, stdout or the path of a file, got nothing")
+    if text in (ACCESS_LOG_OFF, ACCESS_LOG_STDOUT):
+        return text
+    if text.lower() in ("on", "true", "yes", "1", "false", "no", "0", "none", "-"):
+        raise _Invalid(f"expected off, stdout or the path of a file, got {text!r}")
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise _Invalid(f"{text!r}: the directory {directory!r} does not exist")
+    if os.path.isdir(text):
+        raise _Invalid(f"{text!r} is a directory, not a file")
+    return text
+
+
+_LOG: _Schema = {
+    "access": _access_target,
+    "format": _one_of("json", "text"),
+}
+
+_ADMIN: _Schema = {
+    "token_file": str,
+}
+
 _SECTIONS = {
     "gateway": _GATEWAY,
     "headers": _HEADERS,
@@ -587,6 +654,8 @@ _SECTIONS = {
     "sse": _SSE,
     "upstream_trust": _UPSTREAM_TRUST,
     "auth": _AUTH,
+    "log": _LOG,
+    "admin": _ADMIN,
 }
 
 
@@ -651,10 +720,12 @@ def parse_config(text: str, source: str) -> Config:
             reader.problem(
                 name, None,
                 "unknown section (known: gateway, route:NAME, headers, cors, history, sse, "
-                "upstream_trust, auth)",
+                "upstream_trust, auth, log, admin)",
             )
 
-    gateway = _make(GatewayConfig, reader.section("gateway", _GATEWAY))
+    gateway_values = reader.section("gateway", _GATEWAY)
+    old_access_log = gateway_values.pop("access_log", None)
+    gateway = _make(GatewayConfig, gateway_values)
     forced = os.environ.get(FAST_PATH_ENV, "").strip()
     if forced:
         # An operator's (and CI's) switch to stock mode without editing files.
@@ -684,6 +755,9 @@ def parse_config(text: str, source: str) -> Config:
     sse = _make(SseConfig, reader.section("sse", _SSE))
     upstream_trust = _upstream_trust(reader)
     auth = _auth(reader, _make(AuthConfig, reader.section("auth", _AUTH)))
+    deprecations: list[str] = []
+    log = _log(reader, old_access_log, deprecations)
+    admin = _admin(reader)
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
@@ -741,6 +815,9 @@ def parse_config(text: str, source: str) -> Config:
         sse=sse,
         upstream_trust=upstream_trust,
         auth=auth,
+        log=log,
+        admin=admin,
+        deprecations=tuple(deprecations),
     )
 
 
@@ -790,6 +867,60 @@ def _upstream_trust(reader: _Reader) -> UpstreamTrustConfig:
         reader.problem("upstream_trust", "key_file", str(e))
         return UpstreamTrustConfig()
     return UpstreamTrustConfig(key_file, keys)
+
+
+def _log(reader: _Reader, old_access_log: object, deprecations: list[str]) -> LogConfig:
+    """
+    The C{[log]} section; the deprecated C{[gateway] access_log} still read
+    (true: C{access = stdout}, false: C{off}) with a deprecation line, but
+    refused next to C{[log] access}: which one would win is not obvious.
+    """
+    values = reader.section("log", _LOG)
+    if old_access_log is not None:
+        if reader.parser.has_option("log", "access"):
+            reader.problem(
+                "gateway", "access_log",
+                "replaced by [log] access, which this file sets too: remove access_log",
+            )
+        else:
+            access = ACCESS_LOG_STDOUT if old_access_log else ACCESS_LOG_OFF
+            values["access"] = access
+            deprecations.append(
+                f"{reader.source}: [gateway] access_log is deprecated and will be refused in a "
+                f"later release: write [log] access = {access} instead (read as that; "
+                "access = PATH writes to a file)"
+            )
+    return _make(LogConfig, values)
+
+
+def _admin(reader: _Reader) -> AdminConfig:
+    """The C{[admin]} section, its token file read now (a start-up error, not a 401 for everyone later)."""
+    values = reader.section("admin", _ADMIN)
+    token_file = values.get("token_file", "")
+    assert isinstance(token_file, str)
+    if not token_file:
+        return AdminConfig()
+    try:
+        with open(token_file, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        reader.problem("admin", "token_file", f"cannot read {token_file!r} ({e.strerror or e})")
+        return AdminConfig()
+    if len(token) < ADMIN_TOKEN_MIN:
+        reader.problem(
+            "admin", "token_file",
+            f"{token_file!r} holds a token of {len(token)} bytes; at least {ADMIN_TOKEN_MIN} "
+            "are needed (e.g. `openssl rand -hex 32 > FILE`)",
+        )
+        return AdminConfig()
+    if any(b < 0x21 or b > 0x7E for b in token):
+        reader.problem(
+            "admin", "token_file",
+            f"{token_file!r}: the token must be one line of printable ASCII without spaces "
+            "(it is sent as Authorization: Bearer TOKEN)",
+        )
+        return AdminConfig()
+    return AdminConfig(token_file, token)
 
 
 def _auth(reader: _Reader, auth: AuthConfig) -> AuthConfig:

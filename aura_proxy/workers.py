@@ -14,7 +14,10 @@ I{parent}):
     that doubles for each worker that dies soon after it started (so a worker
     that cannot start does not spin);
   - reports every worker in its health report (L{WorkerSupervisor.health}),
-    which the parent's admin site serves at C{GET /healthz};
+    which the parent's admin site serves at C{GET /healthz} (and
+    C{GET /readyz}: ready while at least one worker runs);
+  - forwards SIGUSR1 (reopen the access log file, after logrotate) to
+    every worker (L{signal_workers});
   - on shutdown (SIGTERM/SIGINT to twistd) sends SIGTERM to every worker and
     waits for them to end (each ends its open streams and flushes its history
     like a single-process gateway), then SIGKILLs whatever is left after
@@ -29,7 +32,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
@@ -212,6 +215,20 @@ class WorkerSupervisor(Service):
         self._socket: Optional[socket.socket] = None
         self._stopping = False
 
+    @property
+    def listening(self) -> bool:
+        """Whether the shared listening socket is bound (from start to stop)."""
+        return self._socket is not None
+
+    def signal_workers(self, number: int) -> None:
+        """
+        Send signal C{number} (SIGUSR1: reopen the access log) to every
+        running worker.  (A number: Twisted's C{signalProcess} takes only a
+        few signals by name, and USR1 is not one of them.)
+        """
+        for worker in self.workers:
+            self._signal(worker, number)
+
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
         workers = [w.summary() for w in self.workers]
@@ -361,7 +378,7 @@ class WorkerSupervisor(Service):
 
         return DeferredList(waits).addCallback(done)
 
-    def _signal(self, worker: WorkerState, name: str) -> None:
+    def _signal(self, worker: WorkerState, name: Union[str, int]) -> None:
         if worker.process is None:
             return
         try:
