@@ -44,6 +44,7 @@ from aura_proxy.proxy import Gateway
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
 from aura_proxy.upstream import UpstreamClient
+from aura_proxy.upstream_tls import UpstreamTlsPolicy
 from aura_proxy.workers import WorkerSupervisor
 
 __all__ = [
@@ -194,7 +195,10 @@ def gateway_service(
     """
     g = config.gateway
     history = make_history(config.history, reactor)
-    client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
+    client = UpstreamClient(
+        reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path,
+        tls_policy=UpstreamTlsPolicy(config.routes),
+    )
     resume = make_resume_log(config.sse, reactor, g.fast_path)
     gateway = Gateway(config, reactor, client, history, resume)
     site = site_factory(gateway, reactor=reactor)
@@ -207,7 +211,9 @@ def gateway_service(
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
-        strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
+        # One listener per endpoint of [gateway] listen, all serving one site.
+        for description in g.listen:
+            strports.service(description, site, reactor=reactor).setServiceParent(top)
     else:
         listener(site).setServiceParent(top)
     if admin:
