@@ -22,7 +22,7 @@ from twisted.web.server import version as server_version
 from zope.interface import implementer
 
 from aura_proxy import errors
-from aura_proxy.client_wire import ClientWriter
+from aura_proxy.client_wire import ClientWriter, abort_client
 from aura_proxy.eventloop import defer_writes
 from aura_proxy.twisted_internals import channel_protocol_factory, direct_send_transport, request_line
 
@@ -73,7 +73,9 @@ class GatewayRequest(Request):
     def client_writer(self) -> Optional[ClientWriter]:
         """
         The writer of this response's body, once its head is out, when the
-        fast path is safe: the site's C{fast_path} on, HTTP/1.1 (not HTTP/2),
+        fast path is safe: the site's C{fast_path} on, HTTP/1.1 (not HTTP/2:
+        an HTTP/2 stream's bytes go through Twisted's H2Connection, framed and
+        flow-controlled per stream, by twisted.web's own C{write}),
         plain TCP (not TLS; L{direct_send_transport} decides, and says no when
         Twisted's write buffers are not as expected), a body to send (not
         C{HEAD}, 204 or 304), the client still there.  None: write through
@@ -183,13 +185,19 @@ class GatewayRequest(Request):
 
     def _reject(self) -> None:
         channel = self.channel
+        error = errors.body_too_large(self._limit())
+        body = error.body()
+        transport = channel.transport  # type: ignore[union-attr]
+        if transport is None:
+            # An HTTP/2 stream (its channel; no transport of its own): the
+            # answer ends this stream, the connection's others go on.  The
+            # stream is still being set up when gotLength refuses it: answer
+            # on the next turn.
+            channel.site.reactor.callLater(0, self._reject_stream, error, body)  # type: ignore[union-attr,attr-defined]
+            return
         # The request line is known to the channel only until requestReceived.
         self.method, self.uri, self.clientproto = request_line(channel)
         self.path = self.uri.partition(b"?")[0]
-        error = errors.body_too_large(self._limit())
-        body = error.body()
-        transport = self.channel.transport  # type: ignore[union-attr]
-        assert transport is not None
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\n"
             b"Content-Type: application/json\r\n"
@@ -197,6 +205,26 @@ class GatewayRequest(Request):
             b"Connection: close\r\n\r\n%s" % (len(body), body)
         )
         transport.loseConnection()
+        self._rejected(error)
+
+    def _reject_stream(self, error: Any, body: bytes) -> None:
+        """L{_reject} on an HTTP/2 stream: a 413 on this stream alone."""
+        channel: Any = self.channel
+        if channel is None or self.client_gone:
+            return
+        self.method = channel.command or b""
+        self.uri = channel.path or b""
+        self.clientproto = b"HTTP/2"
+        self.path = self.uri.partition(b"?")[0]
+        channel.writeHeaders(
+            b"HTTP/2", b"413", b"Payload Too Large",
+            Headers({b"content-type": [b"application/json"], b"content-length": [b"%d" % len(body)]}),
+        )
+        channel.write(body)
+        channel.loseConnection()
+        self._rejected(error)
+
+    def _rejected(self, error: Any) -> None:
         site = getattr(self.channel, "site", None)
         gateway = getattr(site, "gateway", None)
         if gateway is not None:
@@ -353,9 +381,7 @@ def _failed(failure: Failure, request: Request) -> None:
         return
     if request.startedWriting:
         # Half a response is out: the client must not take it for the whole.
-        transport = request.channel.transport  # type: ignore[union-attr]
-        if transport is not None:
-            getattr(transport, "abortConnection", transport.loseConnection)()
+        abort_client(request)
         return
     body = errors.internal_error().body()
     request.setResponseCode(500)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     Certificate,
-    CertificateOptions,
     PrivateCertificate,
     optionsForClientTLS,
     platformTrust,
@@ -35,7 +35,7 @@ __all__ = ["UpstreamTlsPolicy", "client_tls_options"]
 _ALPN = [b"http/1.1"]
 
 
-def client_tls_options(hostname: str, tls: UpstreamTls) -> CertificateOptions:
+def client_tls_options(hostname: str, tls: UpstreamTls) -> IOpenSSLClientConnectionCreator:
     """
     Twisted's client TLS options for the upstream C{hostname} (a name or an
     IP address) under the route setting C{tls}.
@@ -46,7 +46,7 @@ def client_tls_options(hostname: str, tls: UpstreamTls) -> CertificateOptions:
             [Certificate.loadPEM(pem) for pem in _pem_certificates(tls.ca_pem)]
         )
     client = PrivateCertificate.loadPEM(tls.client_pem) if tls.client_pem is not None else None
-    return optionsForClientTLS(  # type: ignore[no-any-return]
+    return optionsForClientTLS(
         hostname, trustRoot=trust, clientCertificate=client, acceptableProtocols=_ALPN
     )
 
@@ -74,10 +74,10 @@ class UpstreamTlsPolicy:
             if url.scheme == "https":
                 host = url.to_uri().host.encode("ascii")
                 self._settings.setdefault((host, url.port or 443), route.tls)
-        self._built: dict[tuple[bytes, int], object] = {}
+        self._built: dict[tuple[bytes, int], IOpenSSLClientConnectionCreator] = {}
         self._default = BrowserLikePolicyForHTTPS()
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> object:
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         """The TLS connection creator for the upstream at C{hostname}:C{port}."""
         key = (hostname, port)
         built = self._built.get(key)
