@@ -598,7 +598,7 @@ class HttpsUpstreamTests(TestCase):
         stream = client.request("/api/secure/endless")
         await wait_until(lambda: stream in client.ended, 15, "no answer")
         self.assertEqual(dict(client.headers[stream])[b":status"], b"502")
-        self.assertEqual(json.loads(client.data[stream])["error"]["status"], 502)
+        self.assertEqual(json.loads(client.data[stream])["error"]["code"], "upstream_unavailable")
         self.assertEqual(endless.open, [])
 
     async def test_mutual_tls(self) -> None:
