@@ -17,8 +17,10 @@ import twisted
 
 from twisted.internet import tcp
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
@@ -82,6 +84,32 @@ class CanaryTests(SynchronousTestCase):
     def test_channel_protocol(self) -> None:
         """twisted.web.http._GenericHTTPChannelProtocol wraps a channel in _channel."""
         self.assertProbe("channel_protocol")
+
+    def test_channel_protocol_switches_to_http2(self) -> None:
+        """
+        The wrapper the gateway's site puts around its channel becomes
+        Twisted's own H2Connection when TLS negotiated h2 by ALPN: HTTP/2
+        needs no code of aura-proxy's, and GatewayChannel (HTTP/1.1 only)
+        never sees an HTTP/2 byte.
+        """
+        import h2.config
+        import h2.connection
+        from twisted.internet.testing import StringTransport
+        from twisted.web._http2 import H2Connection
+
+        from aura_proxy.site import GatewayChannel
+
+        wrap = internals.channel_protocol_factory()
+        assert wrap is not None
+        protocol = wrap(GatewayChannel())
+        transport = StringTransport()
+        transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        client = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        protocol.dataReceived(client.data_to_send())
+        self.assertIsInstance(protocol._channel, H2Connection)
+        protocol.connectionLost(Failure(ConnectionDone()))
 
     def test_request_line(self) -> None:
         """HTTPChannel keeps the request line in _command, _path and _version."""
