@@ -32,7 +32,7 @@ import h2.settings
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString, wrapClientTLS
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IOpenSSLContextFactory, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
@@ -588,6 +588,33 @@ class HttpsUpstreamTests(TestCase):
         self.assertEqual(headers.get(b"x-kept"), b"2")
         self.assertNotIn(b"x-secret", headers)
         self.assertEqual(json.loads(client.data[hop]), {"ok": True})
+
+    async def test_sni_and_host_name_verified(self) -> None:
+        """
+        An https://localhost:PORT upstream gets the host name as SNI, and its
+        certificate is checked for that name (the test certificate names
+        localhost and 127.0.0.1).
+        """
+        names: list[Optional[bytes]] = []
+        options = self.server_options(self.pki)
+
+        @implementer(IOpenSSLContextFactory)
+        class RecordingContext:
+            def getContext(self) -> Any:
+                context = options.getContext()
+                context.set_tlsext_servername_callback(lambda conn: names.append(conn.get_servername()))
+                return context
+
+        upstream, _, _ = await start_upstream(self, RecordingContext())  # type: ignore[arg-type]
+        text = gateway_ini(0, routes=(
+            f"[route:secure]\npath = /api/secure/**\nupstream = https://localhost:{upstream}/api/aura\n"
+            f"strip_prefix = 2\nca_file = {self.pki.ca}\n"))
+        port, _ = await start_tls_gateway(self, text, self.pki)
+        client = await h2_connect(self, port, self.pki)
+        hop = client.request("/api/secure/hop")
+        await wait_until(lambda: hop in client.ended, 10, "no answer through https://localhost")
+        self.assertEqual(dict(client.headers[hop])[b":status"], b"200")
+        self.assertEqual(set(names), {b"localhost"})
 
     async def test_untrusted_upstream_is_502(self) -> None:
         """An https:// upstream whose certificate does not chain to ca_file: 502 with a JSON body."""
