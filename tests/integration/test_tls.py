@@ -399,8 +399,9 @@ class TwistdTlsTests(TestCase):
         One gateway listens on tcp: and ssl: (listen = tcp:A, ssl:B, with
         the test CA as extraCertChain).  Over TLS, curl --http2 gets HTTP/2
         (ALPN): a JSON document, an SSE stream and a POST stream, every
-        event there, no Connection or Transfer-Encoding header; curl
-        --http1.1 gets HTTP/1.1 over the same port; plain tcp: still answers.
+        event there, no Connection or Transfer-Encoding header; the upstream
+        hears X-Forwarded-Proto https and the :authority as X-Forwarded-Host;
+        curl --http1.1 gets HTTP/1.1 over the same port; plain tcp: still answers.
         """
         curl = _curl_http2()
         if curl is None:
@@ -453,6 +454,10 @@ class TwistdTlsTests(TestCase):
             f"{base}/stream")
         self.assertEqual(version, "2")
         self.assertEqual(body.count("event: token"), 3, body)
+        _, body, version = run("--http2", f"{base}/echo/x?q=1")
+        echoed = dict((k, v) for k, v in json.loads(body)["headers"])
+        self.assertEqual((version, echoed.get("x-forwarded-proto")), ("2", "https"))
+        self.assertEqual(echoed.get("x-forwarded-host"), f"127.0.0.1:{secure}")
         head, body, version = run("--http1.1", f"{base}/stream?count=2&interval=0.02")
         self.assertEqual(version, "1.1")
         self.assertIn("transfer-encoding: chunked", head.lower())
