@@ -24,7 +24,12 @@ from zope.interface import implementer
 from aura_proxy import errors
 from aura_proxy.client_wire import ClientWriter, abort_client
 from aura_proxy.eventloop import defer_writes
-from aura_proxy.twisted_internals import channel_protocol_factory, direct_send_transport, request_line
+from aura_proxy.twisted_internals import (
+    channel_protocol_factory,
+    direct_send_transport,
+    request_line,
+    stop_stream_body,
+)
 
 if TYPE_CHECKING:
     from aura_proxy.proxy import Gateway
@@ -222,6 +227,8 @@ class GatewayRequest(Request):
         )
         channel.write(body)
         channel.loseConnection()
+        # The client may still be sending the body: have it stop.
+        stop_stream_body(channel)
         self._rejected(error)
 
     def _rejected(self, error: Any) -> None:

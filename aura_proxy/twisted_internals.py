@@ -45,6 +45,7 @@ __all__ = [
     "DataLoss",
     "channel_protocol_factory",
     "request_line",
+    "stop_stream_body",
     "tcp_endpoint_address",
     "accept_one_at_a_time",
     "quiet_pool",
@@ -406,6 +407,56 @@ def request_line(channel: Any) -> tuple[bytes, bytes, bytes]:
         getattr(channel, "_path", b""),
         getattr(channel, "_version", b"HTTP/1.1"),
     )
+
+
+# -- HTTP/2 streams ------------------------------------------------------------------
+
+
+def _check_h2_stream_done() -> Optional[str]:
+    from twisted.web._http2 import H2Connection, H2Stream
+
+    return (
+        _uses(H2Connection._requestDone, "_streamCleanupCallbacks")
+        or _uses(H2Connection.abortRequest, "conn", "reset_stream", "_tryToWriteControlData")
+        or _uses(H2Stream.__init__, "_conn", "streamID")
+    )
+
+
+_probe(
+    "h2_stream_done", "H2Connection._streamCleanupCallbacks, conn, _tryToWriteControlData; H2Stream._conn",
+    "an HTTP/2 request body refused (413) stops without ending the connection's other streams",
+    _check_h2_stream_done,
+)
+
+
+def stop_stream_body(stream: Any) -> bool:
+    """
+    Once the response on the HTTP/2 C{stream} (an H2Stream) has been sent
+    whole, reset the stream with C{NO_ERROR} (RFC 9113 8.1): the client
+    stops sending its request body, and DATA frames already on their way are
+    dropped by the h2 state machine.  Without it, Twisted's H2Connection
+    meets DATA for a stream it has forgotten and drops the whole connection.
+
+    @return: whether it will be done.
+    """
+    if not available("h2_stream_done"):
+        return False
+    conn: Any = getattr(stream, "_conn", None)
+    done = getattr(conn, "_streamCleanupCallbacks", {}).get(getattr(stream, "streamID", None))
+    if done is None:
+        return False
+    stream_id = stream.streamID
+
+    def reset(result: object) -> object:
+        try:
+            conn.conn.reset_stream(stream_id, error_code=0)
+        except Exception:
+            return result  # the client ended or reset it already
+        conn._tryToWriteControlData()
+        return result
+
+    done.addCallback(reset)
+    return True
 
 
 # -- listening ports -----------------------------------------------------------------

@@ -111,6 +111,10 @@ class CanaryTests(SynchronousTestCase):
         self.assertIsInstance(protocol._channel, H2Connection)
         protocol.connectionLost(Failure(ConnectionDone()))
 
+    def test_h2_stream_done(self) -> None:
+        """H2Connection keeps a cleanup Deferred per stream and its h2 connection in conn."""
+        self.assertProbe("h2_stream_done")
+
     def test_request_line(self) -> None:
         """HTTPChannel keeps the request line in _command, _path and _version."""
         self.assertProbe("request_line")
@@ -262,6 +266,44 @@ class FallbackTests(SynchronousTestCase):
         self.assertIsNotNone(internals.channel_protocol_factory())
         switched_off(self, "channel_protocol")
         self.assertIsNone(internals.channel_protocol_factory())
+
+    def test_stop_stream_body(self) -> None:
+        """
+        An HTTP/2 stream whose response is done is reset with NO_ERROR once
+        Twisted has cleaned it up; without the names nothing is scheduled
+        (the stream just ends, as stock Twisted ends it).
+        """
+        from twisted.internet.defer import Deferred
+
+        class H2:
+            def __init__(self) -> None:
+                self.resets: list[tuple[int, int]] = []
+                self.flushed = 0
+
+            def reset_stream(self, stream_id: int, error_code: int) -> None:
+                self.resets.append((stream_id, error_code))
+
+        class Conn:
+            def __init__(self) -> None:
+                self.conn = H2()
+                self._streamCleanupCallbacks = {3: Deferred()}
+
+            def _tryToWriteControlData(self) -> None:
+                self.conn.flushed += 1
+
+        class Stream:
+            streamID = 3
+
+            def __init__(self) -> None:
+                self._conn = Conn()
+
+        stream = Stream()
+        self.assertTrue(internals.stop_stream_body(stream))
+        self.assertEqual(stream._conn.conn.resets, [])
+        stream._conn._streamCleanupCallbacks[3].callback(3)
+        self.assertEqual((stream._conn.conn.resets, stream._conn.conn.flushed), ([(3, 0)], 1))
+        switched_off(self, "h2_stream_done")
+        self.assertFalse(internals.stop_stream_body(Stream()))
 
     def test_request_line(self) -> None:
         """The request line a channel is reading; defaults without the names."""
