@@ -9,7 +9,7 @@ to L{aura_proxy.proxy.Gateway}, where the request path is.
 from __future__ import annotations
 
 from time import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -27,6 +27,7 @@ from aura_proxy.eventloop import defer_writes
 from aura_proxy.twisted_internals import (
     channel_protocol_factory,
     direct_send_transport,
+    hold_connection_timeout,
     request_line,
     stop_stream_body,
 )
@@ -63,6 +64,8 @@ class GatewayRequest(Request):
     _writer_unasked = True
     #: Body bytes twisted.web's own write counted (the writer counts the rest).
     _sent_by_web = 0
+    #: Gives an HTTP/2 connection its idle timeout back (L{process}).
+    _release_idle: Optional[Callable[[], None]] = None
 
     @property
     def sentLength(self) -> int:  # type: ignore[override]
@@ -149,6 +152,7 @@ class GatewayRequest(Request):
         upstream request or the relay; see L{GatewayResource}).
         """
         self.client_gone = True
+        self._idle_again()
         if self._writer is not None:
             self._writer.lose()
         Request.connectionLost(self, reason)
@@ -165,6 +169,13 @@ class GatewayRequest(Request):
         if self._writer is not None:
             self._writer.end()
         Request.finish(self)
+        self._idle_again()
+
+    def _idle_again(self) -> None:
+        release = self._release_idle
+        if release is not None:
+            self._release_idle = None
+            release()
 
     def process(self) -> None:
         """
@@ -177,6 +188,9 @@ class GatewayRequest(Request):
         formatted once a second.
         """
         self.site = site = self.channel.site  # type: ignore[union-attr,attr-defined]
+        if self.clientproto == b"HTTP/2":
+            # Not timed out while served, as twisted.web's HTTP/1.1 channel.
+            self._release_idle = hold_connection_timeout(self.channel)
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", _SERVER)
         # Wall-clock time, as twisted.web's own: the Date header tells the time of day.

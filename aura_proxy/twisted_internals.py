@@ -46,6 +46,7 @@ __all__ = [
     "channel_protocol_factory",
     "request_line",
     "stop_stream_body",
+    "hold_connection_timeout",
     "tcp_endpoint_address",
     "accept_one_at_a_time",
     "quiet_pool",
@@ -457,6 +458,60 @@ def stop_stream_body(stream: Any) -> bool:
 
     done.addCallback(reset)
     return True
+
+
+def _check_h2_idle() -> Optional[str]:
+    from twisted.protocols.policies import TimeoutMixin
+    from twisted.web._http2 import H2Connection, H2Stream
+
+    if not issubclass(H2Connection, TimeoutMixin):
+        return "H2Connection is no longer a TimeoutMixin"
+    return _uses(H2Stream.__init__, "_conn")
+
+
+_probe(
+    "h2_idle", "H2Stream._conn (an H2Connection, a TimeoutMixin)",
+    "an HTTP/2 connection is not timed out while one of its requests is served "
+    "(as twisted.web's HTTP/1.1 channel)",
+    _check_h2_idle,
+)
+
+
+def hold_connection_timeout(stream: Any) -> Optional[Callable[[], None]]:
+    """
+    Suspend the idle timeout of the HTTP/2 connection C{stream} (an H2Stream)
+    belongs to while its request is served, as twisted.web's HTTP/1.1 channel
+    suspends its own; the returned function releases the hold (the timeout
+    comes back with the connection's last request).  Twisted's H2Connection
+    would otherwise close the connection, every stream with it, after its
+    timeout (the site's, 60 s by default) without a frame: a slow upstream,
+    or an SSE stream silent longer than that without heartbeats.
+
+    @return: the release, or None when this Twisted has not the names (the
+        connection keeps Twisted's own timeout).
+    """
+    if not available("h2_idle"):
+        return None
+    conn: Any = getattr(stream, "_conn", None)
+    if conn is None or not hasattr(conn, "setTimeout"):
+        return None
+    held = getattr(conn, "_aura_held", 0)
+    if not held:
+        conn._aura_saved_timeout = conn.setTimeout(None)
+    conn._aura_held = held + 1
+    released: list[bool] = []
+
+    def release() -> None:
+        if released:
+            return
+        released.append(True)
+        conn._aura_held -= 1
+        if not conn._aura_held:
+            saved = conn._aura_saved_timeout
+            if saved is not None and getattr(conn, "transport", None) is not None:
+                conn.setTimeout(saved)
+
+    return release
 
 
 # -- listening ports -----------------------------------------------------------------

@@ -11,6 +11,7 @@ and checks that stock Twisted then serves.
 from __future__ import annotations
 
 import socket
+from typing import Any
 import sys
 
 import twisted
@@ -114,6 +115,10 @@ class CanaryTests(SynchronousTestCase):
     def test_h2_stream_done(self) -> None:
         """H2Connection keeps a cleanup Deferred per stream and its h2 connection in conn."""
         self.assertProbe("h2_stream_done")
+
+    def test_h2_idle(self) -> None:
+        """An H2Stream keeps its H2Connection, a TimeoutMixin, in _conn."""
+        self.assertProbe("h2_idle")
 
     def test_request_line(self) -> None:
         """HTTPChannel keeps the request line in _command, _path and _version."""
@@ -266,6 +271,43 @@ class FallbackTests(SynchronousTestCase):
         self.assertIsNotNone(internals.channel_protocol_factory())
         switched_off(self, "channel_protocol")
         self.assertIsNone(internals.channel_protocol_factory())
+
+    def test_hold_connection_timeout(self) -> None:
+        """
+        An HTTP/2 connection's idle timeout is off while any of its requests
+        is held and back (its old value) when the last is released; a
+        release counts once; without the names nothing is held.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols.policies import TimeoutMixin
+
+        class Conn(TimeoutMixin):
+            def __init__(self) -> None:
+                self.timeouts: list[Any] = []
+                self.transport = StringTransport()
+                self.timeOut = 60
+
+            def setTimeout(self, period: Any) -> Any:
+                self.timeouts.append(period)
+                previous, self.timeOut = self.timeOut, period
+                return previous
+
+        class Stream:
+            def __init__(self, conn: Conn) -> None:
+                self._conn = conn
+
+        conn = Conn()
+        first = internals.hold_connection_timeout(Stream(conn))
+        second = internals.hold_connection_timeout(Stream(conn))
+        assert first is not None and second is not None
+        self.assertEqual(conn.timeouts, [None])
+        first()
+        first()
+        self.assertEqual(conn.timeouts, [None])
+        second()
+        self.assertEqual(conn.timeouts, [None, 60])
+        switched_off(self, "h2_idle")
+        self.assertIsNone(internals.hold_connection_timeout(Stream(Conn())))
 
     def test_stop_stream_body(self) -> None:
         """

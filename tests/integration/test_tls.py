@@ -271,8 +271,12 @@ async def _abort_tls(site: Any) -> None:
     await sleep(0.05)
 
 
+#: The client-facing site's idle timeout in these tests (twisted.web's default: 60 s).
+SITE_TIMEOUT = 60.0
+
+
 def _tracking_site(gateway: Gateway, *, reactor: Any) -> TrackingSite:
-    site = TrackingSite(gateway, reactor=reactor)
+    site = TrackingSite(gateway, reactor=reactor, timeout=SITE_TIMEOUT)
     site.noisy = False
     site.displayTracebacks = False
     return site
@@ -321,6 +325,8 @@ class H2Client(Protocol):
         self.data: dict[int, bytes] = {}
         self.ended: set[int] = set()
         self.reset: set[int] = set()
+        #: Whether the server sent GOAWAY (closing the connection).
+        self.goaway = False
         self.lost: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
@@ -360,6 +366,8 @@ class H2Client(Protocol):
                 self.ended.add(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 self.reset.add(event.stream_id)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = True
         out = self.conn.data_to_send()
         if out:
             self.transport.write(out)  # type: ignore[union-attr]
@@ -536,6 +544,23 @@ class Http2Tests(TestCase):
         self.assertTrue(client.data[stream].startswith(b"data: first\n\n"))
         self.assertNotIn(stream, client.ended)
 
+
+    async def test_served_connection_not_timed_out(self) -> None:
+        """
+        With the site's idle timeout at 0.5 s and no heartbeats, an HTTP/2
+        connection whose SSE stream stays silent for 2 s is not closed (its
+        timeout is suspended while a request is served, as HTTP/1.1's is);
+        once the stream is reset, the idle connection times out again.
+        """
+        self.patch(sys.modules[__name__], "SITE_TIMEOUT", 0.5)
+        client = await h2_connect(self, await self.gateway("heartbeat_interval = 0"), self.pki)
+        stream = client.request("/api/aura/silent")
+        await wait_until(lambda: b"data: first" in client.data[stream], 10, "no first event")
+        await sleep(2.0)
+        self.assertFalse(client.goaway or client.lost.called, "the connection was timed out with a stream open")
+        self.assertNotIn(stream, client.reset)
+        client.cancel(stream)
+        await wait_until(lambda: client.goaway, 10, "the idle connection was never timed out (GOAWAY)")
 
     async def test_body_too_large_on_one_stream(self) -> None:
         """
