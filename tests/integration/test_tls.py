@@ -52,6 +52,7 @@ from tests.integration.gateway import (
     gateway_ini,
     reactor,
     sleep,
+    start_hang_server,
     twistd_ini,
     wait_until,
 )
@@ -674,6 +675,22 @@ class HttpsUpstreamTests(TestCase):
         self.assertEqual(dict(client.headers[stream])[b":status"], b"502")
         self.assertEqual(json.loads(client.data[stream])["error"]["code"], "upstream_unavailable")
         self.assertEqual(endless.open, [])
+
+    async def test_silent_handshake_is_504(self) -> None:
+        """
+        An https:// upstream that accepts the TCP connection but never
+        answers the TLS handshake: 504 upstream_timeout after response_timeout.
+        """
+        hang_port, _ = start_hang_server(self)
+        text = gateway_ini(0, gateway="response_timeout = 1", routes=(
+            f"[route:secure]\npath = /api/secure/**\nupstream = https://127.0.0.1:{hang_port}\n"
+            f"ca_file = {self.pki.ca}\n"))
+        port, _ = await start_tls_gateway(self, text, self.pki)
+        client = await h2_connect(self, port, self.pki)
+        stream = client.request("/api/secure/x")
+        await wait_until(lambda: stream in client.ended, 10, "no answer")
+        self.assertEqual(dict(client.headers[stream])[b":status"], b"504")
+        self.assertEqual(json.loads(client.data[stream])["error"]["code"], "upstream_timeout")
 
     async def test_mutual_tls(self) -> None:
         """
