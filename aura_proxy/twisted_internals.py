@@ -508,7 +508,10 @@ def hold_connection_timeout(stream: Any) -> Optional[Callable[[], None]]:
         conn._aura_held -= 1
         if not conn._aura_held:
             saved = conn._aura_saved_timeout
-            if saved is not None and getattr(conn, "transport", None) is not None:
+            # Not on a connection being lost (its streams are released from
+            # its connectionLost, after it cancelled its timer): no timer on
+            # a dead connection.
+            if saved is not None and getattr(getattr(conn, "transport", None), "connected", False):
                 conn.setTimeout(saved)
 
     return release

@@ -275,8 +275,9 @@ class FallbackTests(SynchronousTestCase):
     def test_hold_connection_timeout(self) -> None:
         """
         An HTTP/2 connection's idle timeout is off while any of its requests
-        is held and back (its old value) when the last is released; a
-        release counts once; without the names nothing is held.
+        is held and back (its old value) when the last is released, unless
+        the connection is being lost; a release counts once; without the
+        names nothing is held.
         """
         from twisted.internet.testing import StringTransport
         from twisted.protocols.policies import TimeoutMixin
@@ -306,6 +307,12 @@ class FallbackTests(SynchronousTestCase):
         self.assertEqual(conn.timeouts, [None])
         second()
         self.assertEqual(conn.timeouts, [None, 60])
+        lost = Conn()
+        release = internals.hold_connection_timeout(Stream(lost))
+        assert release is not None
+        lost.transport.connected = False
+        release()
+        self.assertEqual(lost.timeouts, [None], "a timer re-armed on a lost connection")
         switched_off(self, "h2_idle")
         self.assertIsNone(internals.hold_connection_timeout(Stream(Conn())))
 

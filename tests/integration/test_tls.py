@@ -38,6 +38,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web._http2 import H2Connection
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -562,6 +563,24 @@ class Http2Tests(TestCase):
         self.assertNotIn(stream, client.reset)
         client.cancel(stream)
         await wait_until(lambda: client.goaway, 10, "the idle connection was never timed out (GOAWAY)")
+
+    async def test_lost_connection_not_timed_out_later(self) -> None:
+        """
+        A client that drops its TCP connection with a stream open: the
+        stream's upstream request ends, and no idle timer is left behind (the
+        stream's release comes from the connection's own connectionLost):
+        nothing times the dead connection out afterwards.
+        """
+        self.patch(sys.modules[__name__], "SITE_TIMEOUT", 0.3)
+        timed_out: list[object] = []
+        self.patch(H2Connection, "timeoutConnection", lambda conn: timed_out.append(conn))
+        client = await h2_connect(self, await self.gateway("heartbeat_interval = 0"), self.pki)
+        stream = client.request("/api/aura/endless")
+        await wait_until(lambda: b"data: 2\n\n" in client.data[stream], 10, "no events")
+        client.transport.abortConnection()  # type: ignore[union-attr]
+        await wait_until(lambda: self.endless.gone_at, 5, "the upstream of a dropped connection went on")
+        await sleep(1.0)
+        self.assertEqual(timed_out, [])
 
     async def test_body_too_large_on_one_stream(self) -> None:
         """
