@@ -51,6 +51,7 @@ from aura_proxy.readiness import gateway_readiness, supervisor_readiness
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
 from aura_proxy.upstream import UpstreamClient
+from aura_proxy.upstream_tls import UpstreamTlsPolicy
 from aura_proxy.workers import DEFAULT_STOP_TIMEOUT, WorkerSupervisor
 
 __all__ = [
@@ -228,7 +229,10 @@ def gateway_service(
     if registry is None:
         registry = CollectorRegistry()
     history = make_history(config.history, reactor)
-    client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
+    client = UpstreamClient(
+        reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path,
+        tls_policy=UpstreamTlsPolicy(config.routes),
+    )
     resume = make_resume_log(config.sse, reactor, g.fast_path)
     access_log = access_log_service(config.log, reactor, signals=tuning)
     gateway = Gateway(
@@ -246,7 +250,9 @@ def gateway_service(
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
-        strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
+        # One listener per endpoint of [gateway] listen, all serving one site.
+        for description in g.listen:
+            strports.service(description, site, reactor=reactor).setServiceParent(top)
     else:
         listener(site).setServiceParent(top)
     if admin:

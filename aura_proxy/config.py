@@ -35,6 +35,7 @@ __all__ = [
     "Network",
     "RouteConfig",
     "SseConfig",
+    "UpstreamTls",
     "UpstreamTrustConfig",
     "DEFAULT_CONFIG_NAME",
     "load_config",
@@ -88,7 +89,9 @@ class _Invalid(ValueError):
 class GatewayConfig:
     """The ``[gateway]`` section: listeners, timeouts and limits."""
 
-    listen: str = f"tcp:8080:backlog={DEFAULT_BACKLOG}"
+    #: One or more Twisted server endpoint descriptions (C{listen} is a
+    #: comma-separated list of them), each served by its own listener.
+    listen: tuple[str, ...] = (f"tcp:8080:backlog={DEFAULT_BACKLOG}",)
     admin_listen: str = "tcp:8081:interface=127.0.0.1"
     connect_timeout: float = 10.0
     response_timeout: float = 300.0
@@ -110,6 +113,26 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """
+    How the gateway speaks TLS to one https:// upstream: C{[route:NAME]
+    ca_file}, C{client_cert}, C{client_key}, read when the file is parsed
+    (their contents are kept out of C{repr}).
+
+    @ivar ca_pem: the PEM certificates the upstream's certificate must chain
+        to; None: the system's trusted CAs.
+    @ivar client_pem: the client certificate and its private key (PEM) the
+        gateway presents (mutual TLS); None: none.
+    """
+
+    ca_file: Optional[str] = None
+    client_cert: Optional[str] = None
+    client_key: Optional[str] = None
+    ca_pem: Optional[bytes] = field(default=None, repr=False)
+    client_pem: Optional[bytes] = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     """One ``[route:NAME]`` section."""
 
@@ -117,6 +140,8 @@ class RouteConfig:
     pattern: PathPattern
     upstream: DecodedURL
     strip_prefix: int = 0
+    #: TLS to an https:// upstream (default: verified against the system's CAs).
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
 
     @cached_property
     def upstream_base(self) -> bytes:
@@ -395,12 +420,24 @@ def _is_plain_tcp(text: str) -> bool:
         return False
 
 
-def _listen(text: str) -> str:
-    _endpoint(text)
-    kind = text.split(":", 1)[0]
-    if kind in ("tcp", "tcp6") and "backlog=" not in text:
-        return f"{text}:backlog={DEFAULT_BACKLOG}"
-    return text
+def _listen(text: str) -> tuple[str, ...]:
+    # Comma-separated: a comma is never part of a description this accepts
+    # (docs/configuration.md), so a file name with a comma cannot be listed.
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise _Invalid("expected one or more Twisted server endpoint descriptions, got nothing")
+    if not all(items):
+        raise _Invalid(f"an empty endpoint description in {text!r} (endpoints are separated by single commas)")
+    out: list[str] = []
+    for item in items:
+        _endpoint(item)
+        kind = item.split(":", 1)[0]
+        if kind in ("tcp", "tcp6") and "backlog=" not in item:
+            item = f"{item}:backlog={DEFAULT_BACKLOG}"
+        if item in out:
+            raise _Invalid(f"{item!r} is listed twice")
+        out.append(item)
+    return tuple(out)
 
 
 def _pattern(text: str) -> PathPattern:
@@ -564,7 +601,13 @@ _ROUTE: _Schema = {
     "path": _pattern,
     "upstream": _upstream,
     "strip_prefix": _count(0),
+    "ca_file": str,
+    "client_cert": str,
+    "client_key": str,
 }
+
+#: The C{[route:NAME]} keys of TLS to an https:// upstream.
+_ROUTE_TLS_KEYS = ("ca_file", "client_cert", "client_key")
 
 _HEADERS: _Schema = {
     "required": _header_list,
@@ -761,6 +804,7 @@ def parse_config(text: str, source: str) -> Config:
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
+    tls_by_origin: dict[tuple[str, int], tuple[str, UpstreamTls]] = {}
     for section in parser.sections():
         if not section.startswith("route:"):
             continue
@@ -783,7 +827,8 @@ def parse_config(text: str, source: str) -> Config:
             )
             continue
         seen[pattern.text] = section
-        routes.append(_make(RouteConfig, dict(values, name=name, pattern=pattern)))
+        tls = _route_tls(reader, section, values, tls_by_origin)
+        routes.append(_make(RouteConfig, dict(values, name=name, pattern=pattern, tls=tls)))
         strip = values.get("strip_prefix", 0)
         assert isinstance(strip, int)
         if strip > len(pattern.segments) and not pattern.open_ended:
@@ -1023,6 +1068,94 @@ def _check_public_key(reader: _Reader, auth: AuthConfig, pem: bytes) -> None:
             )
 
 
+def _route_tls(
+    reader: _Reader,
+    section: str,
+    values: dict[str, object],
+    by_origin: dict[tuple[str, int], tuple[str, "UpstreamTls"]],
+) -> UpstreamTls:
+    """
+    A route's TLS to its upstream (C{ca_file}, C{client_cert},
+    C{client_key} taken out of C{values}), its files read and checked now.
+
+    One upstream origin (host and port) has one TLS setting: the gateway's
+    connections to it are pooled whichever route they serve.
+    """
+    given = {key: values.pop(key) for key in _ROUTE_TLS_KEYS if key in values}
+    upstream = values["upstream"]
+    assert isinstance(upstream, DecodedURL)
+    if upstream.scheme != "https":
+        for key in given:
+            reader.problem(section, key, f"only for an https:// upstream (upstream is {upstream.to_text()})")
+        return UpstreamTls()
+    ca_file, client_cert, client_key = (
+        str(given[k]) if given.get(k) else None for k in _ROUTE_TLS_KEYS
+    )
+    problems = len(reader.problems)
+    ca_pem = client_pem = None
+    if ca_file:
+        ca_pem = _read_file(reader, section, "ca_file", ca_file)
+        if ca_pem is not None:
+            _check_ca(reader, section, ca_file, ca_pem)
+    if client_key and not client_cert:
+        reader.problem(section, "client_key", "given without client_cert")
+    if client_cert:
+        cert_pem = _read_file(reader, section, "client_cert", client_cert)
+        key_pem = _read_file(reader, section, "client_key", client_key) if client_key else b""
+        if cert_pem is not None and key_pem is not None:
+            client_pem = _check_client_pair(reader, section, client_cert, client_key, cert_pem + b"\n" + key_pem)
+    if len(reader.problems) > problems:
+        return UpstreamTls()
+    tls = UpstreamTls(ca_file, client_cert, client_key, ca_pem, client_pem)
+    origin = (upstream.host, upstream.port or 443)
+    other = by_origin.setdefault(origin, (section, tls))
+    if other[1] != tls:
+        reader.problem(
+            section, "ca_file" if tls.ca_pem != other[1].ca_pem else "client_cert",
+            f"{upstream.host}:{origin[1]} is also the upstream of [{other[0]}] with other TLS "
+            "settings: routes to one upstream share its connections, so they need the same "
+            "ca_file, client_cert and client_key",
+        )
+    return tls
+
+
+def _read_file(reader: _Reader, section: str, key: str, path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        reader.problem(section, key, f"cannot read {path!r} ({e.strerror or e})")
+        return None
+
+
+def _check_ca(reader: _Reader, section: str, path: str, pem: bytes) -> None:
+    from cryptography.x509 import load_pem_x509_certificates
+
+    try:
+        load_pem_x509_certificates(pem)
+    except ValueError:
+        reader.problem(section, "ca_file", f"{path!r} holds no PEM certificate")
+
+
+def _check_client_pair(
+    reader: _Reader, section: str, cert_path: str, key_path: Optional[str], pem: bytes
+) -> Optional[bytes]:
+    from OpenSSL.crypto import Error as OpenSSLError
+    from twisted.internet.error import VerifyError
+    from twisted.internet.ssl import PrivateCertificate
+
+    try:
+        PrivateCertificate.loadPEM(pem)
+    except (OpenSSLError, ValueError, VerifyError) as e:
+        where = f"{cert_path!r}" + (f" and {key_path!r}" if key_path else "")
+        reader.problem(
+            section, "client_key" if key_path else "client_cert",
+            f"{where}: expected a PEM certificate and its private key ({e or 'unreadable'})",
+        )
+        return None
+    return pem
+
+
 def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> None:
     """What several worker processes (C{workers > 1}) cannot share."""
     raw = reader.parser.get("gateway", "workers", raw=True, fallback="").strip()
@@ -1040,11 +1173,13 @@ def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> N
             "stream may reconnect to another worker process; set [sse] resume = "
             "redis://host:port/db (or off), or workers = 1",
         )
-    if not _is_plain_tcp(gateway.listen):
+    if len(gateway.listen) != 1 or not _is_plain_tcp(gateway.listen[0]):
         reader.problem(
             "gateway", "listen",
-            f"{workers} needs a plain tcp: endpoint (tcp:PORT[:interface=ADDRESS]"
-            f"[:backlog=N]) that the parent process binds and shares, got {gateway.listen!r}",
+            f"{workers} needs one plain tcp: endpoint (tcp:PORT[:interface=ADDRESS]"
+            f"[:backlog=N]) that the parent process binds and shares, got "
+            f"{', '.join(gateway.listen)!r} (TLS and several listeners need workers = 1; "
+            "docs/operations.md)",
         )
 
 

@@ -204,7 +204,7 @@ class WorkerSupervisor(Service):
         """
         self.config = config
         self.config_text = config_text
-        self.address = listen_address(config.gateway.listen)
+        self.address = listen_address(config.gateway.listen[0])
         self.workers = [WorkerState(i) for i in range(1, config.gateway.workers + 1)]
         self.stop_timeout = stop_timeout
         self.min_delay = min_delay

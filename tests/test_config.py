@@ -45,7 +45,7 @@ class DefaultsTests(TestCase):
         self.assertEqual(
             (g.listen, g.admin_listen, g.connect_timeout, g.response_timeout, g.idle_timeout,
              g.heartbeat_interval, g.max_request_body),
-            ("tcp:8080:backlog=4096", "tcp:8081:interface=127.0.0.1", 10.0, 300.0, 300.0, 15.0,
+            (("tcp:8080:backlog=4096",), "tcp:8081:interface=127.0.0.1", 10.0, 300.0, 300.0, 15.0,
              10485760),
         )
         self.assertEqual([(r.name, r.pattern.text, str(r.upstream)) for r in config.routes],
@@ -64,12 +64,12 @@ class DefaultsTests(TestCase):
 
     def test_listen_backlog(self) -> None:
         """A tcp: listener gets a deep listen queue unless it names its own backlog."""
-        def listen(value: str) -> str:
+        def listen(value: str) -> tuple[str, ...]:
             return parse_config(f"[gateway]\nlisten = {value}\n" + MINIMAL, "x").gateway.listen
 
-        self.assertEqual(listen("tcp:1"), "tcp:1:backlog=4096")
-        self.assertEqual(listen("tcp:1:backlog=10"), "tcp:1:backlog=10")
-        self.assertEqual(listen("unix:/tmp/s"), "unix:/tmp/s")
+        self.assertEqual(listen("tcp:1"), ("tcp:1:backlog=4096",))
+        self.assertEqual(listen("tcp:1:backlog=10"), ("tcp:1:backlog=10",))
+        self.assertEqual(listen("unix:/tmp/s"), ("unix:/tmp/s",))
 
     def test_shipped_file_checks(self) -> None:
         """C{python -m aura_proxy check etc/aura-proxy.ini} accepts the shipped file."""
@@ -296,7 +296,7 @@ class WorkersKeyTests(TestCase):
         """workers > 1 with a unix: listen is refused, naming [gateway] listen."""
         found = problems(MINIMAL + "[gateway]\nworkers = 2\nlisten = unix:/tmp/gw.sock\n[sse]\nresume = off\n")
         self.assertEqual(len(found), 1)
-        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs a plain tcp: endpoint"),
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs one plain tcp: endpoint"),
                         found)
 
     def test_check_command_reports_workers(self) -> None:

@@ -118,12 +118,12 @@ class ConfigTests(TestCase):
             text = ini("workers = 2").replace("listen = tcp:0:interface=127.0.0.1\nadmin", f"listen = {listen}\nadmin")
             found = [p for p in problems(text) if "[gateway] listen:" in p]
             self.assertEqual(len(found), 1, (listen, problems(text)))
-            self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs a plain tcp:"))
+            self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs one plain tcp:"))
 
     def test_listen_anything_with_one_worker(self) -> None:
         """With one worker, listen may be any endpoint, as before."""
         text = ini().replace("listen = tcp:0:interface=127.0.0.1\nadmin", "listen = unix:/tmp/aura.sock\nadmin")
-        self.assertEqual(parse_config(text, "gw.ini").gateway.listen, "unix:/tmp/aura.sock")
+        self.assertEqual(parse_config(text, "gw.ini").gateway.listen, ("unix:/tmp/aura.sock",))
 
 
 class SocketTests(TestCase):
