@@ -299,3 +299,60 @@ class _Leaf(Resource):
 
 
 
+
+
+class SessionCookieTests(TestCase):
+    """
+    A browser's EventSource cannot send Authorization: a person opening the
+    dashboard logs in with the token once and the page and its feed carry a
+    session cookie instead.
+    """
+
+    def http(self) -> StubTreq:
+        site = admin_site(ok_report, MemoryReactorClock(), readiness=Readiness({}), token=TOKEN)
+        return StubTreq(site.resource)
+
+    async def login(self, http: StubTreq, token: bytes) -> Any:
+        return await http.post(
+            "http://admin/login", data={"token": token.decode()},
+            headers={"Content-Type": "application/x-www-form-urlencoded"}, allow_redirects=False,
+        )
+
+    async def test_browser_gets_the_form(self) -> None:
+        """GET / from a browser (Accept: text/html) without the token: 401 with a login form, not the page."""
+        response = await self.http().get("http://admin/", headers={"Accept": "text/html,*/*"})
+        self.assertEqual(response.code, 401)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/html; charset=utf-8"])
+        body = await response.text()
+        self.assertIn('action="/login"', body)
+        self.assertNotIn("dashboard.js", body)
+
+    async def test_login_sets_a_session_cookie(self) -> None:
+        """The right token: 303 to /, an HttpOnly SameSite=Strict cookie that is not the token, which then lets requests in."""
+        http = self.http()
+        response = await self.login(http, TOKEN)
+        self.assertEqual(response.code, 303)
+        self.assertEqual(response.headers.getRawHeaders("location"), ["/"])
+        [cookie] = response.headers.getRawHeaders("set-cookie")
+        self.assertIn("HttpOnly", cookie)
+        self.assertIn("SameSite=strict", cookie)
+        self.assertNotIn(TOKEN.decode(), cookie)
+        value = cookie.split(";")[0].split("=", 1)[1]
+        ok = await http.get("http://admin/healthz", cookies={"aura_proxy_admin": value})
+        self.assertEqual(ok.code, 200)
+        refused = await http.get("http://admin/healthz", cookies={"aura_proxy_admin": value[:-1] + "0"})
+        self.assertEqual(refused.code, 401)
+
+    async def test_wrong_token_no_cookie(self) -> None:
+        """A wrong token at /login: the form again (401) with a note, and no cookie."""
+        response = await self.login(self.http(), b"not-the-token-at-all")
+        self.assertEqual(response.code, 401)
+        self.assertIsNone(response.headers.getRawHeaders("set-cookie"))
+        self.assertIn("not the admin token", await response.text())
+
+    async def test_cookie_differs_per_token(self) -> None:
+        """The session cookie is derived from the token: another token's cookie does not let a request in."""
+        other = TokenGuard(Resource(), b"another-admin-token-000000")
+        http = self.http()
+        refused = await http.get("http://admin/healthz", cookies={"aura_proxy_admin": other._session.decode()})
+        self.assertEqual(refused.code, 401)
