@@ -45,7 +45,9 @@ setup(
         # smoke) and its ceiling (everything).  Private names a fast path
         # uses are probed at import (aura_proxy/twisted_internals.py); raise
         # the ceiling only after the suite has run on the new release.
-        "Twisted>=24.3.0,<26.11",
+        # The http2 extra (the h2 and priority packages): TLS listeners offer
+        # HTTP/2 by ALPN, served by Twisted's own H2Connection.
+        "Twisted[http2]>=24.3.0,<26.11",
         "treq>=23.11",
         "klein>=23.12",
         "txpostgres>=1.7",

@@ -1,12 +1,22 @@
 """
-The admin site (C{admin_listen}): health for load balancers and operators,
-the Prometheus figures (C{GET /metrics}, L{aura_proxy.metrics}) and the
-live dashboard (C{GET /}, L{aura_proxy.dashboard}).
+The admin site (C{admin_listen}): health and readiness for load balancers
+and operators, the Prometheus figures, and the live dashboard.
+
+  - C{GET /healthz}: the process is alive and serving (liveness);
+  - C{GET /readyz}: every readiness check passes (L{aura_proxy.readiness}),
+    each named in the JSON body; 503 otherwise;
+  - C{GET /metrics}: the Prometheus figures (L{aura_proxy.metrics}), 404
+    with C{[metrics] enabled = false};
+  - C{GET /}: the dashboard (L{aura_proxy.dashboard}), fed by C{/dashboard/events}.
 
 Kept off the client-facing port so that probes never need a tenant and the
 public can never see it.  Built here, and only here, for the single process
 and for the supervisor parent of C{workers > 1}: each hands it its own
-health report (L{gateway_health}, L{aura_proxy.workers.WorkerSupervisor.health}).
+health report (L{gateway_health}, L{aura_proxy.workers.WorkerSupervisor.health})
+and its own readiness checks (L{aura_proxy.readiness.gateway_readiness},
+L{aura_proxy.readiness.supervisor_readiness}).  With C{[admin] token_file}
+the whole site, whoever adds routes to it, is behind
+L{aura_proxy.admin_token.TokenGuard}.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from aura_proxy.admin_token import TokenGuard
 from aura_proxy.errors import GatewayError, bad_request
+from aura_proxy.readiness import Readiness
 
 if TYPE_CHECKING:
     from aura_proxy.dashboard import Dashboard, DashboardService
@@ -48,10 +60,12 @@ class Admin:
         self,
         report: HealthReport,
         dashboard: Optional["Dashboard"] = None,
+        readiness: Optional[Readiness] = None,
         metrics: Optional[MetricsText] = None,
     ) -> None:
         self._report = report
         self._dashboard = dashboard
+        self._readiness = readiness if readiness is not None else Readiness({})
         self._metrics = metrics
 
     def resource(self) -> IResource:
@@ -64,9 +78,15 @@ class Admin:
         body = self._report()
         if body.get("status") != "ok":
             request.setResponseCode(503)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(body).encode("utf-8")
+        return _json(request, body)
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    async def readyz(self, request: Request) -> bytes:
+        """C{200} when every readiness check passes, else C{503}; the JSON body names each."""
+        body = await self._readiness.report()
+        if body["status"] != "ready":
+            request.setResponseCode(503)
+        return _json(request, body)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Request) -> "bytes | Deferred[bytes]":
@@ -134,6 +154,12 @@ class Admin:
         return static_file(name)
 
 
+def _json(request: Request, body: object) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
 def _error(request: Request, error: GatewayError) -> bytes:
     """Set C{error}'s status and content type on C{request}; its JSON body."""
     request.setResponseCode(error.status)
@@ -158,13 +184,20 @@ def admin_site(
     report: HealthReport,
     reactor: Any,
     dashboard: Optional["Dashboard"] = None,
+    *,
+    readiness: Optional[Readiness] = None,
+    token: Optional[bytes] = None,
     metrics: Optional[MetricsText] = None,
 ) -> Site:
     """
-    The admin site serving C{report} at C{/healthz} (C{dashboard} at C{/},
-    C{metrics} at C{/metrics}), without an access log.
+    The admin site serving C{report} at C{/healthz}, C{readiness} at
+    C{/readyz}, C{metrics} at C{/metrics} and C{dashboard} at C{/}, without
+    an access log; behind C{token} (L{TokenGuard}) when given.
     """
-    site = Site(Admin(report, dashboard, metrics).resource(), reactor=reactor)
+    resource = Admin(report, dashboard, readiness, metrics).resource()
+    if token is not None:
+        resource = TokenGuard(resource, token)
+    site = Site(resource, reactor=reactor)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
     return site
@@ -186,10 +219,19 @@ class AdminService(MultiService):
         report: HealthReport,
         reactor: Any,
         dashboard: Optional["DashboardService"],
+        readiness: Optional[Readiness] = None,
+        token: Optional[bytes] = None,
         metrics: Optional[MetricsText] = None,
     ) -> None:
         super().__init__()
-        self.site = admin_site(report, reactor, dashboard.dashboard if dashboard is not None else None, metrics)
+        self.site = admin_site(
+            report,
+            reactor,
+            dashboard.dashboard if dashboard is not None else None,
+            readiness=readiness,
+            token=token,
+            metrics=metrics,
+        )
         if dashboard is not None:
             dashboard.setServiceParent(self)
         strports.service(listen, self.site, reactor=reactor).setServiceParent(self)
@@ -200,6 +242,9 @@ def admin_service(
     report: HealthReport,
     reactor: Any,
     dashboard: Optional["DashboardService"] = None,
+    *,
+    readiness: Optional[Readiness] = None,
+    token: Optional[bytes] = None,
     metrics: Optional[MetricsText] = None,
 ) -> IService:
     """
@@ -207,4 +252,4 @@ def admin_service(
     running; with C{dashboard}, serving it, which runs (and probes the
     upstreams) while the site does; with C{metrics}, C{GET /metrics}.
     """
-    return AdminService(listen, report, reactor, dashboard, metrics)
+    return AdminService(listen, report, reactor, dashboard, readiness, token, metrics)

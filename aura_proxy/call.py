@@ -20,6 +20,7 @@ from aura_proxy.request_ids import new_request_id
 
 if TYPE_CHECKING:
     from aura_proxy.auth.verify import Identity
+    from aura_proxy.history.record import CallRecord
     from aura_proxy.proxy import Pipeline
     from aura_proxy.relay import Relay
     from aura_proxy.resume.replay import Replay
@@ -49,12 +50,15 @@ class Call:
         replays, or None.
     @ivar resumed_after: a replayed stream's C{Last-Event-ID} sequence
         number, or None.
+    @ivar row: the call's history row, made once when it ends, for every
+        end stage that describes it (history, the access log).
     """
 
     __slots__ = (
         "pipeline", "request", "id", "started", "client_ip", "via", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
         "status", "response_size", "is_sse", "end_reason", "identity", "stream_id", "resumed_after",
+        "row",
     )
 
     def __init__(
@@ -91,6 +95,8 @@ class Call:
         self.identity: Optional[Identity] = None
         self.stream_id: Optional[str] = None
         self.resumed_after: Optional[int] = None
+        #: The call's history row once it has ended (L{aura_proxy.stages.recording.Record.row_of}).
+        self.row: Optional[CallRecord] = None
 
     def cancel(self, finished: "Deferred[None]") -> None:
         """

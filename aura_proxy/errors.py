@@ -27,6 +27,8 @@ __all__ = [
     "missing_token",
     "invalid_token",
     "tenant_mismatch",
+    # the admin site
+    "admin_token_required",
 ]
 
 
@@ -149,3 +151,13 @@ def invalid_token(reason: str) -> GatewayError:
 def tenant_mismatch() -> GatewayError:
     """The request's X-Tenant-ID is not the tenant its verified token names (403)."""
     return GatewayError(403, "tenant_mismatch", "X-Tenant-ID is not the tenant of the token")
+
+
+def admin_token_required() -> GatewayError:
+    """
+    A request to the admin site without its bearer token, or with another
+    one, while C{[admin] token_file} is set (401, with C{WWW-Authenticate: Bearer}).
+    """
+    return GatewayError(
+        401, "admin_token_required", "the admin site needs Authorization: Bearer <admin token>"
+    )

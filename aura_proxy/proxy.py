@@ -6,8 +6,8 @@ stage is a small class in L{aura_proxy.stages} with one job.  L{Pipeline}
 runs them: each request stage returns "go on", a refusal (a
 L{GatewayError}, answered as JSON) or the answer it gave itself; the last
 one forwards the request upstream, whose response goes to the response
-stage; the end stages (call history) run once for every call when it ends,
-however it was answered.
+stage; the end stages (call history, the access log) run once for every
+call when it ends, however it was answered.
 
 Before the first stage, while the body arrives, L{aura_proxy.site.GatewayRequest}
 refuses a body over C{max_request_body}: L{Gateway.rejected_body} runs the
@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
+from aura_proxy.access_log import line_format
 from aura_proxy.answers import error_answer
 from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
@@ -36,6 +37,7 @@ from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
+from aura_proxy.stages.access_log import AccessLog
 from aura_proxy.stages.auth import Authenticate
 from aura_proxy.stages.forwarding import Forward
 from aura_proxy.stages.identity import Identity
@@ -63,6 +65,8 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
     clock = services.clock
     # [metrics] enabled = false: no stage gets it, nothing is counted.
     metrics = services.metrics if config.metrics.enabled else None
+    record = Record(config.headers, clock, services.history)
+    access = services.access_log
     return Pipeline(
         config,
         clock,
@@ -80,7 +84,9 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
         ],
         response=RelayResponse(config, clock, services.resume, services.streams, metrics),  # SSE, ids
         ended=[
-            Record(config.headers, clock, services.history),  # one history row per call
+            record,  # one history row per call
+            # one access-log line per call, from the same row ([log] access = off: none)
+            *([AccessLog(record, line_format(config.log.format), access)] if access is not None else []),
             *([metrics] if metrics is not None else []),  # [metrics]: every call counted
         ],
     )
@@ -96,6 +102,8 @@ class Services:
     @ivar history: call history, or None when it is off.
     @ivar resume: the stream log, or None when C{[sse] resume = off}.
     @ivar streams: the responses being relayed, for shutdown.
+    @ivar access_log: takes each access-log line (the writer's C{write}),
+        or None when C{[log] access = off}.
     @ivar metrics: the process's figures (L{aura_proxy.metrics}), or None
         when C{[metrics] enabled = false}.
     """
@@ -105,6 +113,7 @@ class Services:
     history: Optional["HistoryService"]
     resume: Optional[ResumeLog]
     streams: OpenStreams
+    access_log: Optional[Callable[[str], None]] = None
     metrics: Optional["GatewayMetrics"] = None
 
 
@@ -224,6 +233,7 @@ class Gateway:
         L{UpstreamClient} connects with.
     @param resume: where streams are logged for C{Last-Event-ID} replay;
         None when C{[sse] resume = off}.
+    @param access_log: takes each access-log line; None when C{[log] access = off}.
     """
 
     def __init__(
@@ -233,12 +243,13 @@ class Gateway:
         client: UpstreamClient,
         history: Optional["HistoryService"] = None,
         resume: Optional[ResumeLog] = None,
+        access_log: Optional[Callable[[str], None]] = None,
         metrics: Optional["GatewayMetrics"] = None,
     ) -> None:
         """@param metrics: the process's figures; None: none are kept."""
         self.streams = OpenStreams(reactor)
         self.metrics = metrics
-        self._services = Services(reactor, client, history, resume, self.streams, metrics)
+        self._services = Services(reactor, client, history, resume, self.streams, access_log, metrics)
         self.pipeline = build_pipeline(config, self._services)
 
     @property
@@ -250,7 +261,8 @@ class Gateway:
         """
         Serve new requests on a pipeline built from C{config}; requests in
         flight finish on the pipeline they started on.  (The listeners,
-        the upstream pool, history and the stream log stay as they are.)
+        the upstream pool, history, the stream log and where the access log
+        goes stay as they are; its format follows C{config}.)
         """
         self.pipeline = build_pipeline(config, self._services)
 

@@ -9,7 +9,7 @@ to L{aura_proxy.proxy.Gateway}, where the request path is.
 from __future__ import annotations
 
 from time import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -22,11 +22,16 @@ from twisted.web.server import version as server_version
 from zope.interface import implementer
 
 from aura_proxy import errors
-from aura_proxy.client_wire import ClientWriter
+from aura_proxy.client_wire import ClientWriter, abort_client
 from aura_proxy.eventloop import defer_writes
 from aura_proxy.request_ids import new_request_id
 from aura_proxy.twisted_internals import (
-    answer_malformed_requests, channel_protocol_factory, direct_send_transport, request_line,
+    answer_malformed_requests,
+    channel_protocol_factory,
+    direct_send_transport,
+    hold_connection_timeout,
+    request_line,
+    stop_stream_body,
 )
 
 if TYPE_CHECKING:
@@ -64,10 +69,12 @@ class GatewayRequest(Request):
     _writer_unasked = True
     #: Body bytes twisted.web's own write counted (the writer counts the rest).
     _sent_by_web = 0
+    #: Gives an HTTP/2 connection its idle timeout back (L{process}).
+    _release_idle: Optional[Callable[[], None]] = None
 
     @property
     def sentLength(self) -> int:  # type: ignore[override]
-        """Body bytes written, however they went (the access log reads this)."""
+        """Body bytes written, however they went (twisted.web's C{Request.sentLength})."""
         writer = self._writer
         return self._sent_by_web + (writer.sent if writer is not None else 0)
 
@@ -79,7 +86,9 @@ class GatewayRequest(Request):
     def client_writer(self) -> Optional[ClientWriter]:
         """
         The writer of this response's body, once its head is out, when the
-        fast path is safe: the site's C{fast_path} on, HTTP/1.1 (not HTTP/2),
+        fast path is safe: the site's C{fast_path} on, HTTP/1.1 (not HTTP/2:
+        an HTTP/2 stream's bytes go through Twisted's H2Connection, framed and
+        flow-controlled per stream, by twisted.web's own C{write}),
         plain TCP (not TLS; L{direct_send_transport} decides, and says no when
         Twisted's write buffers are not as expected), a body to send (not
         C{HEAD}, 204 or 304), the client still there.  None: write through
@@ -148,6 +157,7 @@ class GatewayRequest(Request):
         upstream request or the relay; see L{GatewayResource}).
         """
         self.client_gone = True
+        self._idle_again()
         if self._writer is not None:
             self._writer.lose()
         Request.connectionLost(self, reason)
@@ -164,6 +174,13 @@ class GatewayRequest(Request):
         if self._writer is not None:
             self._writer.end()
         Request.finish(self)
+        self._idle_again()
+
+    def _idle_again(self) -> None:
+        release = self._release_idle
+        if release is not None:
+            self._release_idle = None
+            release()
 
     def process(self) -> None:
         """
@@ -176,6 +193,9 @@ class GatewayRequest(Request):
         formatted once a second.
         """
         self.site = site = self.channel.site  # type: ignore[union-attr,attr-defined]
+        if self.clientproto == b"HTTP/2":
+            # Not timed out while served, as twisted.web's HTTP/1.1 channel.
+            self._release_idle = hold_connection_timeout(self.channel)
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", _SERVER)
         # Wall-clock time, as twisted.web's own: the Date header tells the time of day.
@@ -189,19 +209,19 @@ class GatewayRequest(Request):
 
     def _reject(self) -> None:
         channel = self.channel
+        error = errors.body_too_large(self._limit())
+        transport = channel.transport  # type: ignore[union-attr]
+        if transport is None:
+            # An HTTP/2 stream (its channel; no transport of its own): the
+            # answer ends this stream, the connection's others go on.  The
+            # stream is still being set up when gotLength refuses it: answer
+            # on the next turn.
+            channel.site.reactor.callLater(0, self._reject_stream, error)  # type: ignore[union-attr,attr-defined]
+            return
         # The request line is known to the channel only until requestReceived.
         self.method, self.uri, self.clientproto = request_line(channel)
         self.path = self.uri.partition(b"?")[0]
-        error = errors.body_too_large(self._limit())
-        site = getattr(channel, "site", None)
-        gateway = getattr(site, "gateway", None)
-        # Recorded first: the answer carries the id of the call's history
-        # row; a check that comes before the body limit (an unrouted path's
-        # 404) may answer instead.
-        if gateway is not None:
-            error, request_id = gateway.rejected_body(self, error)
-        else:
-            request_id = new_request_id()
+        error, request_id = self._rejected(error)
         body = error.body(request_id)
         head = [
             b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b"Error")),
@@ -212,10 +232,46 @@ class GatewayRequest(Request):
         ]
         for name, values in self.responseHeaders.getAllRawHeaders():  # the gateway's CORS headers
             head += [b"%s: %s\r\n" % (name, value) for value in values]
-        transport = channel.transport  # type: ignore[union-attr]
-        assert transport is not None
         transport.write(b"".join(head) + b"\r\n" + body)
         transport.loseConnection()
+
+    def _reject_stream(self, error: Any) -> None:
+        """L{_reject} on an HTTP/2 stream: the answer on this stream alone."""
+        channel: Any = self.channel
+        if channel is None or self.client_gone:
+            return
+        self.method = channel.command or b""
+        self.uri = channel.path or b""
+        self.clientproto = b"HTTP/2"
+        self.path = self.uri.partition(b"?")[0]
+        error, request_id = self._rejected(error)
+        body = error.body(request_id)
+        headers = Headers({
+            b"content-type": [b"application/json"],
+            b"content-length": [b"%d" % len(body)],
+            b"x-request-id": [request_id.encode("ascii")],
+        })
+        for name, values in self.responseHeaders.getAllRawHeaders():  # the gateway's CORS headers
+            headers.setRawHeaders(name, values)
+        channel.writeHeaders(
+            b"HTTP/2", b"%d" % error.status, RESPONSES.get(error.status, b"Error"), headers
+        )
+        channel.write(body)
+        channel.loseConnection()
+        # The client may still be sending the body: have it stop.
+        stop_stream_body(channel)
+
+    def _rejected(self, error: Any) -> "tuple[Any, str]":
+        """
+        Record the refused call: the answer carries the id of its history
+        row.  A check that comes before the body limit (an unrouted path's
+        404) may answer instead of C{error}.
+        """
+        site = getattr(self.channel, "site", None)
+        gateway = getattr(site, "gateway", None)
+        if gateway is not None:
+            return gateway.rejected_body(self, error)  # type: ignore[no-any-return]
+        return error, new_request_id()
 
     def processingFailed(self, reason: Failure) -> Failure:
         """
@@ -342,8 +398,10 @@ class GatewaySite(Site):
         self.gateway = gateway
         self.max_request_body = gateway.config.gateway.max_request_body
         self.fast_path = gateway.config.gateway.fast_path
-        if not gateway.config.gateway.access_log:
-            self.log = lambda request: None  # type: ignore[method-assign]
+        # twisted.web's own access log (a combined-log line through the
+        # logging system, a third of a plain request's CPU) is never used:
+        # [log] access is the gateway's (aura_proxy.access_log).
+        self.log = lambda request: None  # type: ignore[method-assign]
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = Site.buildProtocol(self, addr)
@@ -431,9 +489,7 @@ def _failed(failure: Failure, request: Request) -> None:
         return
     if request.startedWriting:
         # Half a response is out: the client must not take it for the whole.
-        transport = request.channel.transport  # type: ignore[union-attr]
-        if transport is not None:
-            getattr(transport, "abortConnection", transport.loseConnection)()
+        abort_client(request)
         return
     body = errors.internal_error().body(request_id)
     request.setResponseCode(500)

@@ -14,7 +14,10 @@ I{parent}):
     that doubles for each worker that dies soon after it started (so a worker
     that cannot start does not spin);
   - reports every worker in its health report (L{WorkerSupervisor.health}),
-    which the parent's admin site serves at C{GET /healthz};
+    which the parent's admin site serves at C{GET /healthz} (and
+    C{GET /readyz}: ready while at least one worker runs);
+  - forwards SIGUSR1 (reopen the access log file, after logrotate) to
+    every worker (L{signal_workers});
   - with C{[metrics]} on, gives each worker a Unix socket in a directory
     only this user may enter (made at start, removed at stop), where the
     worker serves its own figures; the parent's C{GET /metrics} scrapes the
@@ -34,7 +37,7 @@ import shutil
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
@@ -215,7 +218,7 @@ class WorkerSupervisor(Service):
         """
         self.config = config
         self.config_text = config_text
-        self.address = listen_address(config.gateway.listen)
+        self.address = listen_address(config.gateway.listen[0])
         self.workers = [WorkerState(i) for i in range(1, config.gateway.workers + 1)]
         self.stop_timeout = stop_timeout
         self.min_delay = min_delay
@@ -264,6 +267,20 @@ class WorkerSupervisor(Service):
         d.addCallback(lambda response: readBody(response) if response.code == 200 else None)
         d.addTimeout(METRICS_SCRAPE_TIMEOUT, self._reactor)
         return d.addCallback(lambda body: body.decode("utf-8") if body is not None else None)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the shared listening socket is bound (from start to stop)."""
+        return self._socket is not None
+
+    def signal_workers(self, number: int) -> None:
+        """
+        Send signal C{number} (SIGUSR1: reopen the access log) to every
+        running worker.  (A number: Twisted's C{signalProcess} takes only a
+        few signals by name, and USR1 is not one of them.)
+        """
+        for worker in self.workers:
+            self._signal(worker, number)
 
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
@@ -437,7 +454,7 @@ class WorkerSupervisor(Service):
 
         return DeferredList(waits).addCallback(done)
 
-    def _signal(self, worker: WorkerState, name: str) -> None:
+    def _signal(self, worker: WorkerState, name: Union[str, int]) -> None:
         if worker.process is None:
             return
         try:

@@ -14,6 +14,7 @@ from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aura_proxy import assembly
@@ -94,14 +95,14 @@ class TreeTests(SynchronousTestCase):
 
     def test_single_process_children(self) -> None:
         """
-        Process tuning first, then history, the drain of open streams, the
-        public listener and the admin site; the public port serves the
-        gateway's site, the admin port another one.
+        Process tuning first, then history, the access log, the drain of
+        open streams, the public listener and the admin site; the public
+        port serves the gateway's site, the admin port another one.
         """
         fake = MemoryReactorClock()
         tree = gateway_service(parse_config(ini(history="dsn = sqlite:///x.db"), "gw.ini"), fake)
         self.assertEqual(names(tree), [
-            "ProcessTuning", "HistoryService", "_Drain",
+            "ProcessTuning", "HistoryService", "AccessLogService", "_Drain",
             "StreamServerEndpointService", "AdminService",
         ])
         # The admin site: the dashboard (and its upstream prober), then the listener.
@@ -140,7 +141,7 @@ class TreeTests(SynchronousTestCase):
             parse_config(ini(), "gw.ini"), fake, listener=listener, site_factory=OwnSite,
             admin=False, tuning=False,
         )
-        self.assertEqual(names(tree), ["_Drain", "Service"])
+        self.assertEqual(names(tree), ["AccessLogService", "_Drain", "Service"])
         self.assertEqual(made, [tree.site])
         self.assertIsInstance(tree.site, OwnSite)
         tree.privilegedStartService()
@@ -236,12 +237,39 @@ class DecisionTests(SynchronousTestCase):
         text = ini("workers = 2")
         tree = make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock(), demo=True)
         self.assertNotIsInstance(tree, GatewayService)
-        # The supervisor, the demo agent, the admin site.
-        self.assertEqual(names(tree), ["WorkerSupervisor", "StreamServerEndpointService", "AdminService"])
+        # The supervisor, the SIGUSR1 forwarder (the access log is on), the demo agent, the admin site.
+        self.assertEqual(
+            names(tree), ["WorkerSupervisor", "_ForwardUsr1", "StreamServerEndpointService", "AdminService"])
         [supervisor] = [s for s in tree if isinstance(s, WorkerSupervisor)]
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config_text, text)
         self.assertFalse(any(isinstance(s, ProcessTuning) for s in tree))
+
+
+class StartWarningTests(SynchronousTestCase):
+    """What L{make_service} warns about before it builds anything."""
+
+    def warnings(self, text: str) -> list[str]:
+        with capturedLogs() as events:
+            make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock())
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_deprecated_key(self) -> None:
+        """A deprecated key is one warning line naming the file, the key and what to write instead."""
+        [line] = self.warnings(ini("access_log = false"))
+        self.assertTrue(line.startswith("gw.ini: [gateway] access_log is deprecated"), line)
+        self.assertIn("[log] access = off", line)
+
+    def test_admin_beyond_loopback(self) -> None:
+        """An admin site beyond loopback without a token is a warning; with a token, or on loopback, none."""
+        open_admin = ini().replace("admin_listen = tcp:8081:interface=127.0.0.1", "admin_listen = tcp:8081")
+        [line] = self.warnings(open_admin)
+        self.assertIn("beyond loopback, without [admin] token_file", line)
+        self.assertEqual(self.warnings(ini()), [])
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("0123456789abcdef0123\n")
+        self.assertEqual(self.warnings(open_admin + f"[admin]\ntoken_file = {token}\n"), [])
 
 
 class FileTests(SynchronousTestCase):

@@ -42,7 +42,7 @@ class MetricsHarness(Harness):
         self.metrics.resume = self.log
         client = UpstreamClient(self.clock, 5, 10, agent=self.agent)
         self.gateway = Gateway(
-            parse_config(config, "test.ini"), self.clock, client, self.history, self.log, self.metrics
+            parse_config(config, "test.ini"), self.clock, client, self.history, self.log, metrics=self.metrics
         )  # type: ignore[arg-type]
         self.client = StubTreq(self.gateway.resource())
 

@@ -26,6 +26,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from treq.testing import RequestTraversalAgent, StubTreq
 from zope.interface import implementer
 
+from aura_proxy.access_log import text_line
 from aura_proxy.config import parse_config
 from aura_proxy.fastclient import _Response
 from aura_proxy.history.record import CallRecord
@@ -135,14 +136,17 @@ class ControlledAgent:
 class Harness:
     """A gateway over an in-memory upstream, with a fake clock and history."""
 
-    def __init__(self, upstream: Any, config: str = CONFIG, resume: bool = False) -> None:
+    def __init__(self, upstream: Any, config: str = CONFIG, resume: bool = False, access: bool = False) -> None:
         self.clock = Clock()
         self.history = History()
         self.log = MemoryResumeLog(self.clock, 60, 100, 100000) if resume else None
         self.agent = upstream if IAgent.providedBy(upstream) else RequestTraversalAgent(upstream)
         client = UpstreamClient(self.clock, 5, 10, agent=self.agent)
+        #: The access-log lines, with C{access}.
+        self.lines: list[str] = []
         self.gateway = Gateway(
-            parse_config(config, "test.ini"), self.clock, client, self.history, self.log)  # type: ignore[arg-type]
+            parse_config(config, "test.ini"), self.clock, client, self.history, self.log,  # type: ignore[arg-type]
+            self.lines.append if access else None)
         self.client = StubTreq(self.gateway.resource())
 
     def flush(self) -> None:
@@ -237,6 +241,51 @@ class ErrorTests(TestCase):
         self.assertEqual(response.code, 504)
         self.assertEqual(h.json(response)["error"]["code"], "upstream_timeout")
         self.assertEqual(agent.cancelled, 1)
+
+
+class AccessLogTests(TestCase):
+    """The access log's end stage in the pipeline."""
+
+    def test_one_line_per_call_from_its_row(self) -> None:
+        """Every call, answered upstream or refused, gives one line: the same row as its history record."""
+        h = Harness(Echo(), access=True)
+        self.assertEqual(h.request("GET", "/api/aura/x?a=1", headers=TENANT).code, 200)
+        self.assertEqual(h.request("GET", "/nowhere", headers=TENANT).code, 404)
+        self.assertEqual(len(h.lines), 2)
+        for line, row in zip(h.lines, h.history.records):
+            self.assertEqual(line, text_line(row))
+        self.assertIn('"GET /api/aura/x?a=1" 200 ', h.lines[0])
+
+    def test_stream_line_when_it_ends(self) -> None:
+        """A stream's line comes when it ends, not per event."""
+        upstream = Stream()
+        h = Harness(upstream, access=True)
+        response = h.request("GET", "/api/aura/stream", headers=TENANT, unbuffered=True)
+        h.client.collect(response, lambda data: None)
+        assert upstream.request is not None
+        for _ in range(3):
+            upstream.request.write(b"data: x\n\n")
+            h.flush()
+        self.assertEqual(h.lines, [])
+        upstream.request.finish()
+        h.flush()
+        [line] = h.lines
+        self.assertIn(" stream first_event=", line)
+        self.assertIn(" events=3 end=completed ", line)
+
+    def test_off(self) -> None:
+        """Without an access log (access = off) there is no such end stage."""
+        h = Harness(Echo())
+        self.assertEqual([type(s).__name__ for s in h.gateway.pipeline.ended], ["Record"])
+        self.assertEqual(
+            [type(s).__name__ for s in Harness(Echo(), access=True).gateway.pipeline.ended], ["Record", "AccessLog"])
+
+    def test_format(self) -> None:
+        """[log] format = json gives JSON lines."""
+        h = Harness(Echo(), config=CONFIG + "\n[log]\nformat = json\n", access=True)
+        h.request("GET", "/api/aura/x", headers=TENANT)
+        [line] = h.lines
+        self.assertEqual(json.loads(line)["request_id"], h.history.records[0].id)
 
 
 class ForwardTests(TestCase):

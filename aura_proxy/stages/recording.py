@@ -44,7 +44,17 @@ class Record(EndStage):
     def ended(self, request: Request, call: "Call") -> None:
         """Record C{call}."""
         if self._history is not None:
-            self._history.record(self.row(request, call))
+            self._history.record(self.row_of(request, call))
+
+    def row_of(self, request: Request, call: "Call") -> CallRecord:
+        """
+        The history row of an ended call, made once: kept on C{call} for the
+        other end stages (the access log) that describe the call.
+        """
+        row = call.row
+        if row is None:
+            row = call.row = self.row(request, call)
+        return row
 
     def row(self, request: Request, call: "Call") -> CallRecord:
         """
