@@ -534,15 +534,14 @@ class WorkersMetrics:
         ]
 
         def merge(results: list[tuple[bool, Optional[str]]]) -> bytes:
-            texts: list[str] = []
+            parsed: list[list[Metric]] = []
             up = GaugeMetricFamily(_PREFIX + "up", "1 while the gateway process serves.", labels=("worker",))
             for (index, _), (ok, text) in zip(slots, results):
-                good = ok and isinstance(text, str)
-                up.add_metric((str(index),), 1 if good else 0)
-                if good:
-                    assert isinstance(text, str)
-                    texts.append(text)
-            self._families = sum_families(texts) + [up, build_info(self._fast_path)]
+                families = _parse(text) if ok and isinstance(text, str) else None
+                up.add_metric((str(index),), 0 if families is None else 1)
+                if families is not None:
+                    parsed.append(families)
+            self._families = sum_families(parsed) + [up, build_info(self._fast_path)]
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Fixed(self._families))  # type: ignore[arg-type]
             return generate_latest(registry)
@@ -561,16 +560,25 @@ class _Fixed:
         return self._families
 
 
-def sum_families(texts: Iterable[str]) -> list[Metric]:
+def _parse(text: str) -> Optional[list[Metric]]:
+    """The families of one worker's text; None (that worker counts as down) if it does not parse."""
+    try:
+        return list(text_string_to_metric_families(text))
+    except Exception:
+        log.failure("a worker's /metrics text does not parse: left out of the sum")
+        return None
+
+
+def sum_families(processes: Iterable[Iterable[Metric]]) -> list[Metric]:
     """
-    Families parsed from several processes' text, each sample summed over
-    the processes by name and labels (counters, gauges and histograms alike:
-    a histogram's buckets, sum and count are sums too).
+    The families of several processes (each parsed from its text), each
+    sample summed over the processes by name and labels (counters, gauges
+    and histograms alike: a histogram's buckets, sum and count are sums too).
     """
     families: dict[str, Metric] = {}
     sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
+    for process in processes:
+        for family in process:
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 sums[family.name] = {}

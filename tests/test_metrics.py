@@ -366,8 +366,11 @@ class WorkersSumTests(SynchronousTestCase):
         return exposition(registry).decode()
 
     def test_sum_and_up(self) -> None:
-        """Counters and histograms sum; each slot has C{up}; a worker that did not answer is 0 and absent."""
-        texts = {1: self.worker_text(2, 10), 2: self.worker_text(3, 5), 3: None}
+        """
+        Counters and histograms sum; each slot has C{up}; a worker that did
+        not answer, or answered what does not parse, is 0 and absent.
+        """
+        texts = {1: self.worker_text(2, 10), 2: self.worker_text(3, 5), 5: "garbage{ 1\n"}
 
         def scrape(index: int) -> Deferred[Optional[str]]:
             if index == 3:
@@ -375,8 +378,9 @@ class WorkersSumTests(SynchronousTestCase):
             return succeed(texts[index])
 
         body = self.successResultOf(
-            WorkersMetrics(lambda: [(1, True), (2, True), (3, True), (4, False)], scrape).render()
+            WorkersMetrics(lambda: [(1, True), (2, True), (3, True), (4, False), (5, True)], scrape).render()
         ).decode()
+        self.flushLoggedErrors()
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(body) for s in f.samples
@@ -385,7 +389,7 @@ class WorkersSumTests(SynchronousTestCase):
                                   (("method", "GET"), ("route", "aura"), ("status_class", "2xx")))], 15)
         self.assertEqual(samples[("aura_proxy_sse_streams_total", (("route", "aura"),))], 5)
         self.assertEqual(
-            [samples[("aura_proxy_up", (("worker", str(i)),))] for i in (1, 2, 3, 4)], [1, 1, 0, 0]
+            [samples[("aura_proxy_up", (("worker", str(i)),))] for i in (1, 2, 3, 4, 5)], [1, 1, 0, 0, 0]
         )
         self.assertEqual(samples[("aura_proxy_upstream_pool_connections", (("state", "idle"),))], 0)
         self.assertIn(("aura_proxy_build_info", (("fast_path", "on"), ("version", "0.1.0"))), samples)
@@ -409,9 +413,10 @@ class WorkersSumTests(SynchronousTestCase):
             metrics = GatewayMetrics(clock, registry, worker=None)
             metrics._upstream_active = open_streams
             texts.append(exposition(registry).decode())
-        [pool] = [f for f in sum_families(texts) if f.name == "aura_proxy_upstream_pool_connections"]
+        parsed = [list(text_string_to_metric_families(text)) for text in texts]
+        [pool] = [f for f in sum_families(parsed) if f.name == "aura_proxy_upstream_pool_connections"]
         self.assertEqual({s.labels["state"]: s.value for s in pool.samples}, {"idle": 0, "active": 7})
-        [pool] = [f for f in sum_families(texts[:1]) if f.name == "aura_proxy_upstream_pool_connections"]
+        [pool] = [f for f in sum_families(parsed[:1]) if f.name == "aura_proxy_upstream_pool_connections"]
         self.assertEqual({s.labels["state"]: s.value for s in pool.samples}, {"idle": 0, "active": 2})
 
 
