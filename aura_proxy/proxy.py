@@ -20,7 +20,7 @@ the requests in flight finish on the one they started with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -33,7 +33,7 @@ from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
-from aura_proxy.resume.log import ResumeLog
+from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
 from aura_proxy.stages.auth import Authenticate
 from aura_proxy.stages.forwarding import Forward
@@ -46,6 +46,7 @@ from aura_proxy.stages.required_headers import RequiredHeaders
 from aura_proxy.stages.resuming import Resume
 from aura_proxy.stages.routing import Route
 from aura_proxy.stages.tenant import Tenant
+from aura_proxy.detached import DetachedStreams
 from aura_proxy.streams import OpenStreams
 from aura_proxy.trusted_proxies import TrustedProxies
 from aura_proxy.upstream import UpstreamClient
@@ -74,7 +75,7 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
             Resume(config, clock, services.resume),  # our Last-Event-ID: replayed from the log
             Forward(config, clock, services.client),  # upstream, within response_timeout: 502/504
         ],
-        response=RelayResponse(config, clock, services.resume, services.streams),  # SSE, ids
+        response=RelayResponse(config, clock, services.resume, services.streams, services.detached),  # SSE, ids
         ended=[
             Record(config.headers, clock, services.history),  # one history row per call
         ],
@@ -91,6 +92,7 @@ class Services:
     @ivar history: call history, or None when it is off.
     @ivar resume: the stream log, or None when C{[sse] resume = off}.
     @ivar streams: the responses being relayed, for shutdown.
+    @ivar detached: the relayed streams whose client left, and their caps.
     """
 
     clock: IReactorTime
@@ -98,6 +100,7 @@ class Services:
     history: Optional["HistoryService"]
     resume: Optional[ResumeLog]
     streams: OpenStreams
+    detached: DetachedStreams = field(default_factory=DetachedStreams)
 
 
 class Pipeline:
@@ -216,7 +219,12 @@ class Gateway:
         resume: Optional[ResumeLog] = None,
     ) -> None:
         self.streams = OpenStreams(reactor)
-        self._services = Services(reactor, client, history, resume, self.streams)
+        #: The relayed streams whose client left (L{DetachedStreams}).
+        self.detached = DetachedStreams()
+        if isinstance(resume, MemoryResumeLog):
+            # The memory log's global cap drops detached streams' logs before open ones'.
+            resume.detached = self.detached
+        self._services = Services(reactor, client, history, resume, self.streams, self.detached)
         self.pipeline = build_pipeline(config, self._services)
 
     @property
@@ -256,6 +264,18 @@ class Gateway:
     def drain(self, timeout: float) -> "Deferred[None]":
         """Let calls in flight finish for up to C{timeout} seconds (on SIGTERM); see L{OpenStreams.drain}."""
         return self.streams.drain(timeout)
+
+    def bounds(self) -> dict[str, object]:
+        """
+        The figures of C{[sse]}'s memory bounds: detached streams and their
+        caps' cancellations (L{DetachedStreams.stats}), and with C{resume =
+        memory} the stream logs' bytes (L{MemoryResumeLog.stats}).
+        """
+        figures: dict[str, object] = dict(self.detached.stats())
+        resume = self._services.resume
+        if isinstance(resume, MemoryResumeLog):
+            figures["resume"] = resume.stats()
+        return figures
 
     def shutdown(
         self, grace: float = 2.0, then: Optional[Callable[[], "Deferred[Any]"]] = None

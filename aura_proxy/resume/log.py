@@ -275,6 +275,8 @@ class _PyEventStore:
 
 
 if TYPE_CHECKING:
+    from aura_proxy.detached import DetachedStreams
+
     _EventStore = _PyEventStore
 else:
     # The C store if aura_proxy.sse uses its module (built, with the same constants).
@@ -334,23 +336,117 @@ class MemoryResumeLog:
     (the oldest go first) and is forgotten C{ttl} seconds after it ends.
     With C{accelerate} (C{[gateway] fast_path}) the events are kept in the C
     store where it is built; else in the Python one, the same.
+
+    All logs together reserve at most C{max_total_bytes} (each store's
+    C{footprint}, told by its C{on_grow}): past it, on the next reactor turn,
+    the logs of the oldest finished streams are dropped first, then those of
+    the oldest detached streams (L{detached}, whose upstream is cancelled,
+    being read for nothing), then those of the oldest open streams (which go
+    on, no longer resumable: a resume goes upstream with the upstream's id).
+
+    @ivar detached: the gateway's detached streams (set by the gateway), or None.
+    @ivar evicted_finished: finished streams' logs dropped by the global cap.
+    @ivar evicted_detached: detached streams' logs dropped (and the streams
+        cancelled) by the global cap.
+    @ivar evicted_open: open streams' logs dropped by the global cap.
     """
 
     def __init__(
-        self, clock: IReactorTime, ttl: float, max_events: int, max_bytes: int, accelerate: bool = True
+        self,
+        clock: IReactorTime,
+        ttl: float,
+        max_events: int,
+        max_bytes: int,
+        accelerate: bool = True,
+        max_total_bytes: Optional[int] = None,
     ) -> None:
         self._clock = clock
         self._stream = _Stream if accelerate else _PyStream
         self._ttl = ttl
         self._max_events = max_events
         self._max_bytes = max_bytes
+        self._max_total = max_total_bytes
         self._streams: dict[str, _PyStream] = {}
+        # Finished streams, oldest finished first (a dict as an ordered set).
+        self._finished: dict[str, None] = {}
+        #: Bytes the logs reserve now (the sum of their stores' footprints).
+        self.total_bytes = 0
+        self._trim_call: Optional[IDelayedCall] = None
+        self.detached: Optional["DetachedStreams"] = None
+        self.evicted_finished = 0
+        self.evicted_detached = 0
+        self.evicted_open = 0
 
     def __len__(self) -> int:
         return len(self._streams)
 
+    def stats(self) -> dict[str, int]:
+        """
+        Plain figures for health and metrics: streams logged, bytes the logs
+        reserve and their cap, and logs dropped by the cap so far (finished,
+        detached, open streams).
+        """
+        return {
+            "streams": len(self._streams),
+            "finished": len(self._finished),
+            "bytes": self.total_bytes,
+            "max_total_bytes": self._max_total or 0,
+            "evicted_finished": self.evicted_finished,
+            "evicted_detached": self.evicted_detached,
+            "evicted_open": self.evicted_open,
+        }
+
     def open(self, stream_id: str, owner: str) -> None:
-        self._streams[stream_id] = self._stream(owner, self._max_events, self._max_bytes)
+        if stream_id in self._streams:
+            self._forget(stream_id)
+        stream = self._streams[stream_id] = self._stream(owner, self._max_events, self._max_bytes)
+        stream.on_grow = self._grown
+
+    def _grown(self, delta: int) -> None:
+        """A store reserved C{delta} more bytes: trim on the next turn if the logs are over the cap."""
+        self.total_bytes += delta
+        if self._max_total is not None and self.total_bytes > self._max_total and self._trim_call is None:
+            self._trim_call = self._clock.callLater(0, self._trim)
+
+    def _trim(self) -> None:
+        """Drop logs until the logs are within the cap: finished, detached, then open streams, oldest first."""
+        self._trim_call = None
+        cap = self._max_total
+        if cap is None:
+            return
+        for stream_id in list(self._finished):
+            if self.total_bytes <= cap:
+                return
+            self._forget(stream_id)
+            self.evicted_finished += 1
+        detached = self.detached
+        if detached is not None:
+            for stream_id in detached.stream_ids():
+                if self.total_bytes <= cap:
+                    return
+                if stream_id in self._streams:
+                    self._forget(stream_id)
+                    self.evicted_detached += 1
+                    detached.cancel_stream(stream_id)
+        for stream_id in list(self._streams):
+            if self.total_bytes <= cap:
+                return
+            self._forget(stream_id)
+            self.evicted_open += 1
+
+    def _forget(self, stream_id: str) -> None:
+        """
+        Drop a stream's log: its store's memory freed (a stream still
+        relayed adds nothing more to it), any live subscriber ended.
+        """
+        stream = self._streams.pop(stream_id)
+        self._finished.pop(stream_id, None)
+        if stream.expiry is not None and stream.expiry.active():
+            stream.expiry.cancel()
+        stream.expiry = None
+        stream.on_grow = None
+        self._end_subscribers(stream)
+        self.total_bytes -= stream.release()
 
     def append(self, stream_id: str, seq: int, block: bytes) -> None:
         stream = self._streams.get(stream_id)
@@ -362,8 +458,7 @@ class MemoryResumeLog:
         if stream is None:
             return _ignore
         # The stream itself: the C rewriter adds to it directly.  A stream
-        # abandoned later is no longer in the log: adding to it is harmless,
-        # nobody reads it.
+        # dropped later is released: adding to it keeps nothing.
         return stream
 
     def close(self, stream_id: str) -> None:
@@ -371,16 +466,18 @@ class MemoryResumeLog:
         if stream is None or stream.ended:
             return
         stream.ended = True
+        self._finished[stream_id] = None
         self._end_subscribers(stream)
-        stream.expiry = self._clock.callLater(self._ttl, self._streams.pop, stream_id, None)
+        stream.expiry = self._clock.callLater(self._ttl, self._expire, stream_id)
+
+    def _expire(self, stream_id: str) -> None:
+        """A finished stream's C{ttl} ran out."""
+        self._streams[stream_id].expiry = None
+        self._forget(stream_id)
 
     def abandon(self, stream_id: str) -> None:
-        stream = self._streams.pop(stream_id, None)
-        if stream is None:
-            return
-        if stream.expiry is not None and stream.expiry.active():
-            stream.expiry.cancel()
-        self._end_subscribers(stream)
+        if stream_id in self._streams:
+            self._forget(stream_id)
 
     @staticmethod
     def _end_subscribers(stream: _PyStream) -> None:
@@ -412,8 +509,13 @@ class MemoryResumeLog:
         return succeed(attachment)
 
     def stop(self) -> "Deferred[None]":
+        if self._trim_call is not None and self._trim_call.active():
+            self._trim_call.cancel()
+        self._trim_call = None
         for stream in self._streams.values():
             if stream.expiry is not None and stream.expiry.active():
                 stream.expiry.cancel()
         self._streams.clear()
+        self._finished.clear()
+        self.total_bytes = 0
         return succeed(None)
