@@ -111,11 +111,13 @@ class DetachedStreams:
     def stats(self) -> dict[str, int]:
         """
         Plain figures for health and metrics: detached streams now, tenants
-        with detached streams, and streams cancelled by each cap so far.
+        with detached streams, the most one tenant has, and streams cancelled
+        by each cap so far.
         """
         return {
             "detached": len(self._all),
             "detached_tenants": len(self._by_tenant),
+            "detached_max_per_tenant": max(map(len, self._by_tenant.values()), default=0),
             "cancelled_by_max_detached_streams": self.cancelled_total,
             "cancelled_by_max_detached_streams_per_tenant": self.cancelled_tenant,
         }

@@ -86,7 +86,7 @@ class DetachedStreamsTests(SynchronousTestCase):
         self.assertEqual([r.stopped for r in relays], [["client_disconnect"], [], [], []])
         self.assertEqual(list(d.stream_ids()), ["s1", "s2", "s3"])
         self.assertEqual(d.stats(), {
-            "detached": 3, "detached_tenants": 3,
+            "detached": 3, "detached_tenants": 3, "detached_max_per_tenant": 1,
             "cancelled_by_max_detached_streams": 1, "cancelled_by_max_detached_streams_per_tenant": 0,
         })
 
