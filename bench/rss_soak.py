@@ -109,19 +109,6 @@ def health(admin_port: int) -> dict[str, Any]:
         return {"error": str(e)}
 
 
-INI = """\
-[gateway]
-listen = tcp:{port}:interface=127.0.0.1:backlog=4096
-admin_listen = tcp:{admin}:interface=127.0.0.1
-access_log = false
-
-[route:bench]
-path = /**
-upstream = http://127.0.0.1:{upstream}
-{extra}
-"""
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conns", type=int, default=1000)
@@ -147,11 +134,17 @@ def main() -> int:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
         sections.setdefault(section, {})[name] = value
-    extra = "".join(
-        f"\n[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for section, keys in sections.items()
-    )
     upstream, port, admin = free_port(), free_port(), free_port()
-    (tmp / "gateway.ini").write_text(INI.format(port=port, admin=admin, upstream=upstream, extra=extra))
+    ini: dict[str, dict[str, str]] = {
+        "gateway": {"listen": f"tcp:{port}:interface=127.0.0.1:backlog=4096",
+                    "admin_listen": f"tcp:{admin}:interface=127.0.0.1", "access_log": "false"},
+        "route:bench": {"path": "/**", "upstream": f"http://127.0.0.1:{upstream}"},
+    }
+    for section, keys in sections.items():
+        ini.setdefault(section, {}).update(keys)
+    (tmp / "gateway.ini").write_text("".join(
+        f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n" for section, keys in ini.items()
+    ))
 
     srv = spawn([str(tmp / "ssesrv"), str(upstream)], tmp / "ssesrv.log")
     wait_port(upstream, srv)
