@@ -32,6 +32,7 @@ from aura_proxy.answers import error_answer
 from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors
+from aura_proxy.detached import DetachedStreams
 from aura_proxy.errors import GatewayError
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
@@ -46,7 +47,6 @@ from aura_proxy.stages.required_headers import RequiredHeaders
 from aura_proxy.stages.resuming import Resume
 from aura_proxy.stages.routing import Route
 from aura_proxy.stages.tenant import Tenant
-from aura_proxy.detached import DetachedStreams
 from aura_proxy.streams import OpenStreams
 from aura_proxy.trusted_proxies import TrustedProxies
 from aura_proxy.upstream import UpstreamClient
