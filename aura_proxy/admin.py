@@ -169,10 +169,15 @@ def _error(request: Request, error: GatewayError) -> bytes:
 
 
 def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = None) -> HealthReport:
-    """The health report of a gateway process: open streams, and call history's state."""
+    """
+    The health report of a gateway process: open streams, the figures of
+    C{[sse]}'s memory bounds, and call history's state.
+    """
 
     def report() -> dict[str, object]:
         body: dict[str, object] = {"status": "ok", "active_streams": gateway.active_streams()}
+        # Detached streams and (resume = memory) the stream logs' bytes: Gateway.bounds.
+        body["sse"] = gateway.bounds()
         if history is not None:
             body["history"] = history.stats()
         return body

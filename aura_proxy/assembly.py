@@ -178,7 +178,8 @@ def make_resume_log(config: SseConfig, reactor: Any, fast_path: bool = True) -> 
         return None
     if config.resume == "memory":
         return MemoryResumeLog(
-            reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes, accelerate=fast_path
+            reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes, accelerate=fast_path,
+            max_total_bytes=config.resume_max_total_bytes,
         )
     from aura_proxy.resume.redis import RedisResumeLog
 

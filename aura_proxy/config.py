@@ -207,7 +207,10 @@ class SseConfig:
     resume_ttl: float = 300.0
     resume_max_events: int = 2000
     resume_max_bytes: int = 262144
+    resume_max_total_bytes: int = 536870912
     on_client_disconnect: str = "detach"
+    max_detached_streams: int = 1000
+    max_detached_streams_per_tenant: int = 100
 
 
 @dataclass(frozen=True)
@@ -652,7 +655,10 @@ _SSE: _Schema = {
     "resume_ttl": _positive_seconds,
     "resume_max_events": _count(1),
     "resume_max_bytes": _count(1),
+    "resume_max_total_bytes": _count(1),
     "on_client_disconnect": _one_of("detach", "cancel"),
+    "max_detached_streams": _count(0),
+    "max_detached_streams_per_tenant": _count(0),
 }
 
 _UPSTREAM_TRUST: _Schema = {

@@ -419,7 +419,7 @@ class GatewayMetrics(EndStage):
                                   value=stats.get("failed", 0) + stats.get("dropped", 0))
 
     def _resume_families(self) -> Iterator[Metric]:
-        stats = getattr(self.resume, "stats", None)
+        stats = getattr(self.resume, "log_size", None)
         if stats is None:
             return
         store, streams, size = stats()

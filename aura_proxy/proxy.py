@@ -21,7 +21,7 @@ the requests in flight finish on the one they started with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -34,8 +34,9 @@ from aura_proxy.answers import error_answer
 from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors
+from aura_proxy.detached import DetachedStreams
 from aura_proxy.errors import GatewayError
-from aura_proxy.resume.log import ResumeLog
+from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
 from aura_proxy.stages.access_log import AccessLog
 from aura_proxy.stages.auth import Authenticate
@@ -82,7 +83,7 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
             Resume(config, clock, services.resume, metrics),  # our Last-Event-ID: replayed from the log
             Forward(config, clock, services.client, metrics),  # upstream, within response_timeout: 502/504
         ],
-        response=RelayResponse(config, clock, services.resume, services.streams, metrics),  # SSE, ids
+        response=RelayResponse(config, clock, services.resume, services.streams, services.detached, metrics),  # SSE, ids
         ended=[
             record,  # one history row per call
             # one access-log line per call, from the same row ([log] access = off: none)
@@ -104,6 +105,7 @@ class Services:
     @ivar streams: the responses being relayed, for shutdown.
     @ivar access_log: takes each access-log line (the writer's C{write}),
         or None when C{[log] access = off}.
+    @ivar detached: the relayed streams whose client left, and their caps.
     @ivar metrics: the process's figures (L{aura_proxy.metrics}), or None
         when C{[metrics] enabled = false}.
     """
@@ -114,6 +116,7 @@ class Services:
     resume: Optional[ResumeLog]
     streams: OpenStreams
     access_log: Optional[Callable[[str], None]] = None
+    detached: DetachedStreams = field(default_factory=DetachedStreams)
     metrics: Optional["GatewayMetrics"] = None
 
 
@@ -249,7 +252,14 @@ class Gateway:
         """@param metrics: the process's figures; None: none are kept."""
         self.streams = OpenStreams(reactor)
         self.metrics = metrics
-        self._services = Services(reactor, client, history, resume, self.streams, access_log, metrics)
+        #: The relayed streams whose client left (L{DetachedStreams}).
+        self.detached = DetachedStreams()
+        if isinstance(resume, MemoryResumeLog):
+            # The memory log's global cap drops detached streams' logs before open ones'.
+            resume.detached = self.detached
+        self._services = Services(
+            reactor, client, history, resume, self.streams, access_log, self.detached, metrics
+        )
         self.pipeline = build_pipeline(config, self._services)
 
     @property
@@ -295,6 +305,18 @@ class Gateway:
     def drain(self, timeout: float) -> "Deferred[None]":
         """Let calls in flight finish for up to C{timeout} seconds (on SIGTERM); see L{OpenStreams.drain}."""
         return self.streams.drain(timeout)
+
+    def bounds(self) -> dict[str, object]:
+        """
+        The figures of C{[sse]}'s memory bounds: detached streams and their
+        caps' cancellations (L{DetachedStreams.stats}), and with C{resume =
+        memory} the stream logs' bytes (L{MemoryResumeLog.stats}).
+        """
+        figures: dict[str, object] = dict(self.detached.stats())
+        resume = self._services.resume
+        if isinstance(resume, MemoryResumeLog):
+            figures["resume"] = resume.stats()
+        return figures
 
     def shutdown(
         self, grace: float = 2.0, then: Optional[Callable[[], "Deferred[Any]"]] = None

@@ -213,6 +213,7 @@ class Relay(_RelayCore, Protocol):
         clean_end: bool = True,
         detach_seconds: float = 0.0,
         describe: Callable[[], str] = lambda: "upstream",
+        on_detach: Optional[Callable[["Relay"], None]] = None,
     ) -> None:
         """
         @param heartbeat_interval: seconds of silence before L{HEARTBEAT} is
@@ -224,6 +225,9 @@ class Relay(_RelayCore, Protocol):
         @param detach_seconds: when the client goes away, keep reading the
             upstream for up to this long (its events go to the stream log, for
             a client that resumes); 0 closes the upstream at once.
+        @param on_detach: called with this relay when it detaches (its client
+            left, its upstream goes on): where the detached-stream caps count
+            it (L{aura_proxy.detached.DetachedStreams}), which may L{stop} it.
         """
         self._request = request
         self._clock = clock
@@ -236,6 +240,7 @@ class Relay(_RelayCore, Protocol):
         self._detach_seconds = detach_seconds
         self._orphan_call: Optional[IDelayedCall] = None
         self._describe = describe
+        self._on_detach = on_detach
         self.done: Deferred[str] = Deferred()
         self.sent = 0
         self.first_write_at: Optional[float] = None
@@ -391,6 +396,8 @@ class Relay(_RelayCore, Protocol):
             self._orphan_call = self._clock.callLater(
                 self._detach_seconds, self.stop, "client_disconnect"
             )
+            if self._on_detach is not None:
+                self._on_detach(self)
             if self.on_detach is not None:
                 self.on_detach()
             return

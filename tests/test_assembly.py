@@ -211,15 +211,21 @@ class HealthTests(TestCase):
     """The single process's admin site."""
 
     async def test_healthz(self) -> None:
-        """/healthz answers 200 JSON: status ok, open streams, history's state."""
+        """
+        /healthz answers 200 JSON: status ok, open streams, the [sse] bounds'
+        figures (detached streams, the memory log's bytes), history's state.
+        """
         fake = MemoryReactorClock()
         self.patch(assembly, "make_history", lambda config, reactor: FakeHistory([]))
-        tree = gateway_service(parse_config(ini(), "gw.ini"), fake, tuning=False)
+        tree = gateway_service(parse_config(ini(sse="resume = memory"), "gw.ini"), fake, tuning=False)
         tree.privilegedStartService()
         response = await StubTreq(listened(fake)[8081].resource).get("http://admin/healthz")
         self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(await response.text()),
-                         {"status": "ok", "active_streams": 0, "history": {"queued": 0}})
+        body = json.loads(await response.text())
+        sse = body.pop("sse")
+        self.assertEqual(body, {"status": "ok", "active_streams": 0, "history": {"queued": 0}})
+        self.assertEqual((sse["detached"], sse["cancelled_by_max_detached_streams"]), (0, 0))
+        self.assertEqual((sse["resume"]["bytes"], sse["resume"]["max_total_bytes"]), (0, 536870912))
 
 
 class DecisionTests(SynchronousTestCase):

@@ -491,7 +491,7 @@ class RedisResumeLog:
         d = DeferredList(list(self._in_flight), consumeErrors=True)
         return d.addCallback(lambda _: None)
 
-    def stats(self) -> tuple[str, int, int]:
+    def log_size(self) -> tuple[str, int, int]:
         """
         For metrics, at scrape time: C{("redis", streams, event bytes)} of
         the streams this process is writing (what it knows without asking

@@ -8,7 +8,7 @@ stamped with the gateway's ids (and logged for resume).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
@@ -16,6 +16,7 @@ from twisted.web.server import Request
 
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors, copy_end_to_end, dropping
+from aura_proxy.detached import DetachedStreams
 from aura_proxy.header_store import canonical, store
 from aura_proxy.relay import PyRelay, Relay
 from aura_proxy.resume.log import ResumeLog
@@ -57,6 +58,8 @@ class RelayResponse(ResponseStage):
         replay; None when C{[sse] resume = off}.
     @param streams: where each relay is registered while it runs (for
         C{active_streams} and shutdown).
+    @param detached: where a relay whose client left is counted against
+        C{[sse] max_detached_streams} and C{max_detached_streams_per_tenant}.
     @param metrics: told when an SSE stream starts (its relay then meters
         it) and ends; None: no figures.
     """
@@ -67,12 +70,16 @@ class RelayResponse(ResponseStage):
         clock: IReactorTime,
         resume: Optional[ResumeLog],
         streams: OpenStreams,
+        detached: Optional[DetachedStreams] = None,
         metrics: Optional["GatewayMetrics"] = None,
     ) -> None:
         self._metrics = metrics
         self._clock = clock
         self._cors = Cors(config.cors)
         self._streams = streams
+        self._detached = detached if detached is not None else DetachedStreams()
+        self._max_detached = config.sse.max_detached_streams
+        self._max_detached_per_tenant = config.sse.max_detached_streams_per_tenant
         g = config.gateway
         self._idle_timeout = g.idle_timeout
         self._heartbeat = g.heartbeat_interval
@@ -134,6 +141,9 @@ class RelayResponse(ResponseStage):
             clean_end=is_sse,
             detach_seconds=self._detach if stream_id is not None else 0.0,
             describe=call.describe,
+            on_detach=(
+                self._detaching(request, stream_id) if stream_id is not None and self._detach else None
+            ),
         )
         self._streams.add(relay)
         if is_sse and self._metrics is not None:
@@ -145,12 +155,24 @@ class RelayResponse(ResponseStage):
         response.deliverBody(relay)
         relay.done.addCallback(self._relay_ended, call, stream_id)
 
+    def _detaching(self, request: Request, stream_id: str) -> "Callable[[Relay], None]":
+        """What a relay calls when it detaches: counted against the caps, per tenant."""
+        values = store(request.requestHeaders).get(_TENANT)
+        tenant = values[0].decode("utf-8", "replace") if values else ""
+        detached, max_total, max_per_tenant = self._detached, self._max_detached, self._max_detached_per_tenant
+
+        def detach(relay: Relay) -> None:
+            detached.add(relay, tenant, stream_id, max_total, max_per_tenant)
+
+        return detach
+
     def _relay_ended(self, reason: str, call: "Call", stream_id: Optional[str]) -> None:
         relay = call.relay
         assert relay is not None
         self._streams.discard(relay)
         if self._metrics is not None:
             self._metrics.stream_ended(relay, reason)
+        self._detached.discard(relay)
         if stream_id is not None and self._resume is not None:
             cut = getattr(self._resume, "cut", None) if self._streams.draining else None
             if relay.upstream_complete:
