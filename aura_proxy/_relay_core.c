@@ -709,9 +709,12 @@ PyInit__relay_core(void)
         return NULL;
     }
     /* The private Twisted transport attributes read here, for the Python side
-     * to check against aura_proxy.twisted_internals (which probes them). */
+     * to check against aura_proxy.twisted_internals (which probes them), and
+     * the version of what the module offers (client_wire.RELAY_CORE_API), so
+     * that a build older than the Python code is not used. */
     PyObject *constants = Py_BuildValue(
-        "{s:(OOOO)}", "transport_attributes", s_dataBuffer, s_tempDataBuffer, s_connected, s_writeDisconnected);
+        "{s:(OOOO),s:i}", "transport_attributes", s_dataBuffer, s_tempDataBuffer, s_connected, s_writeDisconnected,
+        "api", 2);
     if (constants == NULL || PyModule_AddObject(m, "CONSTANTS", constants) < 0) {
         Py_XDECREF(constants);
         Py_DECREF(m);

@@ -253,6 +253,8 @@ def gateway_service(
         config, reactor, client, history, resume, access_log.write if access_log is not None else None,
         metrics=metrics,
     )
+    if metrics is not None:
+        metrics.detached = gateway.detached
     site = site_factory(gateway, reactor=reactor)
     top = GatewayService(gateway, site, client, history, resume, access_log)
     if tuning:

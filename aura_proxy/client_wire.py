@@ -96,7 +96,13 @@ _OPEN, _ENDED, _LOST = object(), object(), object()
 
 #: The C module of the writer and the relay's per-read step, if built with
 #: the transport attributes the seam probes; else None, and why.
-C_MODULE, C_DISABLED_REASON = load("aura_proxy._relay_core", {"transport_attributes": WRITE_BUFFER_ATTRIBUTES})
+#: What C{_relay_core} offers, as a number its build must carry: 2 = the
+#: relay's meter (gaps, stalls) for metrics.  Bump it with the C side.
+RELAY_CORE_API = 2
+
+C_MODULE, C_DISABLED_REASON = load(
+    "aura_proxy._relay_core", {"transport_attributes": WRITE_BUFFER_ATTRIBUTES, "api": RELAY_CORE_API}
+)
 
 if TYPE_CHECKING:
     ClientWriter = _PyClientWriter

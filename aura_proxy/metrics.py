@@ -167,6 +167,8 @@ class GatewayMetrics(EndStage):
         self.history: Optional["HistoryService"] = None
         self.resume: Any = None
         self.client: Optional["UpstreamClient"] = None
+        #: The detached streams and their caps (L{aura_proxy.detached.DetachedStreams}).
+        self.detached: Any = None
         # Folded totals: what ended streams and calls left.
         # (route, method bytes, status // 100): calls.
         self._requests: dict[tuple[str, bytes, int], float] = {}
@@ -396,6 +398,7 @@ class GatewayMetrics(EndStage):
         yield pool
         yield from self._history_families()
         yield from self._resume_families()
+        yield from self._bound_families()
         if self._worker is not None:
             up = GaugeMetricFamily(p + "up", "1 while the gateway process serves.", labels=("worker",))
             up.add_metric((self._worker,), 1)
@@ -430,6 +433,36 @@ class GatewayMetrics(EndStage):
         count = GaugeMetricFamily(p + "resume_log_streams", "Streams kept for resume.", labels=("store",))
         count.add_metric((store,), streams)
         yield count
+
+
+    def _bound_families(self) -> Iterator[Metric]:
+        """The caps of issue 15: detached streams now and cancelled by a cap; memory logs evicted."""
+        p = _PREFIX
+        if self.detached is not None:
+            stats = self.detached.stats()
+            yield GaugeMetricFamily(p + "sse_detached_streams",
+                                    "Streams whose client left, still read into the resume log.",
+                                    value=stats["detached"])
+            cancelled = CounterMetricFamily(
+                p + "sse_detached_cancelled",
+                "Detached streams cancelled by max_detached_streams (total) or its per-tenant cap.",
+                labels=("cap",),
+            )
+            cancelled.add_metric(("total",), stats["cancelled_by_max_detached_streams"])
+            cancelled.add_metric(("per_tenant",), stats["cancelled_by_max_detached_streams_per_tenant"])
+            yield cancelled
+        stats_of = getattr(self.resume, "stats", None)
+        if stats_of is not None:
+            stats = stats_of()
+            if "evicted_finished" in stats:
+                evicted = CounterMetricFamily(
+                    p + "resume_log_evicted",
+                    "Memory stream logs dropped by resume_max_total_bytes, by the stream's state.",
+                    labels=("state",),
+                )
+                for state in ("finished", "detached", "open"):
+                    evicted.add_metric((state,), stats["evicted_" + state])
+                yield evicted
 
 
 def build_info(fast_path: bool) -> Metric:

@@ -161,6 +161,15 @@ class StaleBuildTests(SynchronousTestCase):
         self.assertEqual((got["relay"], got["writer"], got["sse"]), (False, False, True))
         self.assertIn("transport_attributes", str(got["relay_reason"]))
 
+    def test_relay_core_older_build(self) -> None:
+        """A _relay_core built before the Python side's RELAY_CORE_API (no meter, say): not used."""
+        got = _import_after("""
+            from aura_proxy import _relay_core
+            _relay_core.CONSTANTS["api"] = 1
+        """)
+        self.assertEqual((got["relay"], got["writer"], got["sse"]), (False, False, True))
+        self.assertIn("api", str(got["relay_reason"]))
+
     def test_disabled_by_environment(self) -> None:
         """AURA_PROXY_DISABLE_C names the C modules to leave unused (or all), with that as the reason."""
         got = _import_after("""

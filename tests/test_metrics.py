@@ -346,6 +346,29 @@ class GaugeTests(SynchronousTestCase):
         self.assertEqual(registry.get_sample_value("aura_proxy_resume_log_streams", {"store": "redis"}), 1)
         self.assertEqual(registry.get_sample_value("aura_proxy_resume_log_bytes", {"store": "redis"}), 22)
 
+    def test_caps(self) -> None:
+        """
+        The detached-stream caps and the memory logs' total cap: detached
+        streams now, cancelled by each cap, and logs evicted by state.
+        """
+        from aura_proxy.detached import DetachedStreams
+        from aura_proxy.resume.log import MemoryResumeLog
+
+        detached = DetachedStreams()
+        detached.cancelled_total, detached.cancelled_tenant = 4, 2
+        log = MemoryResumeLog(Clock(), 60, 10, 1000)
+        log.evicted_finished, log.evicted_detached, log.evicted_open = 5, 1, 0
+        registry = CollectorRegistry(auto_describe=False)
+        metrics = GatewayMetrics(Clock(), registry)
+        metrics.detached, metrics.resume = detached, log
+        self.assertEqual(registry.get_sample_value("aura_proxy_sse_detached_streams"), 0)
+        self.assertEqual(registry.get_sample_value("aura_proxy_sse_detached_cancelled_total", {"cap": "total"}), 4)
+        self.assertEqual(
+            registry.get_sample_value("aura_proxy_sse_detached_cancelled_total", {"cap": "per_tenant"}), 2)
+        for state, count in (("finished", 5), ("detached", 1), ("open", 0)):
+            self.assertEqual(
+                registry.get_sample_value("aura_proxy_resume_log_evicted_total", {"state": state}), count)
+
     def test_no_history_no_resume(self) -> None:
         """Without history or a stream log, their figures are absent (not zero)."""
         registry = CollectorRegistry(auto_describe=False)
