@@ -39,6 +39,7 @@ from aura_proxy.config import (
     parse_config,
 )
 from aura_proxy.history import HistoryService, make_history
+from aura_proxy.limits import make_limits
 from aura_proxy.process import ProcessTuning
 from aura_proxy.proxy import Gateway
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
@@ -91,7 +92,11 @@ class StopInOrder(MultiService):
 
 
 class _Drain(Service):
-    """On shutdown: end every open stream (recorded as C{shutdown}), close the pool."""
+    """
+    On shutdown: end every open stream (recorded as C{shutdown}), close the
+    pool, the resume log and the limits' store (after the streams: each
+    frees its slot as it ends).
+    """
 
     name = "drain"
 
@@ -105,10 +110,15 @@ class _Drain(Service):
         start = getattr(self._resume, "start", None)
         if start is not None:
             start()
+        self._gateway.limits.start()
 
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)
-        done: list[Deferred[Any]] = [self._gateway.shutdown(), maybeDeferred(self._client.close)]
+        limits = self._gateway.limits
+        done: list[Deferred[Any]] = [
+            self._gateway.shutdown().addCallback(lambda _: limits.stop()),
+            maybeDeferred(self._client.close),
+        ]
         if self._resume is not None:
             done.append(maybeDeferred(self._resume.stop))
         return gatherResults(done).addCallback(lambda _: None)
@@ -196,7 +206,8 @@ def gateway_service(
     history = make_history(config.history, reactor)
     client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
     resume = make_resume_log(config.sse, reactor, g.fast_path)
-    gateway = Gateway(config, reactor, client, history, resume)
+    limits = make_limits(config.limits.store, reactor, config.limits.stream_lease)
+    gateway = Gateway(config, reactor, client, history, resume, limits)
     site = site_factory(gateway, reactor=reactor)
     top = GatewayService(gateway, site, client, history, resume)
     if tuning:

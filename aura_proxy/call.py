@@ -20,6 +20,7 @@ from aura_proxy.request_ids import new_request_id
 
 if TYPE_CHECKING:
     from aura_proxy.auth.verify import Identity
+    from aura_proxy.limits import Slot
     from aura_proxy.proxy import Pipeline
     from aura_proxy.relay import Relay
     from aura_proxy.resume.replay import Replay
@@ -45,12 +46,14 @@ class Call:
         headers are believed), else None.
     @ivar identity: who the request's verified token says the caller is
         (C{[auth]}); None without one.
+    @ivar limit_slot: the stream slot the call holds (C{[limits]}), freed
+        when it ends; None when it holds none.
     """
 
     __slots__ = (
         "pipeline", "request", "id", "started", "client_ip", "via", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
-        "status", "response_size", "is_sse", "end_reason", "identity",
+        "status", "response_size", "is_sse", "end_reason", "identity", "limit_slot",
     )
 
     def __init__(
@@ -83,6 +86,7 @@ class Call:
         self.is_sse = False
         self.end_reason: Optional[str] = None
         self.identity: Optional[Identity] = None
+        self.limit_slot: Optional[Slot] = None
 
     def cancel(self, finished: "Deferred[None]") -> None:
         """

@@ -30,6 +30,7 @@ __all__ = [
     "HeadersConfig",
     "HistoryConfig",
     "IDENTITY_HEADERS",
+    "LimitsConfig",
     "Network",
     "RouteConfig",
     "SseConfig",
@@ -227,6 +228,43 @@ class UpstreamTrustConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """
+    The C{[limits]} section: per-tenant stream and request-rate limits
+    (0 = unlimited; all off by default).
+
+    @ivar burst: the token bucket's size; 0: C{requests_per_second_per_tenant}
+        rounded up (at least 1).
+    @ivar store: C{memory} (this process) or C{redis://host:port/db}
+        (shared by every process and host using that Redis).
+    @ivar stream_lease: seconds a stream's slot in Redis lives without being
+        renewed (its process renews it every third of that): the slots of a
+        process that died free themselves after at most this long.
+    """
+
+    max_streams_per_tenant: int = 0
+    max_streams_total: int = 0
+    requests_per_second_per_tenant: float = 0.0
+    burst: int = 0
+    store: str = "memory"
+    stream_lease: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is set."""
+        return bool(
+            self.max_streams_per_tenant or self.max_streams_total or self.requests_per_second_per_tenant
+        )
+
+    @property
+    def bucket_size(self) -> int:
+        """The token bucket's size: C{burst}, or the rate rounded up (at least 1)."""
+        if self.burst:
+            return self.burst
+        return max(1, int(-(-self.requests_per_second_per_tenant // 1)))
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, valid gateway configuration."""
 
@@ -239,6 +277,7 @@ class Config:
     sse: SseConfig = field(default_factory=SseConfig)
     upstream_trust: UpstreamTrustConfig = field(default_factory=UpstreamTrustConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 # -- value parsers -----------------------------------------------------------
@@ -465,6 +504,22 @@ def _resume_backend(text: str) -> str:
     raise _Invalid(f"expected memory, off or redis://host:port/db, got {text!r}")
 
 
+def _limits_store(text: str) -> str:
+    if text == "memory" or text.startswith("redis://"):
+        return text
+    raise _Invalid(f"expected memory or redis://host:port/db, got {text!r}")
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Invalid(f"expected a number of requests per second, got {text!r}")
+    if value < 0 or value != value or value == float("inf"):
+        raise _Invalid(f"expected a number of requests per second >= 0, got {text!r}")
+    return value
+
+
 def _jwt_algorithms(text: str) -> tuple[str, ...]:
     algorithms = _list(text)
     if not algorithms:
@@ -575,6 +630,15 @@ _AUTH: _Schema = {
     "token_from": _token_sources,
 }
 
+_LIMITS: _Schema = {
+    "max_streams_per_tenant": _count(0),
+    "max_streams_total": _count(0),
+    "requests_per_second_per_tenant": _rate,
+    "burst": _count(0),
+    "store": _limits_store,
+    "stream_lease": _positive_seconds,
+}
+
 _SECTIONS = {
     "gateway": _GATEWAY,
     "headers": _HEADERS,
@@ -583,6 +647,7 @@ _SECTIONS = {
     "sse": _SSE,
     "upstream_trust": _UPSTREAM_TRUST,
     "auth": _AUTH,
+    "limits": _LIMITS,
 }
 
 
@@ -647,7 +712,7 @@ def parse_config(text: str, source: str) -> Config:
             reader.problem(
                 name, None,
                 "unknown section (known: gateway, route:NAME, headers, cors, history, sse, "
-                "upstream_trust, auth)",
+                "upstream_trust, auth, limits)",
             )
 
     gateway = _make(GatewayConfig, reader.section("gateway", _GATEWAY))
@@ -680,6 +745,7 @@ def parse_config(text: str, source: str) -> Config:
     sse = _make(SseConfig, reader.section("sse", _SSE))
     upstream_trust = _upstream_trust(reader)
     auth = _auth(reader, _make(AuthConfig, reader.section("auth", _AUTH)))
+    limits = _make(LimitsConfig, reader.section("limits", _LIMITS))
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
@@ -723,7 +789,7 @@ def parse_config(text: str, source: str) -> Config:
         )
 
     if gateway.workers > 1:
-        _check_workers(reader, gateway, sse)
+        _check_workers(reader, gateway, sse, limits)
 
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -737,6 +803,7 @@ def parse_config(text: str, source: str) -> Config:
         sse=sse,
         upstream_trust=upstream_trust,
         auth=auth,
+        limits=limits,
     )
 
 
@@ -888,7 +955,7 @@ def _check_public_key(reader: _Reader, auth: AuthConfig, pem: bytes) -> None:
             )
 
 
-def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> None:
+def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig, limits: LimitsConfig) -> None:
     """What several worker processes (C{workers > 1}) cannot share."""
     raw = reader.parser.get("gateway", "workers", raw=True, fallback="").strip()
     if raw == "auto":
@@ -904,6 +971,13 @@ def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> N
             f"{workers} cannot be used with [sse] resume = memory: a client resuming a "
             "stream may reconnect to another worker process; set [sse] resume = "
             "redis://host:port/db (or off), or workers = 1",
+        )
+    if limits.enabled and limits.store == "memory":
+        reader.problem(
+            "limits", "store",
+            f"store = memory cannot be used with [gateway] {workers}: each worker process "
+            "would count only its own streams and requests; set [limits] store = "
+            "redis://host:port/db, or workers = 1",
         )
     if not _is_plain_tcp(gateway.listen):
         reader.problem(

@@ -27,6 +27,9 @@ __all__ = [
     "missing_token",
     "invalid_token",
     "tenant_mismatch",
+    # [limits]
+    "too_many_streams",
+    "rate_limited",
 ]
 
 
@@ -144,3 +147,19 @@ def invalid_token(reason: str) -> GatewayError:
 def tenant_mismatch() -> GatewayError:
     """The request's X-Tenant-ID is not the tenant its verified token names (403)."""
     return GatewayError(403, "tenant_mismatch", "X-Tenant-ID is not the tenant of the token")
+
+
+def too_many_streams() -> GatewayError:
+    """
+    The tenant has C{[limits] max_streams_per_tenant} streams open, or the
+    gateway C{max_streams_total} (429, with C{Retry-After}).
+    """
+    return GatewayError(429, "too_many_streams", "too many open streams; retry when one has ended")
+
+
+def rate_limited() -> GatewayError:
+    """
+    The tenant is over C{[limits] requests_per_second_per_tenant} (and its
+    burst) (429, with C{Retry-After}).
+    """
+    return GatewayError(429, "rate_limited", "too many requests for this tenant; retry after Retry-After seconds")

@@ -33,11 +33,13 @@ from aura_proxy.call import Call, body_length
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors
 from aura_proxy.errors import GatewayError
+from aura_proxy.limits import LimitStore, MemoryLimits
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
 from aura_proxy.stages.auth import Authenticate
 from aura_proxy.stages.forwarding import Forward
 from aura_proxy.stages.identity import Identity
+from aura_proxy.stages.limits import Limits
 from aura_proxy.stages.path import ParsePath
 from aura_proxy.stages.preflight import Preflight
 from aura_proxy.stages.recording import Record
@@ -70,7 +72,7 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
             Route(config.routes),  # the most specific route, or 404 no_route
             Authenticate(config, clock),  # [auth] JWT: identity from the token, or 401/403
             RequiredHeaders(config.headers),  # the header contract, or 400 missing_header
-            # (rate limits go here: one class, one line)
+            Limits(config.limits, services.limits),  # [limits]: 429 over rate or open streams
             Resume(config, clock, services.resume),  # our Last-Event-ID: replayed from the log
             Forward(config, clock, services.client),  # upstream, within response_timeout: 502/504
         ],
@@ -91,6 +93,7 @@ class Services:
     @ivar history: call history, or None when it is off.
     @ivar resume: the stream log, or None when C{[sse] resume = off}.
     @ivar streams: the responses being relayed, for shutdown.
+    @ivar limits: the counts of C{[limits]} (open streams, token buckets).
     """
 
     clock: IReactorTime
@@ -98,6 +101,7 @@ class Services:
     history: Optional["HistoryService"]
     resume: Optional[ResumeLog]
     streams: OpenStreams
+    limits: LimitStore
 
 
 class Pipeline:
@@ -108,7 +112,8 @@ class Pipeline:
     @ivar clock: the time source (call start and end times).
     @ivar stages: the request stages, in order.
     @ivar response: where an upstream response goes.
-    @ivar ended: what runs when a call ends, in order.
+    @ivar ended: what runs when a call ends, in order (after the request
+        stages that are end stages too, e.g. L{Limits}, freeing a stream slot).
     """
 
     def __init__(
@@ -131,7 +136,9 @@ class Pipeline:
         # Bound once: the per-request loops call these directly.
         self._runs = tuple(stage.run for stage in self.stages)
         self._classifying = tuple(stage.run for stage in self.stages if stage.classifies)
-        self._end_runs = tuple(stage.ended for stage in self.ended)
+        self._end_runs = tuple(
+            stage.ended for stage in (*(s for s in self.stages if isinstance(s, EndStage)), *self.ended)
+        )
         self.respond = response.respond
 
     def handle(self, request: Request) -> "Deferred[None]":
@@ -205,6 +212,7 @@ class Gateway:
         L{UpstreamClient} connects with.
     @param resume: where streams are logged for C{Last-Event-ID} replay;
         None when C{[sse] resume = off}.
+    @param limits: the counts of C{[limits]} (default: in this process).
     """
 
     def __init__(
@@ -214,9 +222,11 @@ class Gateway:
         client: UpstreamClient,
         history: Optional["HistoryService"] = None,
         resume: Optional[ResumeLog] = None,
+        limits: Optional[LimitStore] = None,
     ) -> None:
         self.streams = OpenStreams(reactor)
-        self._services = Services(reactor, client, history, resume, self.streams)
+        self.limits = limits if limits is not None else MemoryLimits(reactor)
+        self._services = Services(reactor, client, history, resume, self.streams, self.limits)
         self.pipeline = build_pipeline(config, self._services)
 
     @property
