@@ -1,5 +1,6 @@
 """
-The admin site (C{admin_listen}): health for load balancers and operators.
+The admin site (C{admin_listen}): health for load balancers and operators,
+and C{POST /reload} (L{aura_proxy.reload}).
 
 Kept off the client-facing port so that probes never need a tenant and the
 public can never see it.  Built here, and only here, for the single process
@@ -21,6 +22,7 @@ from twisted.web.server import Request, Site
 if TYPE_CHECKING:
     from aura_proxy.history import HistoryService
     from aura_proxy.proxy import Gateway
+    from aura_proxy.reload import ReloadResult
 
 __all__ = ["Admin", "HealthReport", "admin_service", "admin_site", "gateway_health"]
 
@@ -28,14 +30,18 @@ __all__ = ["Admin", "HealthReport", "admin_service", "admin_site", "gateway_heal
 #: while the process serves (anything else answers 503).
 HealthReport = Callable[[], dict[str, object]]
 
+#: Reloads the configuration (L{aura_proxy.reload}); what C{POST /reload} calls.
+Reload = Callable[[], "ReloadResult"]
+
 
 class Admin:
     """Klein application of the admin port."""
 
     app = Klein()
 
-    def __init__(self, report: HealthReport) -> None:
+    def __init__(self, report: HealthReport, reload: Optional[Reload] = None) -> None:
         self._report = report
+        self._reload = reload
 
     def resource(self) -> IResource:
         """The admin site's root resource."""
@@ -51,6 +57,19 @@ class Admin:
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode("utf-8")
 
+    @app.route("/reload", methods=["POST"])
+    def reload(self, request: Request) -> bytes:
+        """Reload the configuration file: C{200} and what changed, or C{400} and its problems."""
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        if self._reload is None:
+            request.setResponseCode(404)
+            return b'{"status":"unavailable"}'
+        result = self._reload()
+        if not result.ok:
+            request.setResponseCode(400)
+        return json.dumps(result.to_json()).encode("utf-8")
+
 
 def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = None) -> HealthReport:
     """The health report of a gateway process: open streams, and call history's state."""
@@ -64,14 +83,14 @@ def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = Non
     return report
 
 
-def admin_site(report: HealthReport, reactor: Any) -> Site:
-    """The admin site serving C{report} at C{/healthz}, without an access log."""
-    site = Site(Admin(report).resource(), reactor=reactor)
+def admin_site(report: HealthReport, reactor: Any, reload: Optional[Reload] = None) -> Site:
+    """The admin site serving C{report} at C{/healthz} (and C{reload}), without an access log."""
+    site = Site(Admin(report, reload).resource(), reactor=reactor)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
     return site
 
 
-def admin_service(listen: str, report: HealthReport, reactor: Any) -> IService:
+def admin_service(listen: str, report: HealthReport, reactor: Any, reload: Optional[Reload] = None) -> IService:
     """The admin site listening on C{listen} (an endpoint description) while running."""
-    return strports.service(listen, admin_site(report, reactor), reactor=reactor)
+    return strports.service(listen, admin_site(report, reactor, reload), reactor=reactor)

@@ -41,6 +41,7 @@ from aura_proxy.config import (
 from aura_proxy.history import HistoryService, make_history
 from aura_proxy.limits import make_limits
 from aura_proxy.process import ProcessTuning
+from aura_proxy.reload import Reloader, SighupReload
 from aura_proxy.proxy import Gateway
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
@@ -134,6 +135,7 @@ class GatewayService(StopInOrder):
     @ivar client: the upstream connection pool.
     @ivar history: call history, or None when disabled.
     @ivar resume: the stream log, or None when resume is off.
+    @ivar reloader: reloads the configuration (SIGHUP, C{POST /reload}).
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class GatewayService(StopInOrder):
         self.client = client
         self.history = history
         self.resume = resume
+        self.reloader = Reloader(gateway)
 
 
 def make_resume_log(config: SseConfig, reactor: Any, fast_path: bool = True) -> Optional[ResumeLog]:
@@ -183,6 +186,7 @@ def gateway_service(
     site_factory: SiteFactory = GatewaySite,
     admin: bool = True,
     tuning: bool = True,
+    reload_signal: bool = True,
 ) -> GatewayService:
     """
     One process serving the gateway.
@@ -201,6 +205,8 @@ def gateway_service(
         their parent does).
     @param tuning: whether starting the tree tunes the process
         (L{aura_proxy.process}); off only for tests run inside trial's process.
+    @param reload_signal: whether SIGHUP reloads the configuration (a worker
+        process is told by its parent instead).
     """
     g = config.gateway
     history = make_history(config.history, reactor)
@@ -215,6 +221,8 @@ def gateway_service(
     if history is not None:
         history.setServiceParent(top)
     _Drain(gateway, client, resume).setServiceParent(top)
+    if reload_signal:
+        SighupReload(reactor, top.reloader.reload).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
@@ -222,7 +230,9 @@ def gateway_service(
     else:
         listener(site).setServiceParent(top)
     if admin:
-        admin_service(g.admin_listen, gateway_health(gateway, history), reactor).setServiceParent(top)
+        admin_service(
+            g.admin_listen, gateway_health(gateway, history), reactor, reload=top.reloader.reload
+        ).setServiceParent(top)
     return top
 
 
@@ -239,9 +249,10 @@ def supervisor_service(
     top = StopInOrder()
     workers = WorkerSupervisor(config, config_text, reactor, **supervisor)
     workers.setServiceParent(top)
+    SighupReload(reactor, workers.reload).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
-    admin_service(config.gateway.admin_listen, workers.health, reactor).setServiceParent(top)
+    admin_service(config.gateway.admin_listen, workers.health, reactor, reload=workers.reload).setServiceParent(top)
     return top
 
 

@@ -95,13 +95,13 @@ class TreeTests(SynchronousTestCase):
     def test_single_process_children(self) -> None:
         """
         Process tuning first, then history, the drain of open streams, the
-        public listener and the admin site; the public port serves the
+        SIGHUP reload, the public listener and the admin site; the public port serves the
         gateway's site, the admin port another one.
         """
         fake = MemoryReactorClock()
         tree = gateway_service(parse_config(ini(history="dsn = sqlite:///x.db"), "gw.ini"), fake)
         self.assertEqual(names(tree), [
-            "ProcessTuning", "HistoryService", "_Drain",
+            "ProcessTuning", "HistoryService", "_Drain", "SighupReload",
             "StreamServerEndpointService", "StreamServerEndpointService",
         ])
         self.assertIsInstance(tree, GatewayService)
@@ -137,7 +137,7 @@ class TreeTests(SynchronousTestCase):
             parse_config(ini(), "gw.ini"), fake, listener=listener, site_factory=OwnSite,
             admin=False, tuning=False,
         )
-        self.assertEqual(names(tree), ["_Drain", "Service"])
+        self.assertEqual(names(tree), ["_Drain", "SighupReload", "Service"])
         self.assertEqual(made, [tree.site])
         self.assertIsInstance(tree.site, OwnSite)
         tree.privilegedStartService()
@@ -233,8 +233,8 @@ class DecisionTests(SynchronousTestCase):
         text = ini("workers = 2")
         tree = make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock(), demo=True)
         self.assertNotIsInstance(tree, GatewayService)
-        # The supervisor, the demo agent, the admin site.
-        self.assertEqual(names(tree), ["WorkerSupervisor"] + ["StreamServerEndpointService"] * 2)
+        # The supervisor, its SIGHUP reload, the demo agent, the admin site.
+        self.assertEqual(names(tree), ["WorkerSupervisor", "SighupReload"] + ["StreamServerEndpointService"] * 2)
         [supervisor] = [s for s in tree if isinstance(s, WorkerSupervisor)]
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config_text, text)
