@@ -212,7 +212,7 @@ def gateway_service(
     history = make_history(config.history, reactor)
     client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
     resume = make_resume_log(config.sse, reactor, g.fast_path)
-    limits = make_limits(config.limits.store, reactor, config.limits.stream_lease)
+    limits = make_limits(config.limits, reactor)
     gateway = Gateway(config, reactor, client, history, resume, limits)
     site = site_factory(gateway, reactor=reactor)
     top = GatewayService(gateway, site, client, history, resume)

@@ -240,6 +240,8 @@ class LimitsConfig:
     @ivar stream_lease: seconds a stream's slot in Redis lives without being
         renewed (its process renews it every third of that): the slots of a
         process that died free themselves after at most this long.
+    @ivar key_prefix: the Redis keys' prefix (gateways sharing it share
+        their counts).
     """
 
     max_streams_per_tenant: int = 0
@@ -248,6 +250,7 @@ class LimitsConfig:
     burst: int = 0
     store: str = "memory"
     stream_lease: float = 30.0
+    key_prefix: str = "aura-proxy:limits:"
 
     @property
     def enabled(self) -> bool:
@@ -637,6 +640,7 @@ _LIMITS: _Schema = {
     "burst": _count(0),
     "store": _limits_store,
     "stream_lease": _positive_seconds,
+    "key_prefix": str,
 }
 
 _SECTIONS = {

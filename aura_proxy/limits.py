@@ -36,6 +36,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aura_proxy.config import LimitsConfig
+
 __all__ = ["Decision", "LimitStore", "MemoryLimits", "RedisLimits", "Slot", "make_limits"]
 
 log = Logger("aura_proxy.limits")
@@ -415,11 +417,11 @@ class RedisLimits(LimitStore, _SlotOwner):
             log.info("limits: counting in Redis at {host}:{port} again", host=self._host, port=self._port)
 
 
-def make_limits(store: str, clock: IReactorTime, lease: float) -> LimitStore:
+def make_limits(config: LimitsConfig, clock: IReactorTime) -> LimitStore:
     """The store C{[limits] store} names."""
-    if store == "memory":
+    if config.store == "memory":
         return MemoryLimits(clock)
-    return RedisLimits(clock, store, lease)
+    return RedisLimits(clock, config.store, config.stream_lease, key_prefix=config.key_prefix)
 
 
 def retry_after(seconds: float) -> bytes:

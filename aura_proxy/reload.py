@@ -46,7 +46,7 @@ RESTART_ONLY: dict[str, Optional[tuple[str, ...]]] = {
                 "max_idle_connections", "max_request_body", "access_log"),
     "history": None,
     "sse": ("resume", "resume_ttl", "resume_max_events", "resume_max_bytes"),
-    "limits": ("store", "stream_lease"),
+    "limits": ("store", "stream_lease", "key_prefix"),
 }
 
 
