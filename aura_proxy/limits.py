@@ -273,6 +273,9 @@ class RedisLimits(LimitStore, _SlotOwner):
         self.fallback = MemoryLimits(clock)
         #: Whether Redis failed last time (one log line per outage).
         self.outage = False
+        #: Takes waiting for the first connection (at most connect_timeout).
+        self._waiting: Optional[list[Deferred[None]]] = None
+        self._connect_call: Optional[IDelayedCall] = None
 
     # -- life cycle --------------------------------------------------------------
 
@@ -290,12 +293,22 @@ class RedisLimits(LimitStore, _SlotOwner):
         factory.startConnecting(
             HostnameEndpoint(reactor, self._host, self._port, timeout=self._connect_timeout)
         )
+        # Until the first connection (or connect_timeout), a take waits for
+        # it rather than count in this process.
+        self._waiting = []
+        self._connect_call = self._clock.callLater(self._connect_timeout, self._first_connection)
+
+        def connected(result: object) -> None:
+            self._first_connection()
+
+        factory.deferred.addBoth(connected)
         self._renew_call = self._clock.callLater(self._renew_every, self._renew)
 
     def stop(self) -> "Deferred[None]":
         if self._renew_call is not None and self._renew_call.active():
             self._renew_call.cancel()
         self._renew_call = None
+        self._first_connection()
         factory, self._factory = self._factory, None
         if factory is None:
             return succeed(None)
@@ -382,9 +395,32 @@ class RedisLimits(LimitStore, _SlotOwner):
                 return conn
         return None
 
+    def _first_connection(self) -> None:
+        """Connected, or given up waiting: the takes that waited go on."""
+        timer, self._connect_call = self._connect_call, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        waiting, self._waiting = self._waiting, None
+        for d in waiting or ():
+            d.callback(None)
+
     def _eval(self, name: str, keys: list[bytes], args: list[bytes]) -> "Optional[Deferred[Any]]":
-        """Run a script (by its sha, loaded on NOSCRIPT); None when not connected."""
+        """
+        Run a script (by its sha, loaded on NOSCRIPT); None when not
+        connected.  While the first connection is being made, wait for it.
+        """
         conn = self._connection()
+        if conn is None and self._waiting is not None:
+            connected: Deferred[None] = Deferred()
+            self._waiting.append(connected)
+
+            def then(_: None) -> Any:
+                d = self._eval(name, keys, args)
+                if d is None:
+                    raise ConnectionError("not connected")
+                return d
+
+            return connected.addCallback(then)
         if conn is None:
             self._failed(None)
             return None

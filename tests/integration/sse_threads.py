@@ -16,8 +16,8 @@ __all__ = ["SseClient", "post_json", "request"]
 
 class SseClient(threading.Thread):
     """
-    Reads one SSE stream to its end, keeping each C{token} event's index
-    and whether the C{done} event came.
+    Reads one SSE stream to its end, keeping each event's index (C{token},
+    C{tick}) and whether the C{done} event came.
 
     @ivar status: the response status (0 before the head).
     @ivar indexes: the token events' indexes, in arrival order.
@@ -58,7 +58,7 @@ class SseClient(threading.Thread):
                 line = line.rstrip(b"\r\n")
                 if line.startswith(b"event:"):
                     event = line[6:].strip()
-                elif line.startswith(b"data:") and event == b"token":
+                elif line.startswith(b"data:") and event in (b"token", b"tick"):
                     now = time.monotonic()
                     self.longest_gap = max(self.longest_gap, now - last)
                     last = now

@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Generator
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -147,12 +147,17 @@ class DownTests(TestCase):
 
     @inlineCallbacks
     def test_counts_in_process(self) -> Generator[Any, Any, None]:
-        """Pointed at a closed port, every take is answered at once from the process's counts."""
-        limits = RedisLimits(reactor, f"redis://127.0.0.1:{closed_port()}/0", 30.0)
+        """
+        Pointed at a closed port, a take at start waits for the first
+        connection (at most connect_timeout), then every take is answered at
+        once from the process's counts.
+        """
+        limits = RedisLimits(reactor, f"redis://127.0.0.1:{closed_port()}/0", 30.0, connect_timeout=0.5)
         limits.start()
         self.addCleanup(limits.stop)
-        yield sleep(0.1)
-        wait, slot = limits.open_stream("t", 1, 0)  # type: ignore[misc]
+        first = limits.open_stream("t", 1, 0)
+        self.assertIsInstance(first, Deferred)
+        wait, slot = yield first
         self.assertIsNotNone(slot)
         self.assertEqual(limits.open_stream("t", 1, 0), (1.0, None))
         self.assertIsNone(limits.take_token("t", 1.0, 1))
