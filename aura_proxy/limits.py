@@ -223,6 +223,9 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return {taken, wait}
 """
 
+#: Slots renewed per script call.
+_RENEW_CHUNK = 1000
+
 _SCRIPTS = {name: (script, hashlib.sha1(script).hexdigest().encode("ascii"))
             for name, script in (("open", _OPEN), ("renew", _RENEW), ("token", _TOKEN))}
 
@@ -371,16 +374,16 @@ class RedisLimits(LimitStore, _SlotOwner):
     def _renew(self) -> None:
         """Every third of the lease: move the leases of the slots held here forward."""
         self._renew_call = self._clock.callLater(self._renew_every, self._renew)
-        if not self._held:
-            return
-        keys: list[bytes] = []
-        members: list[bytes] = []
-        for member, slot in self._held.items():
-            keys += (self._all, self._tenant_key(b"streams:t:", slot.tenant))
-            members.append(member)
-        d = self._eval("renew", keys, [b"%d" % self._lease_ms, *members])
-        if d is not None:
-            d.addCallbacks(lambda _: self._back(), self._failed)
+        held = list(self._held.items())
+        for start in range(0, len(held), _RENEW_CHUNK):
+            keys: list[bytes] = []
+            members: list[bytes] = []
+            for member, slot in held[start:start + _RENEW_CHUNK]:
+                keys += (self._all, self._tenant_key(b"streams:t:", slot.tenant))
+                members.append(member)
+            d = self._eval("renew", keys, [b"%d" % self._lease_ms, *members])
+            if d is not None:
+                d.addCallbacks(lambda _: self._back(), self._failed)
 
     # -- Redis -------------------------------------------------------------------
 

@@ -283,6 +283,18 @@ class LaterStageTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
         self.assertEqual(len(upstream.requests), 1)
 
+    def test_store_failure_goes_on(self) -> None:
+        """A store that fails unexpectedly is logged and the request goes on: limits never stop traffic."""
+        h, store, upstream = self.harness(max_streams_per_tenant=1)
+        d = h.client.request("GET", "http://gw.example/api/aura/s", headers=STREAM, unbuffered=True)
+        h.flush()
+        failing, _ = store.pending.pop()
+        failing.errback(RuntimeError("boom"))
+        h.flush()
+        self.assertEqual(h.successResultOf(d).code, 200)
+        self.assertEqual(len(upstream.requests), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_client_gone_while_waiting(self) -> None:
         """A client that leaves while the store answers is recorded 499 and its slot freed."""
         h, store, upstream = self.harness(max_streams_per_tenant=1)

@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from aura_proxy import errors
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Limits", "asks_for_stream"]
 
+_log = Logger("aura_proxy.limits")
 _TENANT = canonical(b"x-tenant-id")
 _ACCEPT = canonical(b"accept")
 
@@ -105,8 +108,13 @@ class Limits(Stage, EndStage):
         finished = call.finished
         if finished is None:
             finished = call.finished = Deferred(call.cancel)
-        decided.addCallback(self._decided, call)
+        decided.addCallbacks(self._decided, self._failed, callbackArgs=(call,), errbackArgs=(call,))
         return finished
+
+    def _failed(self, failure: Failure, call: "Call") -> None:
+        """The store failed unexpectedly: logged, and the request goes on (limits never stop traffic)."""
+        _log.failure("limits: counting failed; the request goes on unlimited", failure)
+        self._decided(None, call)
 
     def _decided(self, answer: Optional[GatewayError], call: "Call") -> None:
         request = call.request
