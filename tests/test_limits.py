@@ -319,6 +319,16 @@ class ConfigTests(TestCase):
         self.assertEqual(limits, LimitsConfig())
         self.assertFalse(limits.enabled)
 
+    def test_shipped_file(self) -> None:
+        """etc/aura-proxy.ini (the embedded defaults) lists every [limits] key, at its default."""
+        from aura_proxy.config import _LIMITS, default_config_text, load_config
+
+        self.assertEqual(load_config(None).limits, LimitsConfig())
+        text = default_config_text()
+        section = text[text.index("[limits]"):]
+        for key in _LIMITS:
+            self.assertIn(f"\n{key} = ", section)
+
     def test_values(self) -> None:
         """Every key parses; burst 0 is the rate rounded up."""
         limits = parse_config(limited(

@@ -48,6 +48,22 @@ class ReloaderTests(TestCase):
         self.assertEqual((result.ok, result.routes, result.needs_restart), (True, 3, ()))
         self.assertEqual(self.h.gateway.config.routes[-1].name, "new")
 
+    def test_auth_and_cors_change(self) -> None:
+        """A reload turns JWT checks on and allows another origin, for the next requests."""
+        secret = Path(self.mktemp())
+        secret.write_bytes(b"s" * 32)
+        self.assertEqual(self.h.request("GET", "/api/aura/x", headers=TENANT).code, 200)
+        self.path.write_text(
+            CONFIG.replace("allowed_origins = http://localhost:3000", "allowed_origins = http://new.example")
+            + f"[auth]\njwt = required\nalgorithms = HS256\nhs256_secret_file = {secret}\n")
+        self.assertTrue(self.reloader.reload().ok)
+        refused = self.h.request("GET", "/api/aura/x", headers=TENANT)
+        self.assertEqual(refused.code, 401)
+        self.assertEqual(self.h.json(refused)["error"]["code"], "missing_token")
+        preflight = self.h.request("OPTIONS", "/api/aura/x", headers={
+            "Origin": "http://new.example", "Access-Control-Request-Method": "GET"})
+        self.assertEqual(preflight.code, 204)
+
     def test_open_stream_untouched(self) -> None:
         """A stream opened before the reload keeps flowing, on the pipeline it started on."""
         response = self.h.request("GET", "/api/aura/s", headers=TENANT, unbuffered=True)
