@@ -21,7 +21,8 @@ setup(
     package_dir={"": "."},
     packages=find_packages(include=["aura_proxy", "aura_proxy.*"]) + ["twisted.plugins"],
     package_data={
-        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "_chunked_read.pyi", "_relay_core.pyi", "history/*.sql"],
+        "aura_proxy": ["defaults.ini", "py.typed", "_sse_stamp.pyi", "_chunked_read.pyi", "_relay_core.pyi", "history/*.sql",
+                       "dashboard/static/*.html", "dashboard/static/*.js", "dashboard/static/*.css"],
         "twisted": ["plugins/aura_proxy_plugin.py"],
     },
     include_package_data=False,
@@ -59,6 +60,9 @@ setup(
         # Redis Streams for the shared resume log: a Twisted-native client,
         # where a blocking one would stall the reactor.
         "txredisapi>=1.4.10",
+        # The gateway's metrics (/metrics on the admin port) live in a
+        # prometheus_client registry; the dashboard reads them back from it.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [

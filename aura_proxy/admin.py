@@ -1,6 +1,7 @@
 """
 The admin site (C{admin_listen}): health for load balancers and operators,
-and C{POST /reload} (L{aura_proxy.reload}).
+and the live dashboard (C{GET /}, L{aura_proxy.dashboard}), and C{POST
+/reload} (L{aura_proxy.reload}).
 
 Kept off the client-facing port so that probes never need a tenant and the
 public can never see it.  Built here, and only here, for the single process
@@ -15,16 +16,19 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from klein import Klein
 from twisted.application import strports
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from aura_proxy.errors import GatewayError, bad_request
+
 if TYPE_CHECKING:
+    from aura_proxy.dashboard import Dashboard, DashboardService
     from aura_proxy.history import HistoryService
     from aura_proxy.proxy import Gateway
     from aura_proxy.reload import ReloadResult
 
-__all__ = ["Admin", "HealthReport", "admin_service", "admin_site", "gateway_health"]
+__all__ = ["Admin", "AdminService", "HealthReport", "admin_service", "admin_site", "gateway_health"]
 
 #: What C{GET /healthz} answers: a JSON object whose C{status} is C{"ok"}
 #: while the process serves (anything else answers 503).
@@ -39,8 +43,11 @@ class Admin:
 
     app = Klein()
 
-    def __init__(self, report: HealthReport, reload: Optional[Reload] = None) -> None:
+    def __init__(
+        self, report: HealthReport, dashboard: Optional["Dashboard"] = None, reload: Optional[Reload] = None
+    ) -> None:
         self._report = report
+        self._dashboard = dashboard
         self._reload = reload
 
     def resource(self) -> IResource:
@@ -70,6 +77,70 @@ class Admin:
             request.setResponseCode(400)
         return json.dumps(result.to_json()).encode("utf-8")
 
+    # -- the dashboard (aura_proxy.dashboard) ----------------------------------
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def dashboard_page(self, request: Request) -> bytes:
+        """The dashboard's page."""
+        return self._static(request, "index.html")
+
+    @app.route("/dashboard/<name>", methods=["GET", "HEAD"])
+    def dashboard_file(self, request: Request, name: str) -> bytes:
+        """The page's script and style sheet."""
+        return self._static(request, name)
+
+    @app.route("/dashboard/snapshot", methods=["GET"])
+    def dashboard_snapshot(self, request: Request) -> Any:
+        """One snapshot as JSON (query parameters: the calls' filter)."""
+        dashboard, where = self._dashboard_request(request)
+        if dashboard is None:
+            return where
+
+        def answer(body: dict[str, object]) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            return json.dumps(body, default=str).encode("utf-8")
+
+        return dashboard.snapshot(where).addCallback(answer)
+
+    @app.route("/dashboard/events", methods=["GET"])
+    def dashboard_events(self, request: Request) -> Any:
+        """Snapshots as Server-Sent Events, every second, until the client leaves."""
+        dashboard, where = self._dashboard_request(request)
+        if dashboard is None:
+            return where
+        return dashboard.attach(request, where)
+
+    def _dashboard_request(self, request: Request) -> Any:
+        """(the dashboard, the calls' filter), or (None, the error's body) after setting its status."""
+        from aura_proxy.history.recent import parse_call_filter
+
+        if self._dashboard is None:
+            return None, _error(request, GatewayError(404, "not_found", "the dashboard is not enabled"))
+        try:
+            where = parse_call_filter(request.args or {})
+        except ValueError as e:
+            return None, _error(request, bad_request(str(e)))
+        return self._dashboard, where
+
+    def _static(self, request: Request, name: str) -> bytes:
+        from aura_proxy.dashboard import STATIC_FILES, static_file
+
+        if self._dashboard is None or name not in STATIC_FILES:
+            return _error(request, GatewayError(404, "not_found", "no such page on the admin site"))
+        request.setHeader(b"content-type", STATIC_FILES[name])
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return static_file(name)
+
+
+def _error(request: Request, error: GatewayError) -> bytes:
+    """Set C{error}'s status and content type on C{request}; its JSON body."""
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return error.body()
+
 
 def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = None) -> HealthReport:
     """The health report of a gateway process: open streams, and call history's state."""
@@ -83,14 +154,47 @@ def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = Non
     return report
 
 
-def admin_site(report: HealthReport, reactor: Any, reload: Optional[Reload] = None) -> Site:
-    """The admin site serving C{report} at C{/healthz} (and C{reload}), without an access log."""
-    site = Site(Admin(report, reload).resource(), reactor=reactor)
+def admin_site(
+    report: HealthReport, reactor: Any, dashboard: Optional["Dashboard"] = None, reload: Optional[Reload] = None
+) -> Site:
+    """
+    The admin site serving C{report} at C{/healthz} (C{dashboard} at C{/},
+    C{reload} at C{POST /reload}), without an access log.
+    """
+    site = Site(Admin(report, dashboard, reload).resource(), reactor=reactor)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
     return site
 
 
-def admin_service(listen: str, report: HealthReport, reactor: Any, reload: Optional[Reload] = None) -> IService:
-    """The admin site listening on C{listen} (an endpoint description) while running."""
-    return strports.service(listen, admin_site(report, reactor, reload), reactor=reactor)
+class AdminService(MultiService):
+    """
+    The admin site's services: the dashboard's (its upstream prober, its open
+    streams), when there is one, and the listener.
+
+    @ivar site: the admin site.
+    """
+
+    name = "admin"
+
+    def __init__(
+        self, listen: str, report: HealthReport, reactor: Any, dashboard: Optional["DashboardService"],
+        reload: Optional[Reload] = None,
+    ) -> None:
+        super().__init__()
+        self.site = admin_site(report, reactor, dashboard.dashboard if dashboard is not None else None, reload)
+        if dashboard is not None:
+            dashboard.setServiceParent(self)
+        strports.service(listen, self.site, reactor=reactor).setServiceParent(self)
+
+
+def admin_service(
+    listen: str, report: HealthReport, reactor: Any, dashboard: Optional["DashboardService"] = None,
+    reload: Optional[Reload] = None,
+) -> IService:
+    """
+    The admin site listening on C{listen} (an endpoint description) while
+    running; with C{dashboard}, serving it, which runs (and probes the
+    upstreams) while the site does; with C{reload}, answering C{POST /reload}.
+    """
+    return AdminService(listen, report, reactor, dashboard, reload)

@@ -9,9 +9,11 @@ process of C{workers > 1} (L{aura_proxy.worker}) and the integration tests.
     process serving the gateway and the supervisor of C{workers > 1};
   - L{gateway_service} is one process serving the gateway: process tuning,
     call history, the drain of open streams (and the resume log), the demo
-    agent when asked, the public listener, the admin site;
+    agent when asked, the public listener, the admin site (health, and the
+    dashboard with its upstream prober);
   - L{supervisor_service} is the parent of C{workers > 1}: the supervisor,
-    the demo agent when asked, the admin site reporting the workers.
+    the demo agent when asked, the admin site reporting the workers (its
+    dashboard reads every worker's calls from the history database).
 
 Both trees stop in order, last child first, each once the one before it has
 stopped (L{StopInOrder}): the listeners first, then open streams are ended
@@ -24,9 +26,10 @@ import os
 import sys
 from typing import Any, Callable, NoReturn, Optional, Protocol
 
+from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from aura_proxy.admin import admin_service, gateway_health
@@ -38,6 +41,7 @@ from aura_proxy.config import (
     default_config_text,
     parse_config,
 )
+from aura_proxy.dashboard import dashboard_service
 from aura_proxy.history import HistoryService, make_history
 from aura_proxy.limits import make_limits
 from aura_proxy.process import ProcessTuning
@@ -46,7 +50,7 @@ from aura_proxy.proxy import Gateway
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
 from aura_proxy.upstream import UpstreamClient
-from aura_proxy.workers import WorkerSupervisor
+from aura_proxy.workers import DEFAULT_STOP_TIMEOUT, WorkerSupervisor
 
 __all__ = [
     "GatewayService",
@@ -94,17 +98,23 @@ class StopInOrder(MultiService):
 
 class _Drain(Service):
     """
-    On shutdown: end every open stream (recorded as C{shutdown}), close the
-    pool, the resume log and the limits' store (after the streams: each
-    frees its slot as it ends).
+    On shutdown (SIGTERM), once the listener has closed: let calls in flight
+    finish for up to C{[gateway] drain_timeout} seconds, then end the streams
+    still open (recorded as C{shutdown}; SSE after a whole event, with a
+    C{retry:} hint, their logs marked cut), stop the resume log (which
+    releases this instance's lease and ends its replays), close the pool;
+    stop the limits' store once the streams have ended (each frees its slot).
     """
 
     name = "drain"
 
-    def __init__(self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog]) -> None:
+    def __init__(
+        self, gateway: Gateway, client: UpstreamClient, resume: Optional[ResumeLog], timeout: float = 0.0
+    ) -> None:
         self._gateway = gateway
         self._client = client
         self._resume = resume
+        self._timeout = timeout
 
     def startService(self) -> None:
         Service.startService(self)
@@ -113,16 +123,22 @@ class _Drain(Service):
             start()
         self._gateway.limits.start()
 
+    async def _drain(self) -> None:
+        if self._timeout > 0:
+            _log.info(
+                "draining: {calls} calls in flight, {streams} streams open; up to {timeout:g} s",
+                calls=self._gateway.streams.calls, streams=len(self._gateway.streams),
+                timeout=self._timeout,
+            )
+            await self._gateway.drain(self._timeout)
+        resume = self._resume
+        await self._gateway.shutdown(then=None if resume is None else lambda: maybeDeferred(resume.stop))
+        await maybeDeferred(self._gateway.limits.stop)
+        await maybeDeferred(self._client.close)
+
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)
-        limits = self._gateway.limits
-        done: list[Deferred[Any]] = [
-            self._gateway.shutdown().addCallback(lambda _: limits.stop()),
-            maybeDeferred(self._client.close),
-        ]
-        if self._resume is not None:
-            done.append(maybeDeferred(self._resume.stop))
-        return gatherResults(done).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._drain())
 
 
 class GatewayService(StopInOrder):
@@ -186,6 +202,7 @@ def gateway_service(
     site_factory: SiteFactory = GatewaySite,
     admin: bool = True,
     tuning: bool = True,
+    registry: Optional[CollectorRegistry] = None,
     reload_signal: bool = True,
 ) -> GatewayService:
     """
@@ -205,10 +222,14 @@ def gateway_service(
         their parent does).
     @param tuning: whether starting the tree tunes the process
         (L{aura_proxy.process}); off only for tests run inside trial's process.
+    @param registry: the process's metrics, which the admin site's dashboard
+        reads (default: a new, empty one).
     @param reload_signal: whether SIGHUP reloads the configuration (a worker
         process is told by its parent instead).
     """
     g = config.gateway
+    if registry is None:
+        registry = CollectorRegistry()
     history = make_history(config.history, reactor)
     client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
     resume = make_resume_log(config.sse, reactor, g.fast_path)
@@ -220,7 +241,7 @@ def gateway_service(
         ProcessTuning(reactor, g.fast_path).setServiceParent(top)
     if history is not None:
         history.setServiceParent(top)
-    _Drain(gateway, client, resume).setServiceParent(top)
+    _Drain(gateway, client, resume, g.drain_timeout).setServiceParent(top)
     if reload_signal:
         SighupReload(reactor, top.reloader.reload).setServiceParent(top)
     if demo:
@@ -230,29 +251,44 @@ def gateway_service(
     else:
         listener(site).setServiceParent(top)
     if admin:
-        admin_service(
-            g.admin_listen, gateway_health(gateway, history), reactor, reload=top.reloader.reload
-        ).setServiceParent(top)
+        health = gateway_health(gateway, history)
+        dashboard = dashboard_service(config, registry, reactor, health)
+        admin_service(g.admin_listen, health, reactor, dashboard, reload=top.reloader.reload).setServiceParent(top)
     return top
 
 
 def supervisor_service(
-    config: Config, config_text: str, reactor: Any, *, demo: bool = False, **supervisor: Any
+    config: Config,
+    config_text: str,
+    reactor: Any,
+    *,
+    demo: bool = False,
+    registry: Optional[CollectorRegistry] = None,
+    **supervisor: Any,
 ) -> StopInOrder:
     """
     The parent process of C{workers > 1}: the L{WorkerSupervisor}, the demo
     agent when asked, and the admin site reporting every worker.
 
     @param config_text: the text C{config} was parsed from, handed to workers.
+    @param registry: the whole gateway's metrics, which the admin site's
+        dashboard reads (default: a new, empty one).
     @param supervisor: more keyword arguments of L{WorkerSupervisor} (timeouts).
     """
     top = StopInOrder()
+    # Each worker drains for up to drain_timeout before it exits: wait longer.
+    supervisor.setdefault(
+        "stop_timeout", max(DEFAULT_STOP_TIMEOUT, config.gateway.drain_timeout + 15.0)
+    )
     workers = WorkerSupervisor(config, config_text, reactor, **supervisor)
     workers.setServiceParent(top)
     SighupReload(reactor, workers.reload).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
-    admin_service(config.gateway.admin_listen, workers.health, reactor, reload=workers.reload).setServiceParent(top)
+    dashboard = dashboard_service(config, registry or CollectorRegistry(), reactor, workers.health)
+    admin_service(
+        config.gateway.admin_listen, workers.health, reactor, dashboard, reload=workers.reload
+    ).setServiceParent(top)
     return top
 
 

@@ -93,6 +93,9 @@ class GatewayConfig:
     response_timeout: float = 300.0
     idle_timeout: float = 300.0
     heartbeat_interval: float = 15.0
+    #: Seconds a SIGTERM lets open streams run before they are ended (after a
+    #: whole event, with a C{retry:} hint); see L{aura_proxy.streams}.
+    drain_timeout: float = 30.0
     max_request_body: int = 10485760
     max_idle_connections: int = 100
     access_log: bool = True
@@ -563,6 +566,7 @@ _GATEWAY: _Schema = {
     "response_timeout": _positive_seconds,
     "idle_timeout": _positive_seconds,
     "heartbeat_interval": _seconds,
+    "drain_timeout": _seconds,
     "max_request_body": _count(0),
     "max_idle_connections": _count(0),
     "access_log": _boolean,

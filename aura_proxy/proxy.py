@@ -21,7 +21,7 @@ the requests in flight finish on the one they started with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -249,8 +249,11 @@ class Gateway:
         return GatewayResource(self)
 
     def handle(self, request: Request) -> "Deferred[None]":
-        """Serve one request (L{Pipeline.handle})."""
-        return self.pipeline.handle(request)
+        """Serve one request (L{Pipeline.handle}), counted in flight until it ends."""
+        served = self.pipeline.handle(request)
+        if served.called:
+            return served
+        return self.streams.track(served)
 
     def rejected_body(self, request: Request, error: GatewayError) -> None:
         """Record a request refused for its body size before it was routed."""
@@ -260,7 +263,13 @@ class Gateway:
         """How many responses are being relayed now."""
         return len(self.streams)
 
-    def shutdown(self, grace: float = 2.0) -> "Deferred[None]":
+    def drain(self, timeout: float) -> "Deferred[None]":
+        """Let calls in flight finish for up to C{timeout} seconds (on SIGTERM); see L{OpenStreams.drain}."""
+        return self.streams.drain(timeout)
+
+    def shutdown(
+        self, grace: float = 2.0, then: Optional[Callable[[], "Deferred[Any]"]] = None
+    ) -> "Deferred[None]":
         """End every relayed response (on SIGTERM); see L{OpenStreams.shutdown}."""
-        return self.streams.shutdown(grace)
+        return self.streams.shutdown(grace, then)
 

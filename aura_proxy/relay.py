@@ -36,11 +36,16 @@ from zope.interface import implementer
 from aura_proxy import client_wire
 from aura_proxy.client_wire import ClientWriter, end_response
 
-__all__ = ["Relay", "PyRelay", "StreamTransform", "HEARTBEAT", "ACCELERATED"]
+__all__ = ["Relay", "PyRelay", "StreamTransform", "HEARTBEAT", "RETRY_HINT", "ACCELERATED"]
 
 #: What the client gets on a silent SSE stream: a comment line, ignored by
 #: every EventSource, which keeps proxies and browsers from timing out.
 HEARTBEAT = b": keep-alive\n\n"
+
+#: What ends an SSE stream the gateway cuts on shutdown (after a whole event):
+#: a C{retry} field alone, which dispatches nothing and tells an EventSource
+#: to reconnect after one second (to another instance, which resumes it).
+RETRY_HINT = b"retry: 1000\n\n"
 
 _BLOCK_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
@@ -219,7 +224,17 @@ class Relay(_RelayCore, Protocol):
                     error=reason.getErrorMessage(),
                 )
         if self._transform is not None and not self._client_gone:
-            rest = self._transform.flush()
+            if self._reason == "shutdown":
+                # Cut by a drain: never half an event.  The rewriter sends
+                # whole blocks only, so the client has whole events; what it
+                # holds back of the next one is dropped (the client resumes
+                # and gets that event whole), and the retry hint follows.
+                # (An oversized block passed through unparsed has its start
+                # out already: no hint, which would complete it as an event.)
+                self._transform.flush()
+                rest = RETRY_HINT if getattr(self._transform, "at_block_end", True) else b""
+            else:
+                rest = self._transform.flush()
             if rest:
                 self.sent += len(rest)
                 self._request.write(rest)

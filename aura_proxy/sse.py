@@ -525,6 +525,15 @@ class SseRewriter:
         return self._st.upstream  # type: ignore[no-any-return]
 
     @property
+    def at_block_end(self) -> bool:
+        """
+        Whether what was sent so far ends at a block boundary: always, but
+        while an oversized block is passed through unparsed (see the safety
+        cap above), whose rest has not been sent yet.
+        """
+        return not self._resync
+
+    @property
     def buffered(self) -> int:
         """How many bytes are held back, waiting for their block to complete."""
         return self._plen

@@ -303,13 +303,14 @@ class WorkerSupervisor(Service):
                 worker.restart_call.cancel()
             worker.restart_call = None
         Service.stopService(self)
-
-        def close(result: object) -> None:
-            sock, self._socket = self._socket, None
-            if sock is not None:
-                sock.close()
-
-        return self._drain().addCallback(close)
+        # The parent's copy of the listening socket goes first: once every
+        # worker has closed its own (each drains with its listener closed),
+        # new connections are refused, so a load balancer sends them to
+        # another instance instead of queueing them here.
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
+        return self._drain()
 
     # -- workers ---------------------------------------------------------------
 

@@ -102,8 +102,11 @@ class TreeTests(SynchronousTestCase):
         tree = gateway_service(parse_config(ini(history="dsn = sqlite:///x.db"), "gw.ini"), fake)
         self.assertEqual(names(tree), [
             "ProcessTuning", "HistoryService", "_Drain", "SighupReload",
-            "StreamServerEndpointService", "StreamServerEndpointService",
+            "StreamServerEndpointService", "AdminService",
         ])
+        # The admin site: the dashboard (and its upstream prober), then the listener.
+        self.assertEqual(names(list(tree)[-1]), ["DashboardService", "StreamServerEndpointService"])
+        self.assertEqual(names(list(list(tree)[-1])[0]), ["UpstreamProber"])
         self.assertIsInstance(tree, GatewayService)
         self.assertIs(tree.history, list(tree)[1])
         tree.privilegedStartService()
@@ -166,7 +169,7 @@ class StopOrderTests(SynchronousTestCase):
         tree = gateway_service(parse_config(ini(), "gw.ini"), fake, tuning=False)
         streams_ended: Deferred[None] = Deferred()
 
-        def shutdown(grace: float = 2.0) -> "Deferred[None]":
+        def shutdown(grace: float = 2.0, then: Any = None) -> "Deferred[None]":
             order.append("streams told to end")
             return streams_ended
 
@@ -234,7 +237,7 @@ class DecisionTests(SynchronousTestCase):
         tree = make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock(), demo=True)
         self.assertNotIsInstance(tree, GatewayService)
         # The supervisor, its SIGHUP reload, the demo agent, the admin site.
-        self.assertEqual(names(tree), ["WorkerSupervisor", "SighupReload"] + ["StreamServerEndpointService"] * 2)
+        self.assertEqual(names(tree), ["WorkerSupervisor", "SighupReload", "StreamServerEndpointService", "AdminService"])
         [supervisor] = [s for s in tree if isinstance(s, WorkerSupervisor)]
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config_text, text)

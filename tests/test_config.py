@@ -104,6 +104,14 @@ class ProblemTests(TestCase):
             ]),
         )
 
+    def test_drain_timeout(self) -> None:
+        """[gateway] drain_timeout is 30 s by default, takes 0 (end streams at once), refuses a negative or a word."""
+        self.assertEqual(load_config(None).gateway.drain_timeout, 30.0)
+        self.assertEqual(parse_config("[gateway]\ndrain_timeout = 0\n" + MINIMAL, "gw.ini").gateway.drain_timeout, 0.0)
+        for bad in ("-1", "soon"):
+            found = problems(f"[gateway]\ndrain_timeout = {bad}\n")
+            self.assertTrue(any(line.startswith("gw.ini: [gateway] drain_timeout: ") for line in found), found)
+
     def test_duplicate_route(self) -> None:
         """Two routes with the same path are refused, naming both sections."""
         found = problems(MINIMAL + "[route:again]\npath = /api/aura/**\nupstream = http://h:1\n")

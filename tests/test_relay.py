@@ -18,7 +18,8 @@ from twisted.web.client import ResponseDone, ResponseFailed
 
 from aura_proxy import relay as relay_module
 from aura_proxy.client_wire import ClientWriter, _PyClientWriter
-from aura_proxy.relay import HEARTBEAT, PyRelay, Relay
+from aura_proxy.relay import HEARTBEAT, RETRY_HINT, PyRelay, Relay
+from aura_proxy.sse import SseRewriter, parse_events
 
 from tests.test_client_wire import FakeTCP, received, socket_pair
 
@@ -328,6 +329,63 @@ class WriterTests(_RelayCase):
         relay, _, _ = self.relay()
         relay._writer.end()
         self.assertRaises(RuntimeError, relay.dataReceived, b"x")
+
+
+class DrainTests(_RelayCase):
+    """An SSE relay cut by a drain (L{Relay.stop} with C{shutdown})."""
+
+    def test_cut_after_a_whole_event_with_retry_hint(self) -> None:
+        """
+        A stream stopped for shutdown in the middle of an event ends after
+        the last whole event: the held-back half is dropped (never half an
+        event), a C{retry:} hint follows, and the response ends cleanly.
+        """
+        rewriter = SseRewriter.for_stream("A" * 22, carry_upstream=True)
+        relay, request, upstream, _ = self.start(transform=rewriter)
+        relay.dataReceived(b"id: 1\ndata: one\n\nid: 2\ndata: tw")
+        relay.stop("shutdown")
+        self.assertEqual(upstream.state, "stopped")
+        end(relay, ResponseFailed([Failure(Exception("cut"))]))
+        body = b"".join(request.written)
+        self.assertTrue(body.endswith(b"data: one\n\n" + RETRY_HINT), body)
+        self.assertNotIn(b"tw", body)
+        events = parse_events(body)
+        self.assertEqual([e.data for e in events], ["one"])
+        self.assertEqual(events[0].id, "A" * 22 + ".1.MQ")
+        self.assertTrue(request.finished)
+        self.assertFalse(request.aborted)
+        self.assertEqual(self.successResultOf(relay.done), "shutdown")
+        self.assertFalse(relay.upstream_complete)
+
+    def test_no_hint_inside_an_oversized_block(self) -> None:
+        """
+        A stream cut while an oversized block passes through unparsed (its
+        start already sent) gets no retry hint, which would complete that
+        block as an event: the client discards the partial block at the end.
+        """
+        rewriter = SseRewriter.for_stream("A" * 22, max_buffer=16)
+        relay, request, _, _ = self.start(transform=rewriter)
+        relay.dataReceived(b"data: " + b"x" * 40)
+        self.assertFalse(rewriter.at_block_end)
+        relay.stop("shutdown")
+        end(relay, ResponseFailed([Failure(Exception("cut"))]))
+        body = b"".join(request.written)
+        self.assertNotIn(b"retry:", body)
+        self.assertEqual(parse_events(body), [])
+
+    def test_other_ends_flush_as_before(self) -> None:
+        """An upstream error still hands the client what the transform held back (no retry hint)."""
+        relay, request, _, _ = self.start(transform=Upper())
+        relay.dataReceived(b"data: x\n\n")
+        end(relay, ResponseFailed([Failure(Exception("boom"))]))
+        self.assertEqual(request.written[-1], b"!")
+
+
+class PyDrainTests(DrainTests):
+    """L{DrainTests} on the Python per-read step."""
+
+    relay_class = PyRelay
+    skip = None
 
 
 class PyWriterTests(WriterTests):

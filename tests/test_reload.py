@@ -133,7 +133,7 @@ class AdminTests(TestCase):
     """C{POST /reload} on the admin site."""
 
     def client(self, result: ReloadResult) -> StubTreq:
-        return StubTreq(Admin(lambda: {"status": "ok"}, lambda: result).resource())
+        return StubTreq(Admin(lambda: {"status": "ok"}, reload=lambda: result).resource())
 
     async def test_reloaded(self) -> None:
         """A reload that worked answers 200 with what it did."""

@@ -60,6 +60,17 @@ class Collector:
         return [seq for seq, _ in self.events]
 
 
+def crash(log: RedisResumeLog) -> None:
+    """Make C{log}'s gateway die: its timers stop and its connection drops, nothing more is written."""
+    log._stopped = True
+    for call in (log._sweep_call, log._renew_call, log._flush_call):
+        if call is not None and call.active():
+            call.cancel()
+    log._factory.continueTrying = False
+    for conn in log._factory.pool:
+        conn.transport.abortConnection()
+
+
 def block(seq: int) -> bytes:
     return b"id: S/%d\ndata: {\"n\": %d}\n\n" % (seq, seq)
 
@@ -486,7 +497,7 @@ class RedisResumeLogTests(ResumeLogContract, TestCase):
         sub = Collector()
         self.assertIsNotNone((yield reader.attach("s1", "t1", 0, sub)))
         started = time.monotonic()
-        yield writer.stop()  # the writing gateway "crashes": no close, no refresh
+        crash(writer)  # the writing gateway dies: no close, no refresh, no release
         yield poll(lambda: sub.ends == 1, "the follower's end", timeout=1.5 * self.TTL + WAIT)
         self.assertGreaterEqual(time.monotonic() - started, self.TTL)
         self.assertEqual(sub.seqs, [1, 2])
@@ -587,3 +598,159 @@ class RedisResumeLogTests(ResumeLogContract, TestCase):
         att = yield log.attach("s1", "t1", 2, sub)
         self.assertEqual(sub.seqs, [3])
         att.detach()
+
+    # -- takeover: the writing instance's lease ---------------------------------------
+
+    @inlineCallbacks
+    def test_cut_stream_replays_then_refuses(self) -> Generator[Any, Any, None]:
+        """
+        A stream cut by its instance's shutdown keeps its log: an attachment
+        after seq 1 gets events 2 and 3 and then replay_cut (not replay_end);
+        an attachment after the last event is refused (None), so the request
+        goes upstream with the upstream's own id.
+        """
+        writer = yield self._stream(3)
+        writer.cut("s1")
+        yield writer.flushed()
+        reader = yield self.make_log()
+        sub = CutCollector()
+        self.assertIsNotNone((yield reader.attach("s1", "t1", 1, sub)))
+        self.assertEqual((sub.seqs, sub.cuts, sub.ends), ([2, 3], 1, 0))
+        self.assertIsNone((yield reader.attach("s1", "t1", 3, CutCollector())))
+        self.assertIs((yield reader.attach("s1", "t2", 1, CutCollector())), FOREIGN)
+
+    @inlineCallbacks
+    def test_clean_stop_cuts_followers_at_once(self) -> Generator[Any, Any, None]:
+        """
+        A follower of a stream whose instance stops cleanly (its lease
+        released) ends cut short at its next blocking-read timeout, long
+        before the lease would have expired, having got every event.
+        """
+        writer = self.new_log(lease_ttl=30.0)
+        yield writer.start()
+        yield self._stream(2, log=writer)
+        reader = yield self.make_log()
+        sub = CutCollector()
+        self.assertIsNotNone((yield reader.attach("s1", "t1", 0, sub)))
+        writer.append("s1", 3, block(3))
+        yield writer.flushed()
+        started = time.monotonic()
+        yield writer.stop()
+        yield poll(lambda: sub.cuts == 1, "the follower's cut end")
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertEqual((sub.seqs, sub.ends), ([1, 2, 3], 0))
+        self.assertIsNone((yield reader.attach("s1", "t1", 3, CutCollector())))
+
+    @inlineCallbacks
+    def test_dead_writers_lease_expires(self) -> Generator[Any, Any, None]:
+        """
+        When the writing instance dies (no release), its lease expires after
+        lease_ttl: a follower then gets what was logged and ends cut short,
+        an attachment after the last event is refused, and one after an
+        earlier event replays the rest and ends cut short.
+        """
+        writer = RedisResumeLog(reactor, REDIS_URL, 60.0, 100, 1 << 20, key_prefix=self.prefix,
+                                block_ms=200, lease_ttl=1.0)
+        self.addCleanup(writer.stop)
+        yield writer.start()
+        yield self._stream(3, log=writer)
+        reader = yield self.make_log()
+        sub = CutCollector()
+        self.assertIsNotNone((yield reader.attach("s1", "t1", 0, sub)))
+        started = time.monotonic()
+        crash(writer)
+        yield poll(lambda: sub.cuts == 1, "the follower's cut end", timeout=1.0 + WAIT)
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        self.assertEqual(sub.seqs, [1, 2, 3])
+        self.assertIsNone((yield reader.attach("s1", "t1", 3, CutCollector())))
+        late = CutCollector()
+        yield reader.attach("s1", "t1", 1, late)
+        self.assertEqual((late.seqs, late.cuts), ([2, 3], 1))
+
+    @inlineCallbacks
+    def test_live_writers_lease_is_renewed(self) -> Generator[Any, Any, None]:
+        """
+        An instance that lives renews its lease: a silent open stream is
+        followed, not cut, well past lease_ttl.
+        """
+        writer = self.new_log(lease_ttl=0.6)
+        yield writer.start()
+        yield self._stream(1, log=writer)
+        writer.append("s1", 2, block(2))
+        yield writer.flushed()
+        yield sleep(1.5)
+        reader = yield self.make_log()
+        sub = CutCollector()
+        att = yield reader.attach("s1", "t1", 0, sub)
+        yield sleep(1.0)
+        self.assertEqual((sub.seqs, sub.cuts, sub.ends), ([1, 2], 0, 0))
+        writer.append("s1", 3, block(3))
+        yield poll(lambda: sub.seqs == [1, 2, 3], "the live event")
+        att.detach()
+
+
+class CutCollector(Collector):
+    """A subscriber that also tells a cut-short end (L{Replay.replay_cut}) from a complete one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cuts = 0
+
+    def replay_cut(self) -> None:
+        self.cuts += 1
+
+
+class _FakeRedis:
+    """A connection that records commands and answers each at once."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[bytes, ...]] = []
+
+    def execute_command(self, *args: Any, **kw: Any) -> "Deferred[Any]":
+        self.commands.append(tuple(a if isinstance(a, bytes) else str(a).encode() for a in args))
+        return succeed(None)
+
+    def names(self) -> list[bytes]:
+        return [c[0] for c in self.commands if c[0] != b"SCRIPT"]
+
+
+class LeaseTests(TestCase):
+    """The instance lease of L{RedisResumeLog}, on a fake clock and a fake connection."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log = RedisResumeLog(self.clock, "redis://127.0.0.1:1", 300, 100, 1 << 20,
+                                  key_prefix="p:", lease_ttl=3.0, instance="i1")
+        self.conn = _FakeRedis()
+        self.log._factory = type("F", (), {"pool": [self.conn], "disconnect": lambda self: succeed(None)})()
+
+    def test_renewed_every_third_of_its_ttl(self) -> None:
+        """The lease is set with a PX of lease_ttl and renewed every lease_ttl / 3 on the injected clock."""
+        self.log._renew()
+        self.assertEqual(self.conn.commands[-1], (b"SET", b"p:instance:i1", b"1", b"PX", b"3000"))
+        for _ in range(3):
+            self.clock.advance(1.0)
+        self.assertEqual(self.conn.names().count(b"SET"), 4)
+
+    def test_set_before_the_first_write(self) -> None:
+        """The first stream write on a connection is preceded by the lease, so no reader sees it unowned."""
+        self.log.open("s", "o")
+        self.log.append("s", 1, b"data: x\n\n")
+        self.clock.advance(0)
+        self.assertEqual(self.conn.names(), [b"SET", b"EVALSHA"])
+        holder = self.conn.commands[-1][8]  # EVALSHA sha 2 key okey open_ms ended_ms reset holder
+        self.assertEqual(holder, b'i1|o')
+
+    def test_stop_writes_cut_markers_then_releases(self) -> None:
+        """Stopping flushes pending writes (a cut marker) and then deletes the lease, in that order."""
+        self.log.open("s", "o")
+        self.log.append("s", 1, b"data: x\n\n")
+        self.log.cut("s")
+        self.log.stop()
+        names = self.conn.names()
+        self.assertEqual(names[-2:], [b"EVALSHA", b"DEL"])
+        self.assertEqual(self.conn.commands[-1], (b"DEL", b"p:instance:i1"))
+        self.assertEqual(self.conn.commands[-2][-2:], (b"1-2", b"cut"))
+        self.assertFalse(self.clock.getDelayedCalls())

@@ -301,6 +301,33 @@ class ResumeTests(SynchronousTestCase):
         self.assertEqual((call.end_reason, call.replay.events), ("completed", 1))
         self.assertIn(b"text/event-stream", written(call))
 
+    def test_cut_log_replay_ends_with_retry_hint(self) -> None:
+        """
+        A replay of a log cut short (its gateway stopped or died) writes the
+        missed events, then a C{retry:} hint, and ends the call as
+        C{shutdown}: the client reconnects and goes upstream from there.
+        """
+        from aura_proxy.relay import RETRY_HINT
+
+        call = make_call(X_Tenant_ID="t1", Last_Event_ID=gateway_id(self.stream))
+        self.stage.run(call.request, call)
+        self.log.attaching[0][3].callback(Attachment())
+        assert call.replay is not None
+        call.replay.replay_event(2, b"id: x\ndata: 2\n\n")
+        call.replay.replay_cut()
+        self.assertEqual(asked(call), [("end", 200)])
+        self.assertEqual(call.end_reason, "shutdown")
+        out = written(call)
+        self.assertLess(out.index(b"data: 2\n\n"), out.index(RETRY_HINT))
+
+    def test_cut_log_with_nothing_missed_goes_upstream_with_its_id(self) -> None:
+        """When the log refuses (cut, nothing missed), the request goes on with the upstream's own id."""
+        call = make_call(X_Tenant_ID="t1", Last_Event_ID=gateway_id(self.stream, b"21"))
+        self.stage.run(call.request, call)
+        self.log.attaching[0][3].callback(None)
+        self.assertEqual(asked(call), [("go_on", "Resume")])
+        self.assertEqual(call.request.requestHeaders.getRawHeaders(b"last-event-id"), [b"21"])
+
     def test_client_gone_while_the_log_looks(self) -> None:
         """
         A client that leaves before the log answers is neither replayed to
@@ -455,6 +482,47 @@ class RelayResponseTests(SynchronousTestCase):
         self.assertEqual(call.end_reason, "completed")
         self.assertEqual(asked(call), [("end", 200)])
         self.assertEqual(relay.events, 1)
+
+    def test_drained_stream_log_is_cut(self) -> None:
+        """
+        A stream that ends unfinished while the gateway drains is marked cut
+        in the log (a client resumes elsewhere from it); outside a drain it
+        is abandoned, and a whole stream is closed.
+        """
+        class Log:
+            def __init__(self) -> None:
+                self.calls: list[str] = []
+
+            def open(self, stream_id: str, owner: str) -> None:
+                pass
+
+            def appender(self, stream_id: str) -> Any:
+                return lambda seq, block: None
+
+            def close(self, stream_id: str) -> None:
+                self.calls.append("close")
+
+            def abandon(self, stream_id: str) -> None:
+                self.calls.append("abandon")
+
+            def cut(self, stream_id: str) -> None:
+                self.calls.append("cut")
+
+        log = Log()
+        stage = RelayResponse(C, self.clock, log, self.streams)  # type: ignore[arg-type]
+        for draining, error in ((False, None), (False, Exception("boom")), (True, Exception("cut"))):
+            self.streams.draining = draining
+            call = make_call(X_Tenant_ID="t1")
+            response = Body(b"text/event-stream")
+            stage.respond(call.request, call, response)
+            relay = response.protocol
+            relay.makeConnection(DummyChannel.TCP())
+            if error is None:
+                relay.connectionLost(Failure(ResponseDone()))
+            else:
+                relay._stopped = True  # as stop("shutdown") leaves it
+                relay.connectionLost(Failure(error))
+        self.assertEqual(log.calls, ["close", "abandon", "cut"])
 
     def test_stream_owner(self) -> None:
         """

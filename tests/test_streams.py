@@ -33,6 +33,8 @@ class FakeRelay:
         self.stopped: list[str] = []
         self.done: Deferred[str] = Deferred()
 
+    detached = False
+
     def client_transport(self) -> Optional[Transport]:
         return self.transport
 
@@ -89,3 +91,67 @@ class OpenStreamsTests(SynchronousTestCase):
     def test_shutdown_with_nothing_open(self) -> None:
         """Shutdown with no stream open is done at once."""
         self.successResultOf(self.streams.shutdown())
+
+
+class DrainTests(SynchronousTestCase):
+    """L{OpenStreams.drain} and L{OpenStreams.shutdown} on SIGTERM."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.streams = OpenStreams(self.clock)
+
+    def test_waits_for_calls_in_flight(self) -> None:
+        """The drain fires once the last call in flight has ended, not before, and marks the streams draining."""
+        a: Deferred[None] = Deferred()
+        b: Deferred[None] = Deferred()
+        self.streams.track(a)
+        self.streams.track(b)
+        self.assertEqual(self.streams.calls, 2)
+        drained = self.streams.drain(30)
+        self.assertTrue(self.streams.draining)
+        a.callback(None)
+        self.clock.advance(1)
+        self.assertNoResult(drained)
+        b.errback(Exception("failed call"))
+        self.failureResultOf(b)
+        self.clock.advance(0.05)
+        self.successResultOf(drained)
+        self.assertEqual(self.streams.calls, 0)
+
+    def test_gives_up_after_timeout(self) -> None:
+        """A call that never ends holds the drain back for drain_timeout seconds, no longer."""
+        self.streams.track(Deferred())
+        drained = self.streams.drain(5)
+        self.clock.advance(4.9)
+        self.assertNoResult(drained)
+        self.clock.advance(0.2)
+        self.successResultOf(drained)
+
+    def test_detached_streams_end_at_once(self) -> None:
+        """A relay whose client is gone (detached into the log) is stopped when the drain begins; others run on."""
+        gone, live = FakeRelay(None), FakeRelay(Transport())
+        gone.detached = True
+        for relay in (gone, live):
+            self.streams.add(relay)  # type: ignore[arg-type]
+        self.streams.drain(30)
+        self.assertEqual((gone.stopped, live.stopped), (["shutdown"], []))
+
+    def test_shutdown_runs_then_after_relays_ended(self) -> None:
+        """shutdown() stops every relay, then runs C{then} (the resume log's stop), and waits for it."""
+        relay = FakeRelay(Transport(), ends_at_once=False)
+        self.streams.add(relay)  # type: ignore[arg-type]
+        order: list[str] = []
+        stopped: Deferred[None] = Deferred()
+
+        def then() -> Deferred[None]:
+            order.append("then")
+            return stopped
+
+        done = self.streams.shutdown(grace=2, then=then)
+        self.assertEqual((relay.stopped, order), (["shutdown"], []))
+        relay.done.callback("shutdown")
+        self.assertEqual(order, ["then"])
+        self.clock.advance(0.1)
+        self.assertNoResult(done)
+        stopped.callback(None)
+        self.successResultOf(done)

@@ -302,8 +302,7 @@ class SupervisorTests(TestCase):
         """
         supervisor, fake = self.make()
         self.assertIsInstance(self.tree, StopInOrder)
-        self.assertEqual([type(s).__name__ for s in self.tree],
-                         ["WorkerSupervisor", "SighupReload", "StreamServerEndpointService"])
+        self.assertEqual([type(s).__name__ for s in self.tree], ["WorkerSupervisor", "SighupReload", "AdminService"])
         self.assertEqual(len(fake.tcpServers), 1)
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
 
@@ -402,6 +401,25 @@ class SupervisorTests(TestCase):
         self.assertEqual(len(fake.spawned), 2)
         self.assertEqual((first.signals, second.signals), (["TERM"], ["TERM"]))
         self.assertIsNone(supervisor._socket)
+
+    def test_stop_closes_the_socket_before_workers_end(self) -> None:
+        """
+        Stopping closes the parent's listening socket at once, while the
+        workers still drain: once they have closed theirs, new connections
+        are refused (a load balancer sends them elsewhere).
+        """
+        supervisor, fake = self.make()
+        self.tree.stopService()
+        self.assertIsNone(supervisor._socket)
+        self.assertEqual(self.process(supervisor, 1).signals, ["TERM"])
+
+    def test_stop_timeout_follows_drain_timeout(self) -> None:
+        """The supervisor waits for its workers drain_timeout + 15 s before SIGKILL, at least 30 s."""
+        for drain, expected in (("30", 45.0), ("5", 30.0), ("120", 135.0)):
+            text = ini(f"workers = 2\ndrain_timeout = {drain}")
+            tree = supervisor_service(parse_config(text, "gw.ini"), text, FakeReactor())
+            [supervisor] = [s for s in tree if isinstance(s, WorkerSupervisor)]
+            self.assertEqual(supervisor.stop_timeout, expected, drain)
 
     def test_stop_kills_after_timeout(self) -> None:
         """A worker still running stop_timeout seconds after SIGTERM gets SIGKILL."""

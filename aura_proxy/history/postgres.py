@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from txpostgres import txpostgres  # type: ignore[import-untyped]
 
 from aura_proxy.history.backend import Clock
+from aura_proxy.history.recent import CallFilter, recent_sql
 from aura_proxy.history.schema import COLUMNS, Row, insert_sql, load_migrations, version_table
 
 __all__ = ["PostgresBackend"]
@@ -93,6 +94,17 @@ class PostgresBackend:
 
         d = conn.runInteraction(lambda cursor: Deferred.fromCoroutine(interaction(cursor)))
         return self._bounded(d, "insert")
+
+    def recent(self, where: CallFilter) -> "Deferred[list[tuple[Any, ...]]]":
+        """
+        The newest calls matching C{where} (L{aura_proxy.history.recent}'s
+        columns), within C{timeout} seconds.
+        """
+        conn = self._conn
+        if conn is None or conn.pollable() is None or conn.pollable().closed:
+            return _failed(psycopg2.InterfaceError("history database connection is closed"))
+        sql, params = recent_sql(self.table, "format", where)
+        return self._bounded(conn.runQuery(sql, params), "query")
 
     def is_row_error(self, failure: Failure) -> bool:
         """

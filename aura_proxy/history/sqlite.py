@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from aura_proxy.history.recent import CallFilter, recent_sql
 from aura_proxy.history.schema import COLUMNS, Row, insert_sql, load_migrations, version_table
 
 __all__ = ["SQLiteBackend", "sqlite_path"]
@@ -83,6 +84,13 @@ class SQLiteBackend:
     def insert(self, rows: Sequence[Row]) -> "Deferred[int]":
         """Insert C{rows} in one transaction; fire with how many were new."""
         return self._run(self._insert_rows, list(rows))
+
+    def recent(self, where: CallFilter) -> "Deferred[list[tuple[Any, ...]]]":
+        """
+        The newest calls matching C{where} (L{aura_proxy.history.recent}'s
+        columns), read in the backend's thread.
+        """
+        return self._run(self._select, *recent_sql(self.table, "qmark", where))
 
     def is_row_error(self, failure: Failure) -> bool:
         """Constraint, range, type or encoding problems are the row's fault."""
@@ -180,6 +188,11 @@ class SQLiteBackend:
             conn.execute("ROLLBACK")
             raise
         return inserted
+
+    def _select(self, sql: str, params: list[object]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            raise sqlite3.OperationalError("history database is not open")
+        return self._conn.execute(sql, params).fetchall()
 
     def _statement(self, rows: int) -> str:
         statement = self._statements.get(rows)

@@ -8,10 +8,28 @@ Layout, for a stream C{S} and the prefix C{P}::
 
     P S          a Redis Stream: entry C{<seq>-1} {d: <event bytes>} per event,
                  then C{<last seq>-2} {end: 1} once the stream has ended
-    P S:owner    a string: who may resume the stream
+    P S:owner    a string C{<instance>|<owner>}: which gateway instance
+                 writes the stream, and who may resume it
+    P instance:I the lease of gateway instance C{I}: set with a C{lease_ttl}
+                 expiry (default 5 s) and renewed every C{lease_ttl / 3} while
+                 the instance runs; deleted by a clean shutdown
 
 so that "the events after C{n}" is C{XRANGE P S (n+1)-0 +} and the end marker
-sorts after the last event.
+sorts after the last event.  A stream whose instance shut down cleanly ends
+with C{<last seq>-2} {cut: 1} instead (L{RedisResumeLog.cut}).
+
+Takeover: a stream whose writing instance is gone (its log ends in a cut
+marker, or its instance's lease has expired: killed, crashed, cut off) is
+I{cut short}.  An attachment to it gets every logged event after its id and
+then the end of its response, with a C{retry:} hint
+(L{aura_proxy.resume.replay.Replay.replay_cut}); when it has nothing more to
+replay the attachment is refused, and the request goes upstream with the
+upstream's own last id, which the gateway id carries: the upstream resumes
+after the last event the client has.  A follower notices the lease gone at
+its next blocking-read timeout (C{block_ms}), so a client following a stream
+whose instance was killed is handed over within about C{lease_ttl + block_ms}.
+The lease costs one C{SET} per instance every C{lease_ttl / 3}, whatever the
+number of streams: nothing per event or per stream.
 
 Writing (L{RedisResumeLog.open}, C{append}, C{close}) never waits for Redis:
 calls are collected in memory and flushed once per reactor turn as one
@@ -46,6 +64,7 @@ timeouts; the injected clock drives batching and the expiry sweep.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections import deque
 from functools import partial
 from typing import Any, Callable, Optional
@@ -68,8 +87,8 @@ log = Logger()
 # KEYS: per stream, its stream key then its owner key.
 # ARGV: open expiry (ms), ended expiry (ms), then per stream:
 #   reset ("1": opened in this batch, forget any older stream of that id),
-#   owner, n, n x (entry id, event bytes), min id to keep ("" = no trim),
-#   end entry id ("" = still open).
+#   holder (instance|owner), n, n x (entry id, event bytes), min id to keep
+#   ("" = no trim), end entry id ("" = still open), end field ("end" or "cut").
 _WRITE = b"""
 local open_ms, ended_ms = ARGV[1], ARGV[2]
 local a = 3
@@ -86,10 +105,10 @@ for k = 1, #KEYS, 2 do
   if ARGV[a] ~= '' then redis.call('XTRIM', key, 'MINID', ARGV[a]) end
   local ms = open_ms
   if ARGV[a + 1] ~= '' then
-    redis.pcall('XADD', key, ARGV[a + 1], 'end', '1')
+    redis.pcall('XADD', key, ARGV[a + 1], ARGV[a + 2], '1')
     ms = ended_ms
   end
-  a = a + 2
+  a = a + 3
   redis.call('SET', okey, owner, 'PX', ms)
   redis.call('PEXPIRE', key, ms)
 end
@@ -97,11 +116,19 @@ return 1
 """
 
 # One attachment's snapshot.  KEYS: stream key, owner key.  ARGV: owner,
-# after_seq, first entry id wanted.  Returns {"none"}, {"foreign"} (another
-# owner's stream) or {"open"|"ended", entries after after_seq}.
+# after_seq, first entry id wanted, lease key prefix.  Returns {"none"},
+# {"foreign"} (another owner's stream) or {"open"|"ended"|"cut", entries
+# after after_seq}: "cut" when the log ends in a cut marker or its writing
+# instance's lease is gone.
 _READ = b"""
 local holder = redis.call('GET', KEYS[2])
 if not holder then return {'none'} end
+local writer = nil
+local bar = string.find(holder, '|', 1, true)
+if bar then
+  writer = string.sub(holder, 1, bar - 1)
+  holder = string.sub(holder, bar + 1)
+end
 if holder ~= ARGV[1] then return {'foreign'} end
 local after = tonumber(ARGV[2])
 local first, last, ended = 1, 0, false
@@ -114,10 +141,17 @@ if #head > 0 then
   s, k = string.match(tail[1][1], '^(%d+)-(%d+)$')
   last = tonumber(s)
   ended = k == '2'
+  if ended and tail[1][2][1] == 'cut' then ended = 'cut' end
 end
 if after < first - 1 or after > last then return {'none'} end
 local state = 'open'
-if ended then state = 'ended' end
+if ended == 'cut' then
+  state = 'cut'
+elseif ended then
+  state = 'ended'
+elseif writer and redis.call('EXISTS', ARGV[4] .. writer) == 0 then
+  state = 'cut'
+end
 return {state, redis.call('XRANGE', KEYS[1], ARGV[3], '+')}
 """
 
@@ -144,7 +178,7 @@ class _Writer:
 class _Group:
     """One stream's share of a batch."""
 
-    __slots__ = ("key", "okey", "writer", "reset", "events", "end_id")
+    __slots__ = ("key", "okey", "writer", "reset", "events", "end_id", "end_field")
 
     def __init__(self, key: bytes, writer: _Writer) -> None:
         self.key = key
@@ -154,6 +188,7 @@ class _Group:
         writer.reset = False
         self.events: list[tuple[int, bytes]] = []
         self.end_id: Optional[bytes] = None
+        self.end_field = b"end"
 
 
 class _Follower:
@@ -176,6 +211,8 @@ class _Follower:
         self._last_seq = last_seq
         self._last_id = last_id
         self.done = False
+        #: Whether the log was cut short (its writer shut down or is gone).
+        self.cut = False
 
     def detach(self) -> None:
         """Deliver nothing more and close the connection."""
@@ -196,9 +233,9 @@ class _Follower:
         if self.done:
             return
         if reply is None:
-            # nothing new for block_ms: still there?
-            self._handler.execute_command(b"EXISTS", self._okey).addCallback(
-                self._exists
+            # nothing new for block_ms: still there, and its writer alive?
+            self._handler.execute_command(b"GET", self._okey).addCallback(
+                self._holder
             ).addErrback(self._failed)
             return
         for entry_id, fields in reply[0][1]:
@@ -208,14 +245,42 @@ class _Follower:
                 return
         self._read()
 
-    def _exists(self, exists: int) -> None:
+    def _holder(self, holder: Optional[bytes]) -> None:
         if self.done:
             return
-        if not exists:
+        if holder is None:
             log.info("resume: stream log {key!r} expired while followed", key=self._key)
             self._finish(end=True)
-        else:
+            return
+        writer, bar, _ = holder.partition(b"|")
+        if not bar:
+            self._read()  # written by a gateway without leases: cannot tell
+            return
+        self._handler.execute_command(b"EXISTS", self._log._lease_prefix + writer).addCallback(
+            self._lease
+        ).addErrback(self._failed)
+
+    def _lease(self, alive: Any) -> None:
+        if self.done:
+            return
+        if int(alive):
             self._read()
+            return
+        # The writing instance is gone: what it logged is all there will be.
+        log.info("resume: the gateway writing stream log {key!r} is gone; it is cut short", key=self._key)
+        self.cut = True
+        self._handler.execute_command(
+            b"XREAD", b"COUNT", b"100000", b"STREAMS", self._key, self._last_id
+        ).addCallback(self._rest).addErrback(self._failed)
+
+    def _rest(self, reply: Optional[list[Any]]) -> None:
+        if self.done:
+            return
+        for entry_id, fields in reply[0][1] if reply else ():
+            self._last_id = entry_id
+            if not self.deliver(entry_id, fields):
+                break
+        self._finish(end=True)
 
     def deliver(self, entry_id: bytes, fields: list[bytes]) -> bool:
         """One entry: True to go on, False when the follower has to end."""
@@ -230,7 +295,9 @@ class _Follower:
             self._last_seq = seq
             self._subscriber.replay_event(seq, fields[1])
             return True
-        return False  # the end marker
+        # the end marker (whole: even if its writer is gone now) or the cut one
+        self.cut = fields[0] == b"cut"
+        return False
 
     def _failed(self, failure: Failure) -> None:
         if self.done:
@@ -245,7 +312,16 @@ class _Follower:
         self._log._followers.discard(self)
         self._log._closing.append(self._handler.disconnect())
         if end:
-            self._subscriber.replay_end()
+            _end(self._subscriber, self.cut)
+
+
+def _end(subscriber: Subscriber, cut: bool) -> None:
+    """End C{subscriber}'s replay: as cut short (with a retry hint) when it was."""
+    replay_cut = getattr(subscriber, "replay_cut", None) if cut else None
+    if replay_cut is not None:
+        replay_cut()
+    else:
+        subscriber.replay_end()
 
 
 class _Ended:
@@ -275,6 +351,8 @@ class RedisResumeLog:
         block_ms: int = 1000,
         reply_timeout: float = 10.0,
         connect_timeout: float = 3.0,
+        lease_ttl: float = 5.0,
+        instance: Optional[str] = None,
     ) -> None:
         """
         @param url: C{redis://[:password@]host[:port][/db]}.
@@ -282,6 +360,10 @@ class RedisResumeLog:
             checks that the stream still exists.
         @param connect_timeout: how long L{start} waits for the first
             connection before giving up waiting (connecting goes on).
+        @param lease_ttl: seconds this instance's lease outlives its last
+            renewal (renewed every C{lease_ttl / 3}): how soon the streams of
+            an instance that died are seen cut short.
+        @param instance: this instance's name in Redis (default: random).
         """
         parts = urlsplit(url)
         if parts.scheme != "redis":
@@ -299,6 +381,15 @@ class RedisResumeLog:
         self._max_events = max(1, max_events)
         self._max_bytes = max_bytes
         self._prefix = key_prefix.encode("utf-8")
+        #: This gateway instance's name in the stream logs' holders.
+        self.instance = instance or secrets.token_hex(8)
+        self._holder = self.instance.encode("ascii") + b"|"
+        self._lease_prefix = self._prefix + b"instance:"
+        self._lease_key = self._lease_prefix + self.instance.encode("ascii")
+        self._lease_ms = b"%d" % max(1, int(lease_ttl * 1000))
+        self._renew_every = max(lease_ttl / 3, 0.05)
+        self._renew_call: Optional[IDelayedCall] = None
+        self._leased: Any = None  # the connection the lease was last set on
         self._block_ms = block_ms
         self._reply_timeout = reply_timeout
         self._connect_timeout = connect_timeout
@@ -337,6 +428,7 @@ class RedisResumeLog:
             HostnameEndpoint(reactor, self._host, self._port, timeout=self._connect_timeout)
         )
         self._sweep_call = self._clock.callLater(self._sweep_every, self._sweep)
+        self._renew_call = self._clock.callLater(0, self._renew)
         started: Deferred[None] = Deferred()
 
         def connected(_: object) -> None:
@@ -358,14 +450,26 @@ class RedisResumeLog:
         return started
 
     def stop(self) -> "Deferred[None]":
-        """Write what is pending, end followers, close every connection."""
+        """
+        Write what is pending (the cut markers of a drain), release this
+        instance's lease (its streams still open are then cut short for
+        every other instance), end followers (their clients resume
+        elsewhere), close every connection.
+        """
         self._stopped = True
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
-        self._sweep_call = None
+        for call in (self._sweep_call, self._renew_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._sweep_call = self._renew_call = None
         self._flush_now()
+        conn = self._connection()
+        if conn is not None:
+            released: Deferred[Any] = conn.execute_command(b"DEL", self._lease_key)
+            self._in_flight.add(released)
+            released.addBoth(lambda r: self._in_flight.discard(released))
         for follower in list(self._followers):
-            follower.detach()
+            follower.cut = True
+            follower._finish(end=True)
         factory = self._factory
 
         def disconnect(_: object) -> "Deferred[Any]":
@@ -415,11 +519,24 @@ class RedisResumeLog:
         group.events.append((seq, block))
 
     def close(self, stream_id: str) -> None:
+        self._end(stream_id, b"end")
+
+    def cut(self, stream_id: str) -> None:
+        """
+        The stream was cut by this instance's shutdown (a drain), not by its
+        upstream: its log stays, ended by a cut marker, so that a client
+        resuming on another instance gets what it missed and then goes
+        upstream with the upstream's own id.
+        """
+        self._end(stream_id, b"cut")
+
+    def _end(self, stream_id: str, field: bytes) -> None:
         writer = self._writers.pop(stream_id, None)
         if writer is None:
             return
         group = self._batch.get(stream_id) or self._group(stream_id, writer)
         group.end_id = b"%d-2" % writer.last_seq
+        group.end_field = field
         del self._batch[stream_id]  # anything later (a reopening) goes after
 
     def abandon(self, stream_id: str) -> None:
@@ -449,6 +566,27 @@ class RedisResumeLog:
             if self._flush_call is None and not self._stopped:
                 self._flush_call = self._clock.callLater(0, self._flush)
         return group
+
+    def _renew(self) -> None:
+        """Renew this instance's lease (every C{lease_ttl / 3})."""
+        conn = self._connection()
+        if conn is not None:
+            self._set_lease(conn)
+        self._renew_call = self._clock.callLater(self._renew_every, self._renew)
+
+    def _set_lease(self, conn: Any) -> None:
+        self._leased = conn
+        try:
+            d: Deferred[Any] = conn.execute_command(b"SET", self._lease_key, b"1", b"PX", self._lease_ms)
+        except Exception:
+            self._leased = None
+            return
+        d.addErrback(self._lease_failed)
+
+    def _lease_failed(self, failure: Failure) -> None:
+        self._leased = None  # set again before the next write
+        if not self._outage:
+            log.warn("resume: renewing this instance's lease failed: {why}", why=failure.getErrorMessage())
 
     def _sweep(self) -> None:
         """Refresh the expiry of open streams no flush touched lately."""
@@ -489,6 +627,9 @@ class RedisResumeLog:
         if conn is None:
             self._lost(groups, "not connected")
             return
+        if self._leased is not conn or self._outage:
+            # before any stream of this instance is written on a connection
+            self._set_lease(conn)
         head: list[bytes] = [b"%d" % self._open_ms, b"%d" % self._ended_ms]
         keys: list[bytes] = []
         args = list(head)
@@ -499,7 +640,7 @@ class RedisResumeLog:
             writer.touched = True
             first = writer.first_seq
             keys += (group.key, group.okey)
-            args += (b"1" if group.reset else b"", writer.owner.encode("utf-8"))
+            args += (b"1" if group.reset else b"", self._holder + writer.owner.encode("utf-8"))
             n_at = len(args)
             args.append(b"")
             n = 0
@@ -513,7 +654,7 @@ class RedisResumeLog:
                 args.append(b"%d-0" % first)
             else:
                 args.append(b"")
-            args.append(group.end_id or b"")
+            args += (group.end_id or b"", group.end_field)
             chunk.append(group)
             count += n + 1
             if count >= _CHUNK_EVENTS:
@@ -594,6 +735,7 @@ class RedisResumeLog:
             d: Deferred[Any] = conn.execute_command(
                 b"EVALSHA", self._shas[1], 2, key, key + b":owner",
                 owner.encode("utf-8"), b"%d" % after_seq, b"%d-0" % (after_seq + 1),
+                self._lease_prefix,
             )
         except Exception:
             return succeed(None)
@@ -607,6 +749,11 @@ class RedisResumeLog:
             entries: list[Any] = reply[1]
             if state == b"ended":
                 return succeed(self._replay(key, subscriber, after_seq, entries))
+            if state == b"cut":
+                if not any(fields[0] == b"d" for _, fields in entries):
+                    # Nothing missed: the upstream, asked with its own id, has the rest.
+                    return succeed(None)
+                return succeed(self._replay(key, subscriber, after_seq, entries, cut=True))
             return self._follow(key, subscriber, after_seq, entries)
 
         def failed(failure: Failure) -> None:
@@ -616,13 +763,15 @@ class RedisResumeLog:
 
         return d.addCallback(read).addErrback(failed)
 
-    def _replay(self, key: bytes, subscriber: Subscriber, after_seq: int, entries: list[Any]) -> Attachment:
+    def _replay(
+        self, key: bytes, subscriber: Subscriber, after_seq: int, entries: list[Any], cut: bool = False
+    ) -> Attachment:
         follower = _Follower(self, None, key, subscriber, after_seq, b"")
         follower.done = True
         for entry_id, fields in entries:
             if not follower.deliver(entry_id, fields):
                 break
-        subscriber.replay_end()
+        _end(subscriber, cut)
         return _Ended()
 
     def _follow(

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.server import Request
 
 from aura_proxy.client_wire import end_response
-from aura_proxy.relay import HEARTBEAT
+from aura_proxy.relay import HEARTBEAT, RETRY_HINT
 from aura_proxy.resume.log import Attachment
 
 __all__ = ["Replay"]
@@ -28,8 +28,8 @@ class Replay:
     """
     Writes a stream log's events to one resumed client.
 
-    @ivar done: fires with the end reason (C{completed} or
-        C{client_disconnect}).
+    @ivar done: fires with the end reason (C{completed}, C{shutdown}: the
+        log was cut short, or C{client_disconnect}).
     @ivar events: events written.
     @ivar first_write_at: clock time of the first event written, or None.
     """
@@ -86,12 +86,25 @@ class Replay:
 
     def replay_end(self) -> None:
         """The stream ended: finish the response."""
+        self._finish(b"", "completed")
+
+    def replay_cut(self) -> None:
+        """
+        The log was cut short (its gateway shut down or died) and every
+        event it holds was written: finish the response with a C{retry:}
+        hint; the client reconnects, and goes upstream from its last id.
+        """
+        self._finish(RETRY_HINT, "shutdown")
+
+    def _finish(self, last: bytes, reason: str) -> None:
         if self.done.called:
             return
         self._open()
         self._stop_beat()
+        if last:
+            self._request.write(last)
         end_response(self._request, complete=True)
-        self.done.callback("completed")
+        self.done.callback(reason)
 
     # -- the client ----------------------------------------------------------------
 

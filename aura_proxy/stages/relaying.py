@@ -138,8 +138,14 @@ class RelayResponse(ResponseStage):
         assert relay is not None
         self._streams.discard(relay)
         if stream_id is not None and self._resume is not None:
+            cut = getattr(self._resume, "cut", None) if self._streams.draining else None
             if relay.upstream_complete:
                 self._resume.close(stream_id)
+            elif cut is not None:
+                # Cut by this instance's shutdown, not by its upstream: the
+                # log stays, marked cut, so that a client resuming on another
+                # instance gets what it missed, then goes upstream.
+                cut(stream_id)
             else:
                 self._resume.abandon(stream_id)
         call.end_reason = reason
@@ -211,3 +217,7 @@ class _Counted:
     @property
     def count(self) -> int:
         return self._rewriter.seq
+
+    @property
+    def at_block_end(self) -> bool:
+        return self._rewriter.at_block_end

@@ -20,6 +20,8 @@ L{start_hang_server} are in-process fake upstreams.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from typing import Any, Callable, Optional
@@ -418,6 +420,9 @@ def start_gateway(testcase: SynchronousTestCase, ini_text: str) -> tuple[int, Ga
     @return: the port and the L{Gateway}.
     """
     config = parse_config(ini_text, "test-gateway.ini")
+    if "drain_timeout" not in ini_text:
+        # A test's cleanup stops the tree: streams it left open end at once.
+        config = dataclasses.replace(config, gateway=dataclasses.replace(config.gateway, drain_timeout=0.0))
     listeners: list[_TestListener] = []
 
     def listener(site: GatewaySite) -> _TestListener:

@@ -32,6 +32,7 @@ def gateway_config(listen: int, admin: int, upstream: int, dsn: str, table: str,
 [gateway]
 listen = tcp:{listen}:interface=127.0.0.1
 admin_listen = tcp:{admin}:interface=127.0.0.1
+drain_timeout = 0.5
 [route:aura]
 path = /api/aura/**
 upstream = http://127.0.0.1:{upstream}

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -134,6 +135,15 @@ class InstallTests(TestCase):
         problem = wait_for_http(f"http://127.0.0.1:{admin}/healthz", time.monotonic() + 15, process)
         self.assertIsNone(problem, f"{problem}\n{tail(log_path)}")
 
+        # The dashboard's files are package data: the installed gateway
+        # serves them, as they are in the checkout.
+        for path, name in [("/", "index.html"), ("/dashboard/dashboard.js", "dashboard.js"),
+                           ("/dashboard/dashboard.css", "dashboard.css")]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}{path}", timeout=10) as r:
+                served = r.read()
+            self.assertEqual(served, (REPO_ROOT / "aura_proxy" / "dashboard" / "static" / name).read_bytes(), path)
+            self.assertTrue(Path(package).parent.joinpath("dashboard", "static", name).is_file(), name)
+
         # The installed check command takes the files themselves.
         check = _run([str(venv / "bin" / "aura-proxy-check"), str(config)], elsewhere)
         self.assertEqual((check.returncode, check.stdout), (0, f"{config}: OK (1 routes)\n"), check.stderr)
@@ -143,7 +153,8 @@ class InstallTests(TestCase):
         After `pip install .` into a fresh venv, `twistd --help` run from
         another directory lists aura-proxy, the package and plugin come from
         that venv, `twistd -n aura-proxy --config FILE` answers /healthz and
-        `aura-proxy-check FILE` accepts the file.
+        serves the dashboard's files (package data) and `aura-proxy-check
+        FILE` accepts the file.
         """
         self.check_installed(editable=False)
 
@@ -152,6 +163,7 @@ class InstallTests(TestCase):
         After `pip install -e .` into a fresh venv, `twistd --help` run from
         another directory lists aura-proxy, the package and plugin come from
         the installed source tree, `twistd -n aura-proxy --config FILE`
-        answers /healthz and `aura-proxy-check FILE` accepts the file.
+        answers /healthz and serves the dashboard's files, and
+        `aura-proxy-check FILE` accepts the file.
         """
         self.check_installed(editable=True)

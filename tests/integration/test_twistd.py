@@ -32,8 +32,8 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 TENANT = {b"X-Tenant-ID": [b"t1"]}
 
 
-def config_text(listen: int, admin: int, upstream_port: int, extra: str = "") -> str:
-    return twistd_ini(listen, admin, upstream_port, sections=(
+def config_text(listen: int, admin: int, upstream_port: int, extra: str = "", gateway: str = "") -> str:
+    return twistd_ini(listen, admin, upstream_port, gateway=gateway, sections=(
         "[history]\nenabled = false\n\n"
         f"[sse]\ninject_ids = false\nresume = off\non_client_disconnect = cancel\n{extra}"))
 
@@ -236,7 +236,9 @@ class TwistdTests(TestCase):
     async def sigterm_with_open_stream(self) -> ChunkCollector:
         """Start twistd, open an endless stream, SIGTERM; return the stream."""
         up = start_fastapi_upstream(self)
-        process = self.start_twistd(self.write_config(config_text(self.listen, self.admin, up)))
+        # An endless stream runs on for drain_timeout, then is ended.
+        process = self.start_twistd(self.write_config(
+            config_text(self.listen, self.admin, up, gateway="drain_timeout = 0.5")))
         http, _ = client()
         response = await http.get(
             f"http://127.0.0.1:{self.listen}/api/aura/endless", headers=TENANT, unbuffered=True
