@@ -43,7 +43,7 @@ log = Logger("aura_proxy.reload")
 RESTART_ONLY: dict[str, Optional[tuple[str, ...]]] = {
     # the listeners and the site, the workers, the upstream pool
     "gateway": ("listen", "admin_listen", "workers", "fast_path", "connect_timeout",
-                "max_idle_connections", "max_request_body", "access_log"),
+                "max_idle_connections", "max_request_body", "access_log", "drain_timeout"),
     "history": None,
     "sse": ("resume", "resume_ttl", "resume_max_events", "resume_max_bytes"),
     "limits": ("store", "stream_lease", "key_prefix"),
