@@ -46,7 +46,8 @@ class LimitsBase(TestCase):
         self.workdir.mkdir(parents=True)
         self.listen, self.admin = free_port(), free_port()
         upstream = start_fastapi_upstream(self)
-        gateway = f"workers = {self.workers}\n" if self.workers > 1 else ""
+        # Streams are open at the end: no drain on stop.
+        gateway = "drain_timeout = 0\n" + (f"workers = {self.workers}\n" if self.workers > 1 else "")
         path = self.workdir / "gateway.ini"
         path.write_text(twistd_ini(self.listen, self.admin, upstream, gateway=gateway, sections=(
             "[history]\nenabled = false\n\n[sse]\nresume = off\n\n"

@@ -61,7 +61,7 @@ class ReloadBase(TestCase):
                 f"http://127.0.0.1:{self.admin}/healthz")["workers"]) == self.workers, "the workers up")
 
     def text(self, extra: str = "") -> str:
-        gateway = f"workers = {self.workers}\n" if self.workers > 1 else ""
+        gateway = "drain_timeout = 0\n" + (f"workers = {self.workers}\n" if self.workers > 1 else "")
         return twistd_ini(self.listen, self.admin, self.upstream, gateway=gateway,
                           sections=extra + self.sections())
 
