@@ -253,6 +253,7 @@ def gateway_service(
     if admin:
         health = gateway_health(gateway, history)
         dashboard = dashboard_service(config, registry, reactor, health)
+        top.reloader.listeners.append(lambda new: dashboard.use_routes(new.routes))
         admin_service(g.admin_listen, health, reactor, dashboard, reload=top.reloader.reload).setServiceParent(top)
     return top
 
@@ -286,6 +287,7 @@ def supervisor_service(
     if demo:
         _demo(reactor, config).setServiceParent(top)
     dashboard = dashboard_service(config, registry or CollectorRegistry(), reactor, workers.health)
+    workers.reload_listeners.append(lambda new: dashboard.use_routes(new.routes))
     admin_service(
         config.gateway.admin_listen, workers.health, reactor, dashboard, reload=workers.reload
     ).setServiceParent(top)

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from aura_proxy.config import DEFAULT_CONFIG_NAME, Config, ConfigError, default_config_text, parse_config
 
-__all__ = ["RESTART_ONLY", "ReloadResult", "Reloader", "SighupReload", "read_text", "restart_only_changes"]
+__all__ = ["RESTART_ONLY", "ReloadResult", "Reloader", "SighupReload", "read_text", "restart_only_changes", "tell"]
 
 log = Logger("aura_proxy.reload")
 
@@ -117,6 +117,15 @@ def restart_only_changes(old: Config, new: Config) -> tuple[Config, tuple[str, .
     return merged, tuple(changed)
 
 
+def tell(listeners: list[Callable[[Config], object]], config: Config) -> None:
+    """Call each of C{listeners} with the configuration now in use; a failure is logged."""
+    for listener in listeners:
+        try:
+            listener(config)
+        except Exception:
+            log.failure("reload: {listener} failed on the new configuration", listener=listener)
+
+
 class Reloader:
     """
     Reloads one gateway process.
@@ -129,6 +138,8 @@ class Reloader:
     def __init__(self, gateway: Any, adapt: Callable[[Config], Config] = lambda c: c) -> None:
         self._gateway = gateway
         self._adapt = adapt
+        #: Called with each configuration put in use (the dashboard's routes).
+        self.listeners: list[Callable[[Config], object]] = []
 
     def reload(self) -> ReloadResult:
         """Read the configuration's file again and use it (L{apply_text})."""
@@ -153,6 +164,7 @@ class Reloader:
         except Exception:
             log.failure("reload of {source} failed; the configuration in use stays", source=source)
             return ReloadResult(False, source, ("the new configuration could not be applied (see the log)",))
+        tell(self.listeners, merged)
         log.info(
             "reloaded {source}: {routes} routes; new requests use it, open streams keep theirs",
             source=source, routes=len(merged.routes),

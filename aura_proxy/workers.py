@@ -34,7 +34,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aura_proxy.config import Config, ConfigError, parse_config
-from aura_proxy.reload import ReloadResult, read_text, restart_only_changes
+from aura_proxy.reload import ReloadResult, read_text, restart_only_changes, tell
 from aura_proxy.twisted_internals import tcp_endpoint_address
 
 __all__ = [
@@ -224,6 +224,8 @@ class WorkerSupervisor(Service):
         self._executable = executable
         self._socket: Optional[socket.socket] = None
         self._stopping = False
+        #: Called with each configuration reloaded (the parent's dashboard).
+        self.reload_listeners: list[Callable[[Config], object]] = []
 
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
@@ -250,6 +252,7 @@ class WorkerSupervisor(Service):
         merged, needs_restart = restart_only_changes(self.config, new)
         self.config = merged
         self.config_text = text
+        tell(self.reload_listeners, merged)
         frame = config_frame(text)
         told = 0
         for worker in self.workers:

@@ -64,6 +64,16 @@ class ReloaderTests(TestCase):
             "Origin": "http://new.example", "Access-Control-Request-Method": "GET"})
         self.assertEqual(preflight.code, 204)
 
+    def test_listeners_told(self) -> None:
+        """Each listener is called with the configuration put in use; one that fails is logged, not fatal."""
+        told: list[Any] = []
+        self.reloader.listeners.append(lambda c: 1 / 0)
+        self.reloader.listeners.append(told.append)
+        self.path.write_text(CONFIG + NEW_ROUTE)
+        self.assertTrue(self.reloader.reload().ok)
+        self.assertEqual([c.routes[-1].name for c in told], ["new"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_open_stream_untouched(self) -> None:
         """A stream opened before the reload keeps flowing, on the pipeline it started on."""
         response = self.h.request("GET", "/api/aura/s", headers=TENANT, unbuffered=True)
@@ -118,6 +128,25 @@ class ReloaderTests(TestCase):
         self.assertEqual(config.limits.max_streams_total, 5)
         self.assertEqual(config.routes[-1].name, "new")
         self.assertEqual(result.to_json()["needs_restart"], list(result.needs_restart))
+
+
+class AssemblyTests(TestCase):
+    """What the assembly wires to a reload."""
+
+    def test_dashboard_follows(self) -> None:
+        """A single process's dashboard shows the reloaded routes."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from aura_proxy.assembly import gateway_service
+
+        path = Path(self.mktemp())
+        path.write_text(CONFIG + "[history]\nenabled = false\n")
+        tree = gateway_service(load_config(str(path)), MemoryReactorClock(), tuning=False)
+        path.write_text(CONFIG + "[history]\nenabled = false\n" + NEW_ROUTE)
+        self.assertTrue(tree.reloader.reload().ok)
+        [admin] = [s for s in tree if type(s).__name__ == "AdminService"]
+        dashboard = list(admin)[0]
+        self.assertEqual(dashboard.dashboard.routes[-1].name, "new")
 
 
 class RestartOnlyTests(TestCase):
@@ -241,6 +270,19 @@ class WorkersTests(TestCase):
         self.assertEqual(result.needs_restart, ("[gateway] workers",))
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config.gateway.workers, 2)
+
+    def test_dashboard_follows(self) -> None:
+        """The parent's dashboard shows and probes the reloaded routes."""
+        from aura_proxy.upstream_health import UpstreamProber
+
+        path = Path(self.mktemp())
+        supervisor = self.supervisor(path)
+        prober = UpstreamProber(supervisor.config.routes, FakeReactor())
+        supervisor.reload_listeners.append(lambda c: prober.use_routes(c.routes))
+        path.write_text(ini("workers = 2") + NEW_ROUTE.replace("aura.internal:9000", "other.internal:9100"))
+        self.assertTrue(supervisor.reload().ok)
+        self.assertEqual([r.name for r in prober.routes][-1], "new")
+        self.assertIn(("other.internal", 9100), prober.results)
 
     def test_frames(self) -> None:
         """Frames cut at any byte boundary come out whole, in order."""
