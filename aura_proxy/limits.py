@@ -10,8 +10,9 @@ shared by every process and host using it, with Redis doing the counting
     P streams:t:TENANT     the same, for one tenant
     P rate:TENANT          a hash {tokens, ts}: the tenant's token bucket
 
-Taking a slot or a token is one Lua script (atomic: two processes never
-both take the last slot).  Each process renews the leases of the slots it
+Taking a slot or a token is a Lua script (atomic: two processes never
+both take the last slot); the takes of one reactor turn go in one script
+call, one round trip.  Each process renews the leases of the slots it
 holds every third of C{stream_lease} (on the injected clock); the slots of
 a process that died expire on their own and are swept by the next take.
 When Redis cannot answer (not connected, an error, no reply), the limits
@@ -31,7 +32,7 @@ import uuid
 from typing import Any, Optional, Union
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -168,21 +169,54 @@ class MemoryLimits(LimitStore, _SlotOwner):
 
 # -- Redis ---------------------------------------------------------------------
 
-# KEYS: all slots, the tenant's slots.  ARGV: lease ms, per-tenant limit,
-# total limit (0: none), member.  Returns 1 (taken) or 0.
-_OPEN = b"""
+# A reactor turn's takes, in one script call.  Per take, in order:
+#   open a stream slot: KEYS all slots, the tenant's slots; ARGV "o", lease
+#     ms, per-tenant limit, total limit (0: none), member;
+#   take a token: KEYS the tenant's bucket; ARGV "t", tokens per second, burst.
+# Returns per take {1, 0} (taken) or {0, ms to wait} (a slot: {0, 0}).
+_BATCH = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease, per, total = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if per > 0 and redis.call('ZCARD', KEYS[2]) >= per then return 0 end
-if total > 0 and redis.call('ZCARD', KEYS[1]) >= total then return 0 end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
-redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], lease * 2)
-redis.call('PEXPIRE', KEYS[2], lease * 2)
-return 1
+local out = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  if ARGV[a] == 'o' then
+    local all, mine = KEYS[k], KEYS[k + 1]
+    local lease, per, total = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local member = ARGV[a + 4]
+    k, a = k + 2, a + 5
+    redis.call('ZREMRANGEBYSCORE', all, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', mine, '-inf', now)
+    if (per > 0 and redis.call('ZCARD', mine) >= per) or (total > 0 and redis.call('ZCARD', all) >= total) then
+      out[#out + 1] = {0, 0}
+    else
+      redis.call('ZADD', all, now + lease, member)
+      redis.call('ZADD', mine, now + lease, member)
+      redis.call('PEXPIRE', all, lease * 2)
+      redis.call('PEXPIRE', mine, lease * 2)
+      out[#out + 1] = {1, 0}
+    end
+  else
+    local key = KEYS[k]
+    local rate, burst = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    k, a = k + 1, a + 3
+    local b = redis.call('HMGET', key, 'tokens', 'ts')
+    local tokens = tonumber(b[1]) or burst
+    local ts = tonumber(b[2]) or now
+    tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+    local taken, wait = 0, 0
+    if tokens >= 1 then
+      tokens = tokens - 1
+      taken = 1
+    else
+      wait = math.ceil((1 - tokens) * 1000 / rate)
+    end
+    redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', now)
+    redis.call('PEXPIRE', key, math.ceil(burst * 1000 / rate) + 1000)
+    out[#out + 1] = {taken, wait}
+  end
+end
+return out
 """
 
 # KEYS: pairs (all slots, a tenant's slots).  ARGV: lease ms, then one member
@@ -201,33 +235,12 @@ end
 return 1
 """
 
-# KEYS: the tenant's bucket.  ARGV: tokens per second, burst.  Returns
-# {1, 0} (taken) or {0, ms until a token is there}.
-_TOKEN = b"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-local taken, wait = 0, 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  taken = 1
-else
-  wait = math.ceil((1 - tokens) * 1000 / rate)
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return {taken, wait}
-"""
-
-#: Slots renewed per script call.
+#: Slots renewed, takes sent, per script call.
 _RENEW_CHUNK = 1000
+_BATCH_TAKES = 1000
 
 _SCRIPTS = {name: (script, hashlib.sha1(script).hexdigest().encode("ascii"))
-            for name, script in (("open", _OPEN), ("renew", _RENEW), ("token", _TOKEN))}
+            for name, script in (("batch", _BATCH), ("renew", _RENEW))}
 
 
 class RedisLimits(LimitStore, _SlotOwner):
@@ -276,9 +289,15 @@ class RedisLimits(LimitStore, _SlotOwner):
         self.fallback = MemoryLimits(clock)
         #: Whether Redis failed last time (one log line per outage).
         self.outage = False
-        #: Takes waiting for the first connection (at most connect_timeout).
-        self._waiting: Optional[list[Deferred[None]]] = None
+        #: Script calls sent (each one round trip).
+        self.round_trips = 0
+        #: Whether the first connection is being made (at most
+        #: connect_timeout): takes wait for it.
+        self._connecting = False
         self._connect_call: Optional[IDelayedCall] = None
+        #: This reactor turn's takes: keys, args, who waits for the reply.
+        self._batch: list[tuple[list[bytes], list[bytes], Deferred[Any]]] = []
+        self._flush_call: Optional[IDelayedCall] = None
 
     # -- life cycle --------------------------------------------------------------
 
@@ -298,7 +317,7 @@ class RedisLimits(LimitStore, _SlotOwner):
         )
         # Until the first connection (or connect_timeout), a take waits for
         # it rather than count in this process.
-        self._waiting = []
+        self._connecting = True
         self._connect_call = self._clock.callLater(self._connect_timeout, self._first_connection)
 
         def connected(result: object) -> None:
@@ -312,6 +331,7 @@ class RedisLimits(LimitStore, _SlotOwner):
             self._renew_call.cancel()
         self._renew_call = None
         self._first_connection()
+        self._flush()
         factory, self._factory = self._factory, None
         if factory is None:
             return succeed(None)
@@ -323,8 +343,8 @@ class RedisLimits(LimitStore, _SlotOwner):
     def open_stream(self, tenant: str, per_tenant: int, total: int) -> Taken:
         member = self._names + b"%d" % next(self._counter)
         tenant_key = self._tenant_key(b"streams:t:", tenant)
-        d = self._eval("open", [self._all, tenant_key], [b"%d" % self._lease_ms, b"%d" % per_tenant,
-                                                         b"%d" % total, member])
+        d = self._queue([self._all, tenant_key], [b"o", b"%d" % self._lease_ms, b"%d" % per_tenant,
+                                                   b"%d" % total, member])
         if d is None:
             return self.fallback.open_stream(tenant, per_tenant, total)
 
@@ -333,7 +353,7 @@ class RedisLimits(LimitStore, _SlotOwner):
                 self._failed(reply)
                 return self.fallback.open_stream(tenant, per_tenant, total)
             self._back()
-            if int(reply) != 1:
+            if int(reply[0]) != 1:
                 return STREAM_RETRY_AFTER, None
             slot = self._held[member] = Slot(self, tenant, member)
             return None, slot
@@ -354,7 +374,7 @@ class RedisLimits(LimitStore, _SlotOwner):
 
     def take_token(self, tenant: str, rate: float, burst: int) -> Rated:
         key = self._tenant_key(b"rate:", tenant)
-        d = self._eval("token", [key], [repr(rate).encode("ascii"), b"%d" % burst])
+        d = self._queue([key], [b"t", repr(rate).encode("ascii"), b"%d" % burst])
         if d is None:
             return self.fallback.take_token(tenant, rate, burst)
 
@@ -403,36 +423,68 @@ class RedisLimits(LimitStore, _SlotOwner):
         timer, self._connect_call = self._connect_call, None
         if timer is not None and timer.active():
             timer.cancel()
-        waiting, self._waiting = self._waiting, None
-        for d in waiting or ():
-            d.callback(None)
+        self._connecting = False
+        self._flush()
+
+    def _queue(self, keys: list[bytes], args: list[bytes]) -> "Optional[Deferred[Any]]":
+        """
+        A take, sent with the others of this reactor turn in one script call
+        (L{_BATCH}); its reply item, or a failure.  None when not connected
+        (the caller counts in the process).  While the first connection is
+        being made, takes wait for it.
+        """
+        if self._factory is None or (not self._connecting and self._connection() is None):
+            self._failed(None)
+            return None
+        d: Deferred[Any] = Deferred()
+        self._batch.append((keys, args, d))
+        if self._flush_call is None and not self._connecting:
+            self._flush_call = self._clock.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        """Send the takes queued: one script call per L{_BATCH_TAKES}."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        conn = self._connection()
+        for start in range(0, len(batch), _BATCH_TAKES):
+            chunk = batch[start:start + _BATCH_TAKES]
+            if conn is None:
+                self._deliver(Failure(ConnectionError("not connected")), chunk)
+                continue
+            keys = [key for keys, _, _ in chunk for key in keys]
+            args = [arg for _, args, _ in chunk for arg in args]
+            self._run(conn, "batch", keys, args).addBoth(self._deliver, chunk)
+
+    def _deliver(self, replies: Any, chunk: list[tuple[list[bytes], list[bytes], "Deferred[Any]"]]) -> None:
+        """Each take of C{chunk} gets its reply item (or the failure)."""
+        if isinstance(replies, Failure):
+            for _, _, d in chunk:
+                d.errback(replies)
+            return
+        for (_, _, d), reply in zip(chunk, replies):
+            d.callback(reply)
 
     def _eval(self, name: str, keys: list[bytes], args: list[bytes]) -> "Optional[Deferred[Any]]":
-        """
-        Run a script (by its sha, loaded on NOSCRIPT); None when not
-        connected.  While the first connection is being made, wait for it.
-        """
+        """Run a script now; None when not connected."""
         conn = self._connection()
-        if conn is None and self._waiting is not None:
-            connected: Deferred[None] = Deferred()
-            self._waiting.append(connected)
-
-            def then(_: None) -> Any:
-                d = self._eval(name, keys, args)
-                if d is None:
-                    raise ConnectionError("not connected")
-                return d
-
-            return connected.addCallback(then)
         if conn is None:
             self._failed(None)
             return None
+        return self._run(conn, name, keys, args)
+
+    def _run(self, conn: Any, name: str, keys: list[bytes], args: list[bytes]) -> "Deferred[Any]":
+        """Run a script on C{conn} by its sha (sent whole on NOSCRIPT)."""
         script, sha = _SCRIPTS[name]
+        self.round_trips += 1
         try:
             d: Deferred[Any] = conn.execute_command(b"EVALSHA", sha, len(keys), *keys, *args)
         except Exception as e:
-            self._failed(Failure(e))
-            return None
+            return fail(e)
 
         def retry(failure: Failure) -> Any:
             if "NOSCRIPT" not in failure.getErrorMessage():

@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Generator
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -67,6 +67,19 @@ class SharedTests(TestCase):
         _, s3 = yield maybeDeferred(b.open_stream, "t", 2, 0)
         self.assertIsNotNone(s3)
         self.assertFalse(a.outage or b.outage)
+
+    @inlineCallbacks
+    def test_one_round_trip_per_turn(self) -> Generator[Any, Any, None]:
+        """The takes of one reactor turn go in one script call, each answered in order."""
+        a = yield self.store()
+        before = a.round_trips
+        streams = [a.open_stream("t", 3, 0) for _ in range(5)]
+        tokens = [a.take_token("t", 1.0, 2) for _ in range(3)]
+        results = yield DeferredList(streams + tokens, fireOnOneErrback=True)
+        self.assertEqual(a.round_trips - before, 1)
+        slots = [value[1] for _, value in results[:5]]
+        self.assertEqual([slot is not None for slot in slots], [True, True, True, False, False])
+        self.assertEqual([value is None for _, value in results[5:]], [True, True, False])
 
     @inlineCallbacks
     def test_total_shared(self) -> Generator[Any, Any, None]:
