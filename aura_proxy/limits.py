@@ -297,7 +297,8 @@ class RedisLimits(LimitStore, _SlotOwner):
         self._connect_call: Optional[IDelayedCall] = None
         #: This reactor turn's takes: keys, args, who waits for the reply.
         self._batch: list[tuple[list[bytes], list[bytes], Deferred[Any]]] = []
-        self._flush_call: Optional[IDelayedCall] = None
+        #: Script calls of takes sent and not yet answered.
+        self._in_flight = 0
 
     # -- life cycle --------------------------------------------------------------
 
@@ -428,25 +429,24 @@ class RedisLimits(LimitStore, _SlotOwner):
 
     def _queue(self, keys: list[bytes], args: list[bytes]) -> "Optional[Deferred[Any]]":
         """
-        A take, sent with the others of this reactor turn in one script call
-        (L{_BATCH}); its reply item, or a failure.  None when not connected
-        (the caller counts in the process).  While the first connection is
-        being made, takes wait for it.
+        A take, sent at once when no script call is in flight, else with
+        the takes that come meanwhile in the next one (L{_BATCH}, sent when
+        the reply comes): one round trip for many requests under load, no
+        timer.  Its reply item, or a failure; None when not connected (the
+        caller counts in the process).  While the first connection is being
+        made, takes wait for it.
         """
         if self._factory is None or (not self._connecting and self._connection() is None):
             self._failed(None)
             return None
         d: Deferred[Any] = Deferred()
         self._batch.append((keys, args, d))
-        if self._flush_call is None and not self._connecting:
-            self._flush_call = self._clock.callLater(0, self._flush)
+        if not self._in_flight and not self._connecting:
+            self._flush()
         return d
 
     def _flush(self) -> None:
         """Send the takes queued: one script call per L{_BATCH_TAKES}."""
-        call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
         batch, self._batch = self._batch, []
         if not batch:
             return
@@ -454,20 +454,27 @@ class RedisLimits(LimitStore, _SlotOwner):
         for start in range(0, len(batch), _BATCH_TAKES):
             chunk = batch[start:start + _BATCH_TAKES]
             if conn is None:
-                self._deliver(Failure(ConnectionError("not connected")), chunk)
+                self._deliver(Failure(ConnectionError("not connected")), chunk, sent=False)
                 continue
             keys = [key for keys, _, _ in chunk for key in keys]
             args = [arg for _, args, _ in chunk for arg in args]
+            self._in_flight += 1
             self._run(conn, "batch", keys, args).addBoth(self._deliver, chunk)
 
-    def _deliver(self, replies: Any, chunk: list[tuple[list[bytes], list[bytes], "Deferred[Any]"]]) -> None:
-        """Each take of C{chunk} gets its reply item (or the failure)."""
+    def _deliver(
+        self, replies: Any, chunk: list[tuple[list[bytes], list[bytes], "Deferred[Any]"]], sent: bool = True
+    ) -> None:
+        """Each take of C{chunk} gets its reply item (or the failure); then the takes queued meanwhile go."""
+        if sent:
+            self._in_flight -= 1
         if isinstance(replies, Failure):
             for _, _, d in chunk:
                 d.errback(replies)
-            return
-        for (_, _, d), reply in zip(chunk, replies):
-            d.callback(reply)
+        else:
+            for (_, _, d), reply in zip(chunk, replies):
+                d.callback(reply)
+        if sent and not self._in_flight and not self._connecting:
+            self._flush()
 
     def _eval(self, name: str, keys: list[bytes], args: list[bytes]) -> "Optional[Deferred[Any]]":
         """Run a script now; None when not connected."""
