@@ -45,7 +45,9 @@ setup(
         # smoke) and its ceiling (everything).  Private names a fast path
         # uses are probed at import (aura_proxy/twisted_internals.py); raise
         # the ceiling only after the suite has run on the new release.
-        "Twisted>=24.3.0,<26.11",
+        # The http2 extra (the h2 and priority packages): TLS listeners offer
+        # HTTP/2 by ALPN, served by Twisted's own H2Connection.
+        "Twisted[http2]>=24.3.0,<26.11",
         "treq>=23.11",
         "klein>=23.12",
         "txpostgres>=1.7",
@@ -60,9 +62,11 @@ setup(
         # Redis Streams for the shared resume log: a Twisted-native client,
         # where a blocking one would stall the reactor.
         "txredisapi>=1.4.10",
-        # The gateway's metrics (/metrics on the admin port) live in a
-        # prometheus_client registry; the dashboard reads them back from it.
-        "prometheus_client>=0.17",
+        # GET /metrics on the admin port ([metrics]): the Prometheus text
+        # format and its parser (the parent of workers > 1 sums its
+        # workers' figures), from the maintained client, not hand-written;
+        # the dashboard reads the same registry back.
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": [

@@ -3,7 +3,8 @@ Validate configuration files: C{aura-proxy-check FILE [FILE...]} (the
 installed command) or C{python -m aura_proxy check FILE [FILE...]}.
 
 Prints every mistake (file, section, key, what is wrong) and exits 1 if any
-file is invalid, 0 if all are valid, 2 (with the usage) without a file.
+file is invalid, 0 if all are valid, 2 (with the usage) without a file.  A
+deprecated key (still read) is a warning on stderr; the file is valid.
 
 C{python -m aura_proxy reload PIDFILE} sends SIGHUP to the gateway whose
 pid is in PIDFILE (twistd's C{--pidfile}): it reloads its configuration
@@ -59,6 +60,8 @@ def check(paths: Sequence[str]) -> int:
             sys.stderr.write(str(e) + "\n")
             status = 1
         else:
+            for line in config.deprecations:
+                sys.stderr.write(f"warning: {line}\n")
             sys.stdout.write(f"{path}: OK ({len(config.routes)} routes)\n")
     return status
 

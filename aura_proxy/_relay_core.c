@@ -29,7 +29,10 @@
 #define STACK_FRAME 4096
 
 static PyObject *s_write, *s_dataBuffer, *s_tempDataBuffer, *s_connected, *s_writeDisconnected,
-    *s_fileno;
+    *s_fileno, *s_seq;
+
+/* The most bucket bounds a stream's gap histogram may have (aura_proxy.metrics). */
+#define MAX_GAP_BOUNDS 24
 
 /* ---- ClientWriter ------------------------------------------------------- */
 
@@ -328,6 +331,20 @@ typedef struct {
     char client_gone;
     char beats;
     char at_boundary;
+    /* Metering (aura_proxy.metrics), set up by _meter(); off: one test per read. */
+    char metered;
+    char stall_open;          /* the silence since last_event_at is counted already */
+    PyObject *event_source;   /* whose .seq counts stamped events, or NULL: a write is an event */
+    Py_ssize_t seen_seq;      /* event_source.seq at the last metered write */
+    Py_ssize_t events_out;    /* events written to the client */
+    double first_event_at;    /* -1: none yet */
+    double last_event_at;
+    double stall_after;
+    double gap_sum;
+    Py_ssize_t stalls;
+    int n_bounds;
+    double gap_bounds[MAX_GAP_BOUNDS];
+    Py_ssize_t gap_counts[MAX_GAP_BOUNDS + 1]; /* per bucket (not cumulative); the last: +Inf */
 } RelayCore;
 
 static int
@@ -338,6 +355,50 @@ ends_block(PyObject *data)
     if (n >= 2 && ((s[n - 2] == '\n' && s[n - 1] == '\n') || (s[n - 2] == '\r' && s[n - 1] == '\r')))
         return 1;
     return n >= 4 && memcmp(s + n - 4, "\r\n\r\n", 4) == 0;
+}
+
+/*
+ * After a write to the client at time t: count the events it delivered (the
+ * stamper's seq moved on by k; without a stamper, the write is one event),
+ * the gap since the previous event into its bucket (the other k - 1 events
+ * of the same read had no gap: bucket 0), and a stall when that gap is over
+ * stall_after and the timer has not counted this silence already.
+ * Per read, never per event; 0, or -1 with an exception set.
+ */
+static int
+meter_write(RelayCore *self, double t)
+{
+    Py_ssize_t k = 1;
+    if (self->event_source != NULL) {
+        PyObject *v = PyObject_GetAttr(self->event_source, s_seq);
+        if (v == NULL)
+            return -1;
+        Py_ssize_t seq = PyLong_AsSsize_t(v);
+        Py_DECREF(v);
+        if (seq == -1 && PyErr_Occurred())
+            return -1;
+        k = seq - self->seen_seq;
+        self->seen_seq = seq;
+        if (k <= 0)
+            return 0; /* a comment, a partial block's flush: no event */
+    }
+    if (self->events_out == 0) {
+        self->first_event_at = t;
+    } else {
+        double gap = t - self->last_event_at;
+        int i = 0;
+        while (i < self->n_bounds && gap > self->gap_bounds[i])
+            i++;
+        self->gap_counts[i]++;
+        self->gap_sum += gap;
+        if (gap > self->stall_after && !self->stall_open)
+            self->stalls++;
+    }
+    self->gap_counts[0] += k - 1;
+    self->stall_open = 0;
+    self->last_event_at = t;
+    self->events_out += k;
+    return 0;
 }
 
 static PyObject *
@@ -397,6 +458,8 @@ RelayCore_dataReceived(RelayCore *self, PyObject *data)
         goto error;
     if (self->beats)
         self->at_boundary = (char)ends_block(data);
+    if (self->metered && meter_write(self, t) < 0)
+        goto error;
 done:
     Py_DECREF(data);
     Py_DECREF(now);
@@ -430,6 +493,77 @@ OBJECT_SLOT(feed)
 OBJECT_SLOT(request)
 OBJECT_SLOT(writer)
 OBJECT_SLOT(first_write_at)
+OBJECT_SLOT(event_source)
+
+/*
+ * _meter(bounds, stall_after, event_source): start metering this stream:
+ * gaps between events into buckets with the upper bounds given (ascending,
+ * at most MAX_GAP_BOUNDS; the last bucket is +Inf), stalls over stall_after
+ * seconds, events counted by event_source.seq (None: one per write).
+ */
+static PyObject *
+RelayCore_meter(RelayCore *self, PyObject *args)
+{
+    PyObject *bounds, *source;
+    double stall_after;
+    if (!PyArg_ParseTuple(args, "O!dO", &PyTuple_Type, &bounds, &stall_after, &source))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(bounds);
+    if (n > MAX_GAP_BOUNDS) {
+        PyErr_Format(PyExc_ValueError, "at most %d gap bounds", MAX_GAP_BOUNDS);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double b = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (b == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (b < 0 || (i > 0 && b <= self->gap_bounds[i - 1])) {
+            PyErr_SetString(PyExc_ValueError, "gap bounds must be ascending and not negative");
+            return NULL;
+        }
+        self->gap_bounds[i] = b;
+    }
+    self->n_bounds = (int)n;
+    memset(self->gap_counts, 0, sizeof self->gap_counts);
+    self->gap_sum = 0.0;
+    self->stall_after = stall_after;
+    self->stalls = 0;
+    self->stall_open = 0;
+    self->events_out = 0;
+    self->first_event_at = self->last_event_at = -1.0;
+    self->seen_seq = 0;
+    if (source != Py_None) {
+        PyObject *v = PyObject_GetAttr(source, s_seq);
+        if (v == NULL)
+            return NULL;
+        self->seen_seq = PyLong_AsSsize_t(v);
+        Py_DECREF(v);
+        if (self->seen_seq == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (RelayCore_set_event_source(self, source, NULL) < 0)
+        return NULL;
+    self->metered = 1;
+    Py_RETURN_NONE;
+}
+
+/* _gap_counts(): the gap histogram's per-bucket counts, the +Inf bucket last. */
+static PyObject *
+RelayCore_gap_counts(RelayCore *self, PyObject *unused)
+{
+    PyObject *t = PyTuple_New(self->n_bounds + 1);
+    if (t == NULL)
+        return NULL;
+    for (int i = 0; i <= self->n_bounds; i++) {
+        PyObject *v = PyLong_FromSsize_t(self->gap_counts[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
 
 static PyGetSetDef RelayCore_getset[] = {
     {"_seconds", (getter)RelayCore_get_seconds, (setter)RelayCore_set_seconds, "The clock's seconds().", NULL},
@@ -439,6 +573,8 @@ static PyGetSetDef RelayCore_getset[] = {
      "The request's client writer (aura_proxy.client_wire), or None: request.write.", NULL},
     {"first_write_at", (getter)RelayCore_get_first_write_at, (setter)RelayCore_set_first_write_at,
      "Clock time of the first body write, or None.", NULL},
+    {"_event_source", (getter)RelayCore_get_event_source, (setter)RelayCore_set_event_source,
+     "Whose seq counts stamped events when metered, or None: a write is an event.", NULL},
     {NULL},
 };
 
@@ -449,12 +585,27 @@ static PyMemberDef RelayCore_members[] = {
     {"_beats", T_BOOL, offsetof(RelayCore, beats), 0, "Heartbeats are on."},
     {"_at_boundary", T_BOOL, offsetof(RelayCore, at_boundary), 0,
      "The last write ended an SSE block (a heartbeat may follow)."},
+    {"_metered", T_BOOL, offsetof(RelayCore, metered), 0, "Metering is on (set by _meter)."},
+    {"_stall_open", T_BOOL, offsetof(RelayCore, stall_open), 0,
+     "The silence since the last event is counted as a stall already."},
+    {"_events_out", T_PYSSIZET, offsetof(RelayCore, events_out), 0, "Events written to the client."},
+    {"_first_event_at", T_DOUBLE, offsetof(RelayCore, first_event_at), 0,
+     "Clock time of the first event written to the client, or -1."},
+    {"_last_event_at", T_DOUBLE, offsetof(RelayCore, last_event_at), 0,
+     "Clock time of the last event written to the client, or -1."},
+    {"_stall_after", T_DOUBLE, offsetof(RelayCore, stall_after), 0, "A gap over this is a stall."},
+    {"_gap_sum", T_DOUBLE, offsetof(RelayCore, gap_sum), 0, "Sum of the gaps between events."},
+    {"_stalls", T_PYSSIZET, offsetof(RelayCore, stalls), 0, "Gaps over stall_after."},
     {NULL},
 };
 
 static PyMethodDef RelayCore_methods[] = {
     {"dataReceived", (PyCFunction)RelayCore_dataReceived, METH_O,
      "dataReceived(data): relay one upstream read to the client."},
+    {"_meter", (PyCFunction)RelayCore_meter, METH_VARARGS,
+     "_meter(bounds, stall_after, event_source): count events, gaps and stalls from now on."},
+    {"_gap_counts", (PyCFunction)RelayCore_gap_counts, METH_NOARGS,
+     "_gap_counts(): the gap histogram's counts per bucket, +Inf last."},
     {NULL},
 };
 
@@ -462,8 +613,10 @@ static PyObject *
 RelayCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     RelayCore *self = (RelayCore *)type->tp_alloc(type, 0);
-    if (self != NULL)
+    if (self != NULL) {
         self->at_boundary = 1;
+        self->first_event_at = self->last_event_at = -1.0;
+    }
     return (PyObject *)self;
 }
 
@@ -475,6 +628,7 @@ RelayCore_traverse(RelayCore *self, visitproc visit, void *arg)
     Py_VISIT(self->request);
     Py_VISIT(self->writer);
     Py_VISIT(self->first_write_at);
+    Py_VISIT(self->event_source);
     return 0;
 }
 
@@ -486,6 +640,7 @@ RelayCore_clear(RelayCore *self)
     Py_CLEAR(self->request);
     Py_CLEAR(self->writer);
     Py_CLEAR(self->first_write_at);
+    Py_CLEAR(self->event_source);
     return 0;
 }
 
@@ -540,7 +695,7 @@ PyInit__relay_core(void)
         const char *name;
     } names[] = {
         {&s_write, "write"}, {&s_dataBuffer, "dataBuffer"}, {&s_tempDataBuffer, "_tempDataBuffer"},
-        {&s_connected, "connected"}, {&s_writeDisconnected, "_writeDisconnected"}, {&s_fileno, "fileno"},
+        {&s_connected, "connected"}, {&s_writeDisconnected, "_writeDisconnected"}, {&s_fileno, "fileno"}, {&s_seq, "seq"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL)

@@ -28,3 +28,14 @@ class RelayCore:
     first_write_at: Optional[float]
     sent: int
     def dataReceived(self, data: bytes) -> None: ...
+    _metered: bool
+    _stall_open: bool
+    _event_source: Optional[object]
+    _events_out: int
+    _first_event_at: float
+    _last_event_at: float
+    _stall_after: float
+    _gap_sum: float
+    _stalls: int
+    def _meter(self, bounds: tuple[float, ...], stall_after: float, event_source: Optional[object]) -> None: ...
+    def _gap_counts(self) -> tuple[int, ...]: ...

@@ -47,27 +47,39 @@ static const char B64URL[] =
 /*
  * EventStore: one stream's kept events for resumption (the memory resume
  * log's storage, aura_proxy.resume.log).  The events' bytes lie back to back
- * in one buffer, their sequence numbers and end offsets in two arrays; the
- * oldest go first once there are more than max_events of them or more than
- * max_bytes (the newest is always kept).  Evicted entries and bytes are
- * reclaimed when the buffers would otherwise have to grow.  A Stamper whose
- * on_event is an EventStore adds to it without any Python object per event;
- * live subscribers (a resumed client following the stream) are handed each
- * event as bytes.  aura_proxy.resume.log._PyEventStore is the reference.
+ * in one ring buffer, their sequence numbers and lengths in two ring arrays;
+ * the oldest go first once there are more than max_events of them or more
+ * than max_bytes (the newest is always kept).  Eviction happens before a new
+ * event is copied in, so the space it frees is reused at once: the buffers
+ * grow only while the kept events grow, by 1.5x but never beyond max_bytes
+ * bytes and max_events entries (unless one event alone is larger), and a
+ * stream at its limits holds about what it keeps: capacity <= max(max_bytes,
+ * largest event) + ENTRY_BYTES x max_events.  That capacity (`footprint`) is
+ * what the log's global cap counts; on_grow, when set, is told each change
+ * of it (at most about 30 times in a stream's life, never per event once the
+ * stream is at its limits).  A Stamper whose on_event is an EventStore adds
+ * to it without any Python object per event; live subscribers (a resumed
+ * client following the stream) are handed each event as bytes.
+ * aura_proxy.resume.log._PyEventStore is the reference, with the same
+ * growth rules (tests/test_event_store.py compares capacities too).
  */
+/* Bytes per kept-event slot: its sequence number and its length. */
+#define ENTRY_BYTES ((Py_ssize_t)(sizeof(long long) + sizeof(Py_ssize_t)))
+
 typedef struct {
     PyObject_HEAD
-    char *data;            /* kept bytes: data[dead:used] */
-    Py_ssize_t cap, dead, used;
-    long long *seqs;       /* kept entries: [head, count) */
-    Py_ssize_t *ends;      /* end offset of each entry in data */
+    char *data;            /* ring of cap bytes: the kept events from data[start], size bytes */
+    Py_ssize_t cap, start, size;
+    long long *seqs;       /* rings of slots entries: the kept events from [head], count of them */
+    Py_ssize_t *lens;
     Py_ssize_t slots, head, count;
     long long first_seq;   /* events before this one are no longer kept */
     long long last_seq;
     Py_ssize_t max_events, max_bytes;  /* 0 until __init__ */
     int ended;             /* the stream ended: add() keeps nothing more */
     PyObject *subscribers; /* set of attachments (with .subscriber), or NULL */
-    int busy;              /* add or events_after running: __init__ is refused */
+    PyObject *on_grow;     /* callable(delta of footprint), or NULL */
+    int busy;              /* add, events_after or on_grow running: __init__ and release are refused */
     unsigned long long version;  /* bumped by every change of the buffers */
 } EventStore;
 
@@ -81,6 +93,21 @@ store_ready(EventStore *self)
         return 0;
     PyErr_SetString(PyExc_RuntimeError, "EventStore is not initialised: call __init__ first");
     return -1;
+}
+
+/* Free the buffers: nothing kept, nothing reserved. */
+static void
+store_free(EventStore *self)
+{
+    self->version++;
+    PyMem_Free(self->data);
+    PyMem_Free(self->seqs);
+    PyMem_Free(self->lens);
+    self->data = NULL;
+    self->seqs = NULL;
+    self->lens = NULL;
+    self->cap = self->start = self->size = 0;
+    self->slots = self->head = self->count = 0;
 }
 
 static int
@@ -99,74 +126,90 @@ EventStore_init(EventStore *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "EventStore.__init__ called while the store is in use");
         return -1;
     }
-    self->version++;
-    PyMem_Free(self->data);
-    PyMem_Free(self->seqs);
-    PyMem_Free(self->ends);
-    self->data = NULL;
-    self->seqs = NULL;
-    self->ends = NULL;
-    self->cap = self->dead = self->used = 0;
-    self->slots = self->head = self->count = 0;
+    store_free(self);
     self->first_seq = 1;
     self->last_seq = 0;
     self->max_events = max_events;
     self->max_bytes = max_bytes;
     self->ended = 0;
     Py_CLEAR(self->subscribers);
+    Py_CLEAR(self->on_grow);
     return 0;
 }
 
-/* Room for n more bytes and one more entry: reclaim what eviction left, else grow. */
-static int
-store_reserve(EventStore *self, Py_ssize_t n)
+/* Forget the oldest kept event. */
+static void
+store_evict(EventStore *self)
 {
-    self->version++;
-    if (self->used + n > self->cap) {
-        Py_ssize_t kept = self->used - self->dead;
-        if (self->dead > 0 && kept + n <= self->cap && self->dead >= kept) {
-            memmove(self->data, self->data + self->dead, kept);
-            for (Py_ssize_t i = self->head; i < self->count; i++)
-                self->ends[i] -= self->dead;
-            self->used = kept;
-            self->dead = 0;
-        } else {
-            Py_ssize_t want = self->used + n;
-            Py_ssize_t cap = self->cap + self->cap / 2 + 64;
-            if (cap < want)
-                cap = want;
-            char *data = PyMem_Realloc(self->data, cap);
-            if (data == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            self->data = data;
-            self->cap = cap;
+    Py_ssize_t len = self->lens[self->head];
+    self->first_seq = self->seqs[self->head] + 1;
+    self->size -= len;
+    self->start += len;
+    if (self->start >= self->cap)
+        self->start -= self->cap;
+    if (++self->head == self->slots)
+        self->head = 0;
+    if (--self->count == 0)
+        self->start = self->head = 0;
+}
+
+/*
+ * Room for n more bytes and one more entry (the evictions done): grow the
+ * rings, by 1.5x up to the limits, copying what is kept to their start.
+ * Adds to *grown the bytes reserved in addition.
+ */
+static int
+store_reserve(EventStore *self, Py_ssize_t n, Py_ssize_t *grown)
+{
+    if (self->size + n > self->cap) {
+        Py_ssize_t cap = self->cap + self->cap / 2 + 64;
+        if (cap > self->max_bytes)
+            cap = self->max_bytes;
+        if (cap < self->size + n)
+            cap = self->size + n;
+        char *data = PyMem_Malloc(cap);
+        if (data == NULL) {
+            PyErr_NoMemory();
+            return -1;
         }
+        Py_ssize_t first = self->cap - self->start;
+        if (first > self->size)
+            first = self->size;
+        if (self->size > 0) {
+            memcpy(data, self->data + self->start, first);
+            memcpy(data + first, self->data, self->size - first);
+        }
+        PyMem_Free(self->data);
+        *grown += cap - self->cap;
+        self->data = data;
+        self->cap = cap;
+        self->start = 0;
     }
     if (self->count == self->slots) {
-        if (self->head > 0 && self->head >= self->count / 2) {
-            Py_ssize_t kept = self->count - self->head;
-            memmove(self->seqs, self->seqs + self->head, kept * sizeof(long long));
-            memmove(self->ends, self->ends + self->head, kept * sizeof(Py_ssize_t));
-            self->count = kept;
-            self->head = 0;
-        } else {
-            Py_ssize_t slots = self->slots + self->slots / 2 + 4;
-            long long *seqs = PyMem_Realloc(self->seqs, slots * sizeof(long long));
-            if (seqs == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            self->seqs = seqs;
-            Py_ssize_t *ends = PyMem_Realloc(self->ends, slots * sizeof(Py_ssize_t));
-            if (ends == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            self->ends = ends;
-            self->slots = slots;
+        Py_ssize_t slots = self->slots + self->slots / 2 + 4;
+        if (slots > self->max_events)
+            slots = self->max_events;
+        long long *seqs = PyMem_Malloc(slots * sizeof(long long));
+        Py_ssize_t *lens = PyMem_Malloc(slots * sizeof(Py_ssize_t));
+        if (seqs == NULL || lens == NULL) {
+            PyMem_Free(seqs);
+            PyMem_Free(lens);
+            PyErr_NoMemory();
+            return -1;
         }
+        for (Py_ssize_t i = 0, j = self->head; i < self->count; i++) {
+            seqs[i] = self->seqs[j];
+            lens[i] = self->lens[j];
+            if (++j == self->slots)
+                j = 0;
+        }
+        PyMem_Free(self->seqs);
+        PyMem_Free(self->lens);
+        *grown += (slots - self->slots) * ENTRY_BYTES;
+        self->seqs = seqs;
+        self->lens = lens;
+        self->slots = slots;
+        self->head = 0;
     }
     return 0;
 }
@@ -197,6 +240,23 @@ store_notify(EventStore *self, long long seq, PyObject *block)
     return rc;
 }
 
+/* Tell on_grow that the footprint changed by delta. */
+static int
+store_tell_growth(EventStore *self, Py_ssize_t delta)
+{
+    PyObject *on_grow = Py_XNewRef(self->on_grow);
+    if (on_grow == NULL)
+        return 0;
+    PyObject *d = PyLong_FromSsize_t(delta);
+    PyObject *r = d == NULL ? NULL : PyObject_CallOneArg(on_grow, d);
+    Py_XDECREF(d);
+    Py_DECREF(on_grow);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /*
  * Keep event seq (its bytes: buf[0:n]).  block is the same bytes as an
  * object, or NULL: then one is made only if a subscriber needs it.
@@ -208,30 +268,46 @@ store_add(EventStore *self, long long seq, const char *buf, Py_ssize_t n, PyObje
         return -1;
     if (self->ended)
         return 0;
-    if (store_reserve(self, n) < 0)
+    self->version++;
+    /* The same as evicting after the add while there are more than
+     * max_events or max_bytes and more than the new event, done first so
+     * that the new event goes into the space freed. */
+    while (self->count > 0 && (self->count >= self->max_events || self->size + n > self->max_bytes))
+        store_evict(self);
+    Py_ssize_t grown = 0;
+    if (store_reserve(self, n, &grown) < 0)
         return -1;
-    memcpy(self->data + self->used, buf, n);
-    self->used += n;
-    self->seqs[self->count] = seq;
-    self->ends[self->count] = self->used;
-    self->count++;
-    self->last_seq = seq;
-    while (self->count - self->head > self->max_events
-           || (self->used - self->dead > self->max_bytes && self->count - self->head > 1)) {
-        self->dead = self->ends[self->head];
-        self->first_seq = self->seqs[self->head] + 1;
-        self->head++;
+    if (n > 0) {
+        Py_ssize_t pos = self->start + self->size;
+        if (pos >= self->cap)
+            pos -= self->cap;
+        Py_ssize_t first = self->cap - pos;
+        if (first > n)
+            first = n;
+        memcpy(self->data + pos, buf, first);
+        memcpy(self->data, buf + first, n - first);
     }
-    if (self->subscribers == NULL || PySet_GET_SIZE(self->subscribers) == 0)
-        return 0;
-    if (block != NULL)
-        Py_INCREF(block);
-    else if ((block = PyBytes_FromStringAndSize(buf, n)) == NULL)
-        return -1;
+    Py_ssize_t slot = self->head + self->count;
+    if (slot >= self->slots)
+        slot -= self->slots;
+    self->seqs[slot] = seq;
+    self->lens[slot] = n;
+    self->count++;
+    self->size += n;
+    self->last_seq = seq;
+    int rc = 0;
     self->busy++;
-    int rc = store_notify(self, seq, block);
+    if (grown != 0)
+        rc = store_tell_growth(self, grown);
+    if (rc == 0 && self->subscribers != NULL && PySet_GET_SIZE(self->subscribers) != 0) {
+        if (block != NULL)
+            Py_INCREF(block);
+        else
+            block = PyBytes_FromStringAndSize(buf, n);
+        rc = block == NULL ? -1 : store_notify(self, seq, block);
+        Py_XDECREF(block);
+    }
     self->busy--;
-    Py_DECREF(block);
     return rc;
 }
 
@@ -265,6 +341,22 @@ EventStore_call(EventStore *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
+EventStore_release(EventStore *self, PyObject *unused)
+{
+    if (store_ready(self) < 0)
+        return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "EventStore.release called while the store is in use");
+        return NULL;
+    }
+    Py_ssize_t freed = self->cap + self->slots * ENTRY_BYTES;
+    store_free(self);
+    self->ended = 1;
+    self->first_seq = self->last_seq + 1;
+    return PyLong_FromSsize_t(freed);
+}
+
+static PyObject *
 EventStore_events_after(EventStore *self, PyObject *arg)
 {
     if (store_ready(self) < 0)
@@ -281,27 +373,44 @@ EventStore_events_after(EventStore *self, PyObject *arg)
     if (out == NULL)
         return NULL;
     self->busy++;
-    Py_ssize_t start = self->dead;
-    for (Py_ssize_t i = self->head;; i++) {
+    Py_ssize_t pos = self->start;
+    for (Py_ssize_t i = 0;; i++) {
         if (self->version != version) {
             PyErr_SetString(PyExc_RuntimeError, "EventStore changed during events_after");
             goto error;
         }
         if (i >= self->count)
             break;
-        Py_ssize_t end = self->ends[i];
-        long long seq = self->seqs[i];
+        Py_ssize_t slot = self->head + i;
+        if (slot >= self->slots)
+            slot -= self->slots;
+        Py_ssize_t len = self->lens[slot];
+        long long seq = self->seqs[slot];
         if (seq > after) {
-            /* Not Py_BuildValue's y#: it makes None of an empty event before the first allocation. */
-            PyObject *block = PyBytes_FromStringAndSize(end > start ? self->data + start : NULL, end - start);
-            PyObject *item = block == NULL ? NULL : Py_BuildValue("(LN)", seq, block);
+            PyObject *block = PyBytes_FromStringAndSize(NULL, len);
+            if (block == NULL)
+                goto error;
+            if (self->version != version) {
+                Py_DECREF(block);
+                continue;  /* reported at the top of the loop */
+            }
+            Py_ssize_t first = self->cap - pos;
+            if (first > len)
+                first = len;
+            if (len > 0) {
+                memcpy(PyBytes_AS_STRING(block), self->data + pos, first);
+                memcpy(PyBytes_AS_STRING(block) + first, self->data, len - first);
+            }
+            PyObject *item = Py_BuildValue("(LN)", seq, block);
             if (item == NULL || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);
                 goto error;
             }
             Py_DECREF(item);
         }
-        start = end;
+        pos += len;
+        if (pos >= self->cap)
+            pos -= self->cap;
     }
     self->busy--;
     return out;
@@ -316,32 +425,33 @@ EventStore_len(EventStore *self)
 {
     if (store_ready(self) < 0)
         return -1;
-    return self->count - self->head;
+    return self->count;
 }
 
-static PyObject *
-EventStore_get_size(EventStore *self, void *closure)
-{
-    if (store_ready(self) < 0)
-        return NULL;
-    return PyLong_FromSsize_t(self->used - self->dead);
-}
-
-/* The read-only numbers (first_seq, last_seq, max_events, max_bytes), by offset. */
-static PyObject *
-EventStore_get_long_long(EventStore *self, void *offset)
-{
-    if (store_ready(self) < 0)
-        return NULL;
-    return PyLong_FromLongLong(*(long long *)((char *)self + (Py_ssize_t)offset));
-}
-
+/* The read-only sizes (size, capacity, slots), by offset. */
 static PyObject *
 EventStore_get_ssize(EventStore *self, void *offset)
 {
     if (store_ready(self) < 0)
         return NULL;
     return PyLong_FromSsize_t(*(Py_ssize_t *)((char *)self + (Py_ssize_t)offset));
+}
+
+static PyObject *
+EventStore_get_footprint(EventStore *self, void *closure)
+{
+    if (store_ready(self) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(self->cap + self->slots * ENTRY_BYTES);
+}
+
+/* The read-only numbers (first_seq, last_seq), by offset. */
+static PyObject *
+EventStore_get_long_long(EventStore *self, void *offset)
+{
+    if (store_ready(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(*(long long *)((char *)self + (Py_ssize_t)offset));
 }
 
 static PyObject *
@@ -373,6 +483,32 @@ EventStore_set_subscribers(EventStore *self, PyObject *value, void *closure)
 }
 
 static PyObject *
+EventStore_get_on_grow(EventStore *self, void *closure)
+{
+    if (store_ready(self) < 0)
+        return NULL;
+    return Py_NewRef(self->on_grow ? self->on_grow : Py_None);
+}
+
+static int
+EventStore_set_on_grow(EventStore *self, PyObject *value, void *closure)
+{
+    if (store_ready(self) < 0)
+        return -1;
+    if (value == NULL || value == Py_None) {
+        Py_CLEAR(self->on_grow);
+        return 0;
+    }
+    if (!PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "on_grow must be callable or None");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(self->on_grow, value);
+    return 0;
+}
+
+static PyObject *
 EventStore_get_ended(EventStore *self, void *closure)
 {
     if (store_ready(self) < 0)
@@ -400,6 +536,7 @@ static int
 EventStore_traverse(EventStore *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->subscribers);
+    Py_VISIT(self->on_grow);
     return 0;
 }
 
@@ -407,6 +544,7 @@ static int
 EventStore_clear(EventStore *self)
 {
     Py_CLEAR(self->subscribers);
+    Py_CLEAR(self->on_grow);
     return 0;
 }
 
@@ -417,14 +555,23 @@ EventStore_dealloc(EventStore *self)
     EventStore_clear(self);
     PyMem_Free(self->data);
     PyMem_Free(self->seqs);
-    PyMem_Free(self->ends);
+    PyMem_Free(self->lens);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyGetSetDef EventStore_getset[] = {
-    {"size", (getter)EventStore_get_size, NULL, "Bytes of the kept events.", NULL},
+    {"size", (getter)EventStore_get_ssize, NULL, "Bytes of the kept events.",
+     (void *)offsetof(EventStore, size)},
+    {"capacity", (getter)EventStore_get_ssize, NULL, "Bytes reserved for events (the data ring).",
+     (void *)offsetof(EventStore, cap)},
+    {"slots", (getter)EventStore_get_ssize, NULL, "Entries reserved for events (the seq and length rings).",
+     (void *)offsetof(EventStore, slots)},
+    {"footprint", (getter)EventStore_get_footprint, NULL,
+     "Bytes the store reserves: capacity + ENTRY_BYTES x slots.", NULL},
     {"subscribers", (getter)EventStore_get_subscribers, (setter)EventStore_set_subscribers,
      "Attachments that get each new event (their .subscriber.replay_event), or None.", NULL},
+    {"on_grow", (getter)EventStore_get_on_grow, (setter)EventStore_set_on_grow,
+     "Called with the change of footprint each time the buffers grow, or None.", NULL},
     {"ended", (getter)EventStore_get_ended, (setter)EventStore_set_ended,
      "Whether the stream ended: add() keeps nothing more.", NULL},
     {"first_seq", (getter)EventStore_get_long_long, NULL,
@@ -444,6 +591,8 @@ static PyMethodDef EventStore_methods[] = {
      "add(seq, block): keep event seq and pass it to live subscribers (calling the store does the same)."},
     {"events_after", (PyCFunction)EventStore_events_after, METH_O,
      "events_after(seq) -> list of (seq, block): the kept events after seq, in order."},
+    {"release", (PyCFunction)EventStore_release, METH_NOARGS,
+     "release() -> int: free the buffers and end the store (add keeps nothing more); the footprint freed."},
     {NULL},
 };
 
@@ -1008,7 +1157,8 @@ PyInit__sse_stamp(void)
     if (m == NULL)
         return NULL;
     PyObject *constants = Py_BuildValue(
-        "{sisy#sy#sy#sy#}", "MAX_CARRIED_UPSTREAM_ID", MAX_CARRIED,
+        "{sisnsy#sy#sy#sy#}", "MAX_CARRIED_UPSTREAM_ID", MAX_CARRIED,
+        "EVENT_STORE_ENTRY_BYTES", ENTRY_BYTES,
         "ID_FIELD", ID_FIELD, ID_FIELD_LEN, "CARRY_SEPARATOR", CARRY_SEPARATOR, (Py_ssize_t)(sizeof(CARRY_SEPARATOR) - 1),
         "BLOCK_END", BLOCK_END, (Py_ssize_t)(sizeof(BLOCK_END) - 1),
         "BASE64URL_ALPHABET", B64URL, (Py_ssize_t)(sizeof(B64URL) - 1));

@@ -1,12 +1,23 @@
 """
-The admin site (C{admin_listen}): health for load balancers and operators,
-and the live dashboard (C{GET /}, L{aura_proxy.dashboard}), and C{POST
-/reload} (L{aura_proxy.reload}).
+The admin site (C{admin_listen}): health and readiness for load balancers
+and operators, the Prometheus figures, and the live dashboard.
+
+  - C{GET /healthz}: the process is alive and serving (liveness);
+  - C{GET /readyz}: every readiness check passes (L{aura_proxy.readiness}),
+    each named in the JSON body; 503 otherwise;
+  - C{GET /metrics}: the Prometheus figures (L{aura_proxy.metrics}), 404
+    with C{[metrics] enabled = false};
+  - C{GET /}: the dashboard (L{aura_proxy.dashboard}), fed by C{/dashboard/events};
+  - C{POST /reload}: read the configuration file again (L{aura_proxy.reload}).
 
 Kept off the client-facing port so that probes never need a tenant and the
 public can never see it.  Built here, and only here, for the single process
 and for the supervisor parent of C{workers > 1}: each hands it its own
-health report (L{gateway_health}, L{aura_proxy.workers.WorkerSupervisor.health}).
+health report (L{gateway_health}, L{aura_proxy.workers.WorkerSupervisor.health})
+and its own readiness checks (L{aura_proxy.readiness.gateway_readiness},
+L{aura_proxy.readiness.supervisor_readiness}).  With C{[admin] token_file}
+the whole site, whoever adds routes to it, is behind
+L{aura_proxy.admin_token.TokenGuard}.
 """
 
 from __future__ import annotations
@@ -17,10 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from klein import Klein
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from aura_proxy.admin_token import TokenGuard
 from aura_proxy.errors import GatewayError, bad_request
+from aura_proxy.readiness import Readiness
 
 if TYPE_CHECKING:
     from aura_proxy.dashboard import Dashboard, DashboardService
@@ -28,11 +42,15 @@ if TYPE_CHECKING:
     from aura_proxy.proxy import Gateway
     from aura_proxy.reload import ReloadResult
 
-__all__ = ["Admin", "AdminService", "HealthReport", "admin_service", "admin_site", "gateway_health"]
+__all__ = [
+    "Admin", "AdminService", "HealthReport", "MetricsText", "admin_service", "admin_site", "gateway_health",
+]
 
 #: What C{GET /healthz} answers: a JSON object whose C{status} is C{"ok"}
 #: while the process serves (anything else answers 503).
 HealthReport = Callable[[], dict[str, object]]
+#: What C{GET /metrics} answers: the Prometheus text, now or later.
+MetricsText = Callable[[], "Deferred[bytes]"]
 
 #: Reloads the configuration (L{aura_proxy.reload}); what C{POST /reload} calls.
 Reload = Callable[[], "ReloadResult"]
@@ -44,10 +62,17 @@ class Admin:
     app = Klein()
 
     def __init__(
-        self, report: HealthReport, dashboard: Optional["Dashboard"] = None, reload: Optional[Reload] = None
+        self,
+        report: HealthReport,
+        dashboard: Optional["Dashboard"] = None,
+        readiness: Optional[Readiness] = None,
+        metrics: Optional[MetricsText] = None,
+        reload: Optional[Reload] = None,
     ) -> None:
         self._report = report
         self._dashboard = dashboard
+        self._readiness = readiness if readiness is not None else Readiness({})
+        self._metrics = metrics
         self._reload = reload
 
     def resource(self) -> IResource:
@@ -60,9 +85,24 @@ class Admin:
         body = self._report()
         if body.get("status") != "ok":
             request.setResponseCode(503)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(body).encode("utf-8")
+        return _json(request, body)
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    async def readyz(self, request: Request) -> bytes:
+        """C{200} when every readiness check passes, else C{503}; the JSON body names each."""
+        body = await self._readiness.report()
+        if body["status"] != "ready":
+            request.setResponseCode(503)
+        return _json(request, body)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: Request) -> "bytes | Deferred[bytes]":
+        """The Prometheus figures (prometheus_client's text format); 404 when C{[metrics]} is off."""
+        if self._metrics is None:
+            return _error(request, GatewayError(404, "not_found", "[metrics] enabled = false"))
+        from aura_proxy.metrics import metrics_resource_answer
+
+        return self._metrics().addCallback(lambda body: metrics_resource_answer(request, body))
 
     @app.route("/reload", methods=["POST"])
     def reload(self, request: Request) -> bytes:
@@ -134,6 +174,12 @@ class Admin:
         return static_file(name)
 
 
+def _json(request: Request, body: object) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
 def _error(request: Request, error: GatewayError) -> bytes:
     """Set C{error}'s status and content type on C{request}; its JSON body."""
     request.setResponseCode(error.status)
@@ -143,10 +189,15 @@ def _error(request: Request, error: GatewayError) -> bytes:
 
 
 def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = None) -> HealthReport:
-    """The health report of a gateway process: open streams, and call history's state."""
+    """
+    The health report of a gateway process: open streams, the figures of
+    C{[sse]}'s memory bounds, and call history's state.
+    """
 
     def report() -> dict[str, object]:
         body: dict[str, object] = {"status": "ok", "active_streams": gateway.active_streams()}
+        # Detached streams and (resume = memory) the stream logs' bytes: Gateway.bounds.
+        body["sse"] = gateway.bounds()
         if history is not None:
             body["history"] = history.stats()
         return body
@@ -155,13 +206,25 @@ def gateway_health(gateway: "Gateway", history: Optional["HistoryService"] = Non
 
 
 def admin_site(
-    report: HealthReport, reactor: Any, dashboard: Optional["Dashboard"] = None, reload: Optional[Reload] = None
+    report: HealthReport,
+    reactor: Any,
+    dashboard: Optional["Dashboard"] = None,
+    *,
+    readiness: Optional[Readiness] = None,
+    token: Optional[bytes] = None,
+    metrics: Optional[MetricsText] = None,
+    reload: Optional[Reload] = None,
 ) -> Site:
     """
-    The admin site serving C{report} at C{/healthz} (C{dashboard} at C{/},
-    C{reload} at C{POST /reload}), without an access log.
+    The admin site serving C{report} at C{/healthz}, C{readiness} at
+    C{/readyz}, C{metrics} at C{/metrics}, C{dashboard} at C{/} and C{reload}
+    at C{POST /reload}, without
+    an access log; behind C{token} (L{TokenGuard}) when given.
     """
-    site = Site(Admin(report, dashboard, reload).resource(), reactor=reactor)
+    resource = Admin(report, dashboard, readiness, metrics, reload).resource()
+    if token is not None:
+        resource = TokenGuard(resource, token)
+    site = Site(resource, reactor=reactor)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # health probes are not news
     return site
@@ -178,23 +241,45 @@ class AdminService(MultiService):
     name = "admin"
 
     def __init__(
-        self, listen: str, report: HealthReport, reactor: Any, dashboard: Optional["DashboardService"],
+        self,
+        listen: str,
+        report: HealthReport,
+        reactor: Any,
+        dashboard: Optional["DashboardService"],
+        readiness: Optional[Readiness] = None,
+        token: Optional[bytes] = None,
+        metrics: Optional[MetricsText] = None,
         reload: Optional[Reload] = None,
     ) -> None:
         super().__init__()
-        self.site = admin_site(report, reactor, dashboard.dashboard if dashboard is not None else None, reload)
+        self.site = admin_site(
+            report,
+            reactor,
+            dashboard.dashboard if dashboard is not None else None,
+            readiness=readiness,
+            token=token,
+            metrics=metrics,
+            reload=reload,
+        )
         if dashboard is not None:
             dashboard.setServiceParent(self)
         strports.service(listen, self.site, reactor=reactor).setServiceParent(self)
 
 
 def admin_service(
-    listen: str, report: HealthReport, reactor: Any, dashboard: Optional["DashboardService"] = None,
+    listen: str,
+    report: HealthReport,
+    reactor: Any,
+    dashboard: Optional["DashboardService"] = None,
+    *,
+    readiness: Optional[Readiness] = None,
+    token: Optional[bytes] = None,
+    metrics: Optional[MetricsText] = None,
     reload: Optional[Reload] = None,
 ) -> IService:
     """
     The admin site listening on C{listen} (an endpoint description) while
     running; with C{dashboard}, serving it, which runs (and probes the
-    upstreams) while the site does; with C{reload}, answering C{POST /reload}.
+    upstreams) while the site does; with C{metrics}, C{GET /metrics}; with C{reload}, C{POST /reload}.
     """
-    return AdminService(listen, report, reactor, dashboard, reload)
+    return AdminService(listen, report, reactor, dashboard, readiness, token, metrics, reload)

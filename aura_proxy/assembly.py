@@ -8,31 +8,33 @@ process of C{workers > 1} (L{aura_proxy.worker}) and the integration tests.
   - L{make_service} decides, from the configuration alone, between one
     process serving the gateway and the supervisor of C{workers > 1};
   - L{gateway_service} is one process serving the gateway: process tuning,
-    call history, the drain of open streams (and the resume log), the demo
-    agent when asked, the public listener, the admin site (health, and the
-    dashboard with its upstream prober);
+    call history, the access log, the drain of open streams (and the resume
+    log), the demo agent when asked, the public listener, the admin site
+    (health, readiness, and the dashboard with its upstream prober);
   - L{supervisor_service} is the parent of C{workers > 1}: the supervisor,
     the demo agent when asked, the admin site reporting the workers (its
     dashboard reads every worker's calls from the history database).
 
 Both trees stop in order, last child first, each once the one before it has
 stopped (L{StopInOrder}): the listeners first, then open streams are ended
-(and recorded), then call history is flushed.
+(and recorded), then the access log and call history are flushed.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any, Callable, NoReturn, Optional, Protocol
 
 from prometheus_client import CollectorRegistry
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from aura_proxy.admin import admin_service, gateway_health
+from aura_proxy.access_log import AccessLogService, access_log_service, install_usr1
+from aura_proxy.admin import MetricsText, admin_service, gateway_health
 from aura_proxy.config import (
     DEFAULT_CONFIG_NAME,
     Config,
@@ -43,13 +45,16 @@ from aura_proxy.config import (
 )
 from aura_proxy.dashboard import dashboard_service
 from aura_proxy.history import HistoryService, make_history
+from aura_proxy.metrics import GatewayMetrics, exposition
 from aura_proxy.limits import make_limits
 from aura_proxy.process import ProcessTuning
 from aura_proxy.reload import Reloader, SighupReload
 from aura_proxy.proxy import Gateway
+from aura_proxy.readiness import gateway_readiness, supervisor_readiness
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
 from aura_proxy.upstream import UpstreamClient
+from aura_proxy.upstream_tls import UpstreamTlsPolicy
 from aura_proxy.workers import DEFAULT_STOP_TIMEOUT, WorkerSupervisor
 
 __all__ = [
@@ -151,6 +156,7 @@ class GatewayService(StopInOrder):
     @ivar client: the upstream connection pool.
     @ivar history: call history, or None when disabled.
     @ivar resume: the stream log, or None when resume is off.
+    @ivar access_log: the access log, or None when C{[log] access = off}.
     @ivar reloader: reloads the configuration (SIGHUP, C{POST /reload}).
     """
 
@@ -161,6 +167,7 @@ class GatewayService(StopInOrder):
         client: UpstreamClient,
         history: Optional[HistoryService],
         resume: Optional[ResumeLog],
+        access_log: Optional[AccessLogService] = None,
     ) -> None:
         super().__init__()
         self.gateway = gateway
@@ -168,6 +175,7 @@ class GatewayService(StopInOrder):
         self.client = client
         self.history = history
         self.resume = resume
+        self.access_log = access_log
         self.reloader = Reloader(gateway)
 
 
@@ -177,7 +185,8 @@ def make_resume_log(config: SseConfig, reactor: Any, fast_path: bool = True) -> 
         return None
     if config.resume == "memory":
         return MemoryResumeLog(
-            reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes, accelerate=fast_path
+            reactor, config.resume_ttl, config.resume_max_events, config.resume_max_bytes, accelerate=fast_path,
+            max_total_bytes=config.resume_max_total_bytes,
         )
     from aura_proxy.resume.redis import RedisResumeLog
 
@@ -203,14 +212,15 @@ def gateway_service(
     admin: bool = True,
     tuning: bool = True,
     registry: Optional[CollectorRegistry] = None,
+    metrics_listen: Optional[str] = None,
     reload_signal: bool = True,
 ) -> GatewayService:
     """
     One process serving the gateway.
 
     Children, in start order (they stop in the reverse one): process tuning,
-    call history, the drain of open streams (and the resume log), the demo
-    agent, the public listener, the admin site.
+    call history, the access log, the drain of open streams (and the resume
+    log), the demo agent, the public listener, the admin site.
 
     @param demo: also serve the demo agent on 127.0.0.1:9000.
     @param listener: makes the public listener's service for the site
@@ -221,9 +231,14 @@ def gateway_service(
     @param admin: whether to serve C{admin_listen} (worker processes do not:
         their parent does).
     @param tuning: whether starting the tree tunes the process
-        (L{aura_proxy.process}); off only for tests run inside trial's process.
-    @param registry: the process's metrics, which the admin site's dashboard
-        reads (default: a new, empty one).
+        (L{aura_proxy.process}) and handles SIGUSR1 (reopen the access
+        log); off only for tests run inside trial's process.
+    @param registry: the process's metrics (L{aura_proxy.metrics}, with
+        C{[metrics]} on), which C{/metrics} and the admin site's dashboard
+        read (default: a new one; one per process, never the global one).
+    @param metrics_listen: where a worker serves its own C{/metrics} for its
+        parent to sum (a private C{unix:} endpoint); None: nowhere but the
+        admin site.
     @param reload_signal: whether SIGHUP reloads the configuration (a worker
         process is told by its parent instead).
     """
@@ -231,31 +246,86 @@ def gateway_service(
     if registry is None:
         registry = CollectorRegistry()
     history = make_history(config.history, reactor)
-    client = UpstreamClient(reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path)
+    client = UpstreamClient(
+        reactor, g.connect_timeout, g.max_idle_connections, fast_path=g.fast_path,
+        tls_policy=UpstreamTlsPolicy(config.routes),
+    )
     resume = make_resume_log(config.sse, reactor, g.fast_path)
+    metrics = None
+    if config.metrics.enabled:
+        metrics = GatewayMetrics(
+            reactor, registry, config.metrics.stall_after,
+            worker="main" if admin else None, fast_path=g.fast_path,
+        )
+        metrics.history, metrics.resume, metrics.client = history, resume, client
+    access_log = access_log_service(config.log, reactor, signals=tuning)
     limits = make_limits(config.limits, reactor)
-    gateway = Gateway(config, reactor, client, history, resume, limits)
+    gateway = Gateway(
+        config, reactor, client, history, resume, access_log.write if access_log is not None else None,
+        metrics=metrics, limits=limits,
+    )
     site = site_factory(gateway, reactor=reactor)
-    top = GatewayService(gateway, site, client, history, resume)
+    top = GatewayService(gateway, site, client, history, resume, access_log)
     if tuning:
         ProcessTuning(reactor, g.fast_path).setServiceParent(top)
     if history is not None:
         history.setServiceParent(top)
+    if access_log is not None:
+        access_log.setServiceParent(top)
     _Drain(gateway, client, resume, g.drain_timeout).setServiceParent(top)
     if reload_signal:
         SighupReload(reactor, top.reloader.reload).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
-        strports.service(g.listen, site, reactor=reactor).setServiceParent(top)
+        # One listener per endpoint of [gateway] listen, all serving one site.
+        for description in g.listen:
+            strports.service(description, site, reactor=reactor).setServiceParent(top)
     else:
         listener(site).setServiceParent(top)
+    text = _metrics_text(metrics)
     if admin:
         health = gateway_health(gateway, history)
         dashboard = dashboard_service(config, registry, reactor, health)
         top.reloader.listeners.append(lambda new: dashboard.use_routes(new.routes))
-        admin_service(g.admin_listen, health, reactor, dashboard, reload=top.reloader.reload).setServiceParent(top)
+        admin_service(
+            g.admin_listen, health, reactor, dashboard,
+            readiness=gateway_readiness(config, site, history, reactor), token=config.admin.token,
+            metrics=text, reload=top.reloader.reload,
+        ).setServiceParent(top)
+    if metrics_listen is not None and text is not None:
+        # The worker's own figures, for its parent only (no dashboard, no log).
+        admin_service(metrics_listen, lambda: {"status": "ok"}, reactor, metrics=text).setServiceParent(top)
     return top
+
+
+def _metrics_text(metrics: Optional[GatewayMetrics]) -> Optional[MetricsText]:
+    """What C{/metrics} answers for C{metrics}: its registry's text; None when off."""
+    if metrics is None:
+        return None
+    registry = metrics.registry
+    return lambda: succeed(exposition(registry))
+
+
+class _ForwardUsr1(Service):
+    """The parent of C{workers > 1}: SIGUSR1 (logrotate) goes on to every worker."""
+
+    name = "forward-sigusr1"
+
+    def __init__(self, reactor: Any, workers: WorkerSupervisor) -> None:
+        self._reactor = reactor
+        self._workers = workers
+        self._restore: Optional[Callable[[], None]] = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._restore = install_usr1(self._reactor, lambda: self._workers.signal_workers(signal.SIGUSR1))
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
 
 
 def supervisor_service(
@@ -281,15 +351,23 @@ def supervisor_service(
     supervisor.setdefault(
         "stop_timeout", max(DEFAULT_STOP_TIMEOUT, config.gateway.drain_timeout + 15.0)
     )
-    workers = WorkerSupervisor(config, config_text, reactor, **supervisor)
+    if registry is None:
+        registry = CollectorRegistry()
+    # With [metrics] on, the workers' figures, summed, land in registry.
+    workers = WorkerSupervisor(config, config_text, reactor, registry=registry, **supervisor)
     workers.setServiceParent(top)
     SighupReload(reactor, workers.reload).setServiceParent(top)
+    if config.log.access != "off":
+        # Each worker reopens its own descriptor of the file (or, for stdout, flushes).
+        _ForwardUsr1(reactor, workers).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
-    dashboard = dashboard_service(config, registry or CollectorRegistry(), reactor, workers.health)
+    dashboard = dashboard_service(config, registry, reactor, workers.health)
     workers.reload_listeners.append(lambda new: dashboard.use_routes(new.routes))
     admin_service(
-        config.gateway.admin_listen, workers.health, reactor, dashboard, reload=workers.reload
+        config.gateway.admin_listen, workers.health, reactor, dashboard,
+        readiness=supervisor_readiness(config, workers, reactor), token=config.admin.token,
+        metrics=workers.metrics if config.metrics.enabled else None, reload=workers.reload,
     ).setServiceParent(top)
     return top
 
@@ -302,9 +380,33 @@ def make_service(config: Config, config_text: str, reactor: Any, *, demo: bool =
     @param config_text: the text C{config} was parsed from (the supervisor
         hands it to its workers).
     """
+    for line in config.deprecations:
+        _log.warn("{deprecation}", deprecation=line)
+    if config.admin.token is None and not _loopback_only(config.gateway.admin_listen):
+        _log.warn(
+            "the admin site listens on {listen}, beyond loopback, without [admin] token_file: "
+            "anyone who reaches that address can read it",
+            listen=config.gateway.admin_listen,
+        )
     if config.gateway.workers > 1:
         return supervisor_service(config, config_text, reactor, demo=demo)
     return gateway_service(config, reactor, demo=demo)
+
+
+def _loopback_only(listen: str) -> bool:
+    """Whether the endpoint description C{listen} binds a loopback address (or a UNIX socket)."""
+    import ipaddress
+
+    if listen.startswith("unix:"):
+        return True
+    for part in listen.replace("\\:", "\x00").split(":"):
+        if part.startswith("interface="):
+            address = part[len("interface="):].replace("\x00", ":").strip("[]")
+            try:
+                return ipaddress.ip_address(address).is_loopback
+            except ValueError:
+                return address == "localhost"
+    return False
 
 
 def read_config(path: Optional[str]) -> tuple[Config, str]:

@@ -20,6 +20,7 @@ from aura_proxy.request_ids import new_request_id
 
 if TYPE_CHECKING:
     from aura_proxy.auth.verify import Identity
+    from aura_proxy.history.record import CallRecord
     from aura_proxy.limits import Slot
     from aura_proxy.proxy import Pipeline
     from aura_proxy.relay import Relay
@@ -46,6 +47,12 @@ class Call:
         headers are believed), else None.
     @ivar identity: who the request's verified token says the caller is
         (C{[auth]}); None without one.
+    @ivar stream_id: the gateway's id of the SSE stream this call relays or
+        replays, or None.
+    @ivar resumed_after: a replayed stream's C{Last-Event-ID} sequence
+        number, or None.
+    @ivar row: the call's history row, made once when it ends, for every
+        end stage that describes it (history, the access log).
     @ivar limit_slot: the stream slot the call holds (C{[limits]}), freed
         when it ends; None when it holds none.
     """
@@ -53,7 +60,8 @@ class Call:
     __slots__ = (
         "pipeline", "request", "id", "started", "client_ip", "via", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
-        "status", "response_size", "is_sse", "end_reason", "identity", "limit_slot",
+        "status", "response_size", "is_sse", "end_reason", "identity", "stream_id", "resumed_after",
+        "row", "limit_slot",
     )
 
     def __init__(
@@ -62,6 +70,8 @@ class Call:
         self.pipeline = pipeline
         self.request = request
         self.id = new_request_id()
+        # Also on the request, for an answer made outside the path (a 500).
+        request.request_id = self.id  # type: ignore[attr-defined]
         self.started = started
         peer: Optional[str] = getattr(request.getClientAddress(), "host", None)
         self.via: Optional[str] = None
@@ -86,6 +96,10 @@ class Call:
         self.is_sse = False
         self.end_reason: Optional[str] = None
         self.identity: Optional[Identity] = None
+        self.stream_id: Optional[str] = None
+        self.resumed_after: Optional[int] = None
+        #: The call's history row once it has ended (L{aura_proxy.stages.recording.Record.row_of}).
+        self.row: Optional[CallRecord] = None
         self.limit_slot: Optional[Slot] = None
 
     def cancel(self, finished: "Deferred[None]") -> None:

@@ -26,7 +26,7 @@ from twisted.web.server import Request
 from aura_proxy.c_extensions import load
 from aura_proxy.twisted_internals import WRITE_BUFFER_ATTRIBUTES, send_queue_empty
 
-__all__ = ["ClientWriter", "ACCELERATED", "end_response"]
+__all__ = ["ClientWriter", "ACCELERATED", "abort_client", "end_response"]
 
 
 class _PyClientWriter:
@@ -119,4 +119,17 @@ def end_response(request: Request, complete: bool) -> None:
     if complete:
         request.finish()
     else:
-        request.transport.abortConnection()  # type: ignore[union-attr]
+        abort_client(request)
+
+
+def abort_client(request: Request) -> None:
+    """
+    Cut the client's response to C{request} short: HTTP/1.1 aborts the
+    connection; an HTTP/2 stream (whose request has no transport: the
+    stream is its channel) is reset, the connection's other streams go on.
+    """
+    transport: Any = request.transport
+    if transport is None:
+        transport = request.channel
+    if transport is not None:
+        transport.abortConnection()

@@ -22,6 +22,7 @@ from aura_proxy.routes import PathPattern, PatternError
 from aura_proxy.upstream_trust import KeyFileError, TrustKey, load_keys
 
 __all__ = [
+    "AdminConfig",
     "AuthConfig",
     "Config",
     "ConfigError",
@@ -30,10 +31,13 @@ __all__ = [
     "HeadersConfig",
     "HistoryConfig",
     "IDENTITY_HEADERS",
+    "LogConfig",
+    "MetricsConfig",
     "LimitsConfig",
     "Network",
     "RouteConfig",
     "SseConfig",
+    "UpstreamTls",
     "UpstreamTrustConfig",
     "DEFAULT_CONFIG_NAME",
     "load_config",
@@ -87,7 +91,9 @@ class _Invalid(ValueError):
 class GatewayConfig:
     """The ``[gateway]`` section: listeners, timeouts and limits."""
 
-    listen: str = f"tcp:8080:backlog={DEFAULT_BACKLOG}"
+    #: One or more Twisted server endpoint descriptions (C{listen} is a
+    #: comma-separated list of them), each served by its own listener.
+    listen: tuple[str, ...] = (f"tcp:8080:backlog={DEFAULT_BACKLOG}",)
     admin_listen: str = "tcp:8081:interface=127.0.0.1"
     connect_timeout: float = 10.0
     response_timeout: float = 300.0
@@ -98,7 +104,6 @@ class GatewayConfig:
     drain_timeout: float = 30.0
     max_request_body: int = 10485760
     max_idle_connections: int = 100
-    access_log: bool = True
     #: Processes sharing the listening socket (C{auto} is resolved to
     #: C{os.cpu_count()} when the file is parsed); see L{aura_proxy.workers}.
     workers: int = 1
@@ -110,6 +115,26 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """
+    How the gateway speaks TLS to one https:// upstream: C{[route:NAME]
+    ca_file}, C{client_cert}, C{client_key}, read when the file is parsed
+    (their contents are kept out of C{repr}).
+
+    @ivar ca_pem: the PEM certificates the upstream's certificate must chain
+        to; None: the system's trusted CAs.
+    @ivar client_pem: the client certificate and its private key (PEM) the
+        gateway presents (mutual TLS); None: none.
+    """
+
+    ca_file: Optional[str] = None
+    client_cert: Optional[str] = None
+    client_key: Optional[str] = None
+    ca_pem: Optional[bytes] = field(default=None, repr=False)
+    client_pem: Optional[bytes] = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     """One ``[route:NAME]`` section."""
 
@@ -117,6 +142,8 @@ class RouteConfig:
     pattern: PathPattern
     upstream: DecodedURL
     strip_prefix: int = 0
+    #: TLS to an https:// upstream (default: verified against the system's CAs).
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
 
     @cached_property
     def upstream_base(self) -> bytes:
@@ -181,7 +208,18 @@ class SseConfig:
     resume_ttl: float = 300.0
     resume_max_events: int = 2000
     resume_max_bytes: int = 262144
+    resume_max_total_bytes: int = 536870912
     on_client_disconnect: str = "detach"
+    max_detached_streams: int = 1000
+    max_detached_streams_per_tenant: int = 100
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The C{[metrics]} section: Prometheus figures on the admin port (docs/operations.md)."""
+
+    enabled: bool = True
+    stall_after: float = 15.0
 
 
 #: The JWT algorithms C{[auth] algorithms} may name (C{none} never is).
@@ -228,6 +266,41 @@ class UpstreamTrustConfig:
 
     key_file: str = ""
     keys: tuple[TrustKey, ...] = ()
+
+
+#: What C{[log] access} may name besides a file path.
+ACCESS_LOG_OFF, ACCESS_LOG_STDOUT = "off", "stdout"
+#: The shortest C{[admin] token_file} token accepted, in bytes.
+ADMIN_TOKEN_MIN = 16
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """
+    The C{[log]} section: the access log (L{aura_proxy.access_log}).
+
+    @ivar access: C{off}, C{stdout} or the path of a file (appended to,
+        reopened on SIGUSR1).
+    @ivar format: C{json} (one object per line) or C{text}.
+    """
+
+    access: str = ACCESS_LOG_STDOUT
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """
+    The C{[admin]} section: who may use the admin site.
+
+    @ivar token_file: the file holding the admin bearer token, as configured;
+        empty: the admin site asks for no token.
+    @ivar token: its token, read when the configuration is loaded (kept out
+        of C{repr}); None without a token file.
+    """
+
+    token_file: str = ""
+    token: Optional[bytes] = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -283,6 +356,13 @@ class Config:
     sse: SseConfig = field(default_factory=SseConfig)
     upstream_trust: UpstreamTrustConfig = field(default_factory=UpstreamTrustConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    #: What the file asks for in a way that still works but will not for
+    #: ever (a deprecated key), one line each: logged at start, printed by
+    #: the check command.
+    deprecations: tuple[str, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
@@ -395,12 +475,24 @@ def _is_plain_tcp(text: str) -> bool:
         return False
 
 
-def _listen(text: str) -> str:
-    _endpoint(text)
-    kind = text.split(":", 1)[0]
-    if kind in ("tcp", "tcp6") and "backlog=" not in text:
-        return f"{text}:backlog={DEFAULT_BACKLOG}"
-    return text
+def _listen(text: str) -> tuple[str, ...]:
+    # Comma-separated: a comma is never part of a description this accepts
+    # (docs/configuration.md), so a file name with a comma cannot be listed.
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise _Invalid("expected one or more Twisted server endpoint descriptions, got nothing")
+    if not all(items):
+        raise _Invalid(f"an empty endpoint description in {text!r} (endpoints are separated by single commas)")
+    out: list[str] = []
+    for item in items:
+        _endpoint(item)
+        kind = item.split(":", 1)[0]
+        if kind in ("tcp", "tcp6") and "backlog=" not in item:
+            item = f"{item}:backlog={DEFAULT_BACKLOG}"
+        if item in out:
+            raise _Invalid(f"{item!r} is listed twice")
+        out.append(item)
+    return tuple(out)
 
 
 def _pattern(text: str) -> PathPattern:
@@ -569,6 +661,7 @@ _GATEWAY: _Schema = {
     "drain_timeout": _seconds,
     "max_request_body": _count(0),
     "max_idle_connections": _count(0),
+    # Deprecated: read into [log] access (see _log).
     "access_log": _boolean,
     "workers": _workers,
     "fast_path": _boolean,
@@ -579,7 +672,13 @@ _ROUTE: _Schema = {
     "path": _pattern,
     "upstream": _upstream,
     "strip_prefix": _count(0),
+    "ca_file": str,
+    "client_cert": str,
+    "client_key": str,
 }
+
+#: The C{[route:NAME]} keys of TLS to an https:// upstream.
+_ROUTE_TLS_KEYS = ("ca_file", "client_cert", "client_key")
 
 _HEADERS: _Schema = {
     "required": _header_list,
@@ -614,7 +713,10 @@ _SSE: _Schema = {
     "resume_ttl": _positive_seconds,
     "resume_max_events": _count(1),
     "resume_max_bytes": _count(1),
+    "resume_max_total_bytes": _count(1),
     "on_client_disconnect": _one_of("detach", "cancel"),
+    "max_detached_streams": _count(0),
+    "max_detached_streams_per_tenant": _count(0),
 }
 
 _UPSTREAM_TRUST: _Schema = {
@@ -637,6 +739,35 @@ _AUTH: _Schema = {
     "token_from": _token_sources,
 }
 
+def _access_target(text: str) -> str:
+    if not text:
+        raise _Invalid("expected off, stdout or the path of a file, got nothing")
+    if text in (ACCESS_LOG_OFF, ACCESS_LOG_STDOUT):
+        return text
+    if text.lower() in ("on", "true", "yes", "1", "false", "no", "0", "none", "-"):
+        raise _Invalid(f"expected off, stdout or the path of a file, got {text!r}")
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise _Invalid(f"{text!r}: the directory {directory!r} does not exist")
+    if os.path.isdir(text):
+        raise _Invalid(f"{text!r} is a directory, not a file")
+    return text
+
+
+_LOG: _Schema = {
+    "access": _access_target,
+    "format": _one_of("json", "text"),
+}
+
+_ADMIN: _Schema = {
+    "token_file": str,
+}
+
+_METRICS: _Schema = {
+    "enabled": _boolean,
+    "stall_after": _positive_seconds,
+}
+
 _LIMITS: _Schema = {
     "max_streams_per_tenant": _count(0),
     "max_streams_total": _count(0),
@@ -655,6 +786,9 @@ _SECTIONS = {
     "sse": _SSE,
     "upstream_trust": _UPSTREAM_TRUST,
     "auth": _AUTH,
+    "log": _LOG,
+    "admin": _ADMIN,
+    "metrics": _METRICS,
     "limits": _LIMITS,
 }
 
@@ -720,10 +854,12 @@ def parse_config(text: str, source: str) -> Config:
             reader.problem(
                 name, None,
                 "unknown section (known: gateway, route:NAME, headers, cors, history, sse, "
-                "upstream_trust, auth, limits)",
+                "upstream_trust, auth, log, admin, metrics, limits)",
             )
 
-    gateway = _make(GatewayConfig, reader.section("gateway", _GATEWAY))
+    gateway_values = reader.section("gateway", _GATEWAY)
+    old_access_log = gateway_values.pop("access_log", None)
+    gateway = _make(GatewayConfig, gateway_values)
     forced = os.environ.get(FAST_PATH_ENV, "").strip()
     if forced:
         # An operator's (and CI's) switch to stock mode without editing files.
@@ -753,10 +889,15 @@ def parse_config(text: str, source: str) -> Config:
     sse = _make(SseConfig, reader.section("sse", _SSE))
     upstream_trust = _upstream_trust(reader)
     auth = _auth(reader, _make(AuthConfig, reader.section("auth", _AUTH)))
+    metrics = _make(MetricsConfig, reader.section("metrics", _METRICS))
+    deprecations: list[str] = []
+    log = _log(reader, old_access_log, deprecations)
+    admin = _admin(reader)
     limits = _make(LimitsConfig, reader.section("limits", _LIMITS))
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
+    tls_by_origin: dict[tuple[str, int], tuple[str, UpstreamTls]] = {}
     for section in parser.sections():
         if not section.startswith("route:"):
             continue
@@ -779,7 +920,8 @@ def parse_config(text: str, source: str) -> Config:
             )
             continue
         seen[pattern.text] = section
-        routes.append(_make(RouteConfig, dict(values, name=name, pattern=pattern)))
+        tls = _route_tls(reader, section, values, tls_by_origin)
+        routes.append(_make(RouteConfig, dict(values, name=name, pattern=pattern, tls=tls)))
         strip = values.get("strip_prefix", 0)
         assert isinstance(strip, int)
         if strip > len(pattern.segments) and not pattern.open_ended:
@@ -811,6 +953,10 @@ def parse_config(text: str, source: str) -> Config:
         sse=sse,
         upstream_trust=upstream_trust,
         auth=auth,
+        metrics=metrics,
+        log=log,
+        admin=admin,
+        deprecations=tuple(deprecations),
         limits=limits,
     )
 
@@ -861,6 +1007,60 @@ def _upstream_trust(reader: _Reader) -> UpstreamTrustConfig:
         reader.problem("upstream_trust", "key_file", str(e))
         return UpstreamTrustConfig()
     return UpstreamTrustConfig(key_file, keys)
+
+
+def _log(reader: _Reader, old_access_log: object, deprecations: list[str]) -> LogConfig:
+    """
+    The C{[log]} section; the deprecated C{[gateway] access_log} still read
+    (true: C{access = stdout}, false: C{off}) with a deprecation line, but
+    refused next to C{[log] access}: which one would win is not obvious.
+    """
+    values = reader.section("log", _LOG)
+    if old_access_log is not None:
+        if reader.parser.has_option("log", "access"):
+            reader.problem(
+                "gateway", "access_log",
+                "replaced by [log] access, which this file sets too: remove access_log",
+            )
+        else:
+            access = ACCESS_LOG_STDOUT if old_access_log else ACCESS_LOG_OFF
+            values["access"] = access
+            deprecations.append(
+                f"{reader.source}: [gateway] access_log is deprecated and will be refused in a "
+                f"later release: write [log] access = {access} instead (read as that; "
+                "access = PATH writes to a file)"
+            )
+    return _make(LogConfig, values)
+
+
+def _admin(reader: _Reader) -> AdminConfig:
+    """The C{[admin]} section, its token file read now (a start-up error, not a 401 for everyone later)."""
+    values = reader.section("admin", _ADMIN)
+    token_file = values.get("token_file", "")
+    assert isinstance(token_file, str)
+    if not token_file:
+        return AdminConfig()
+    try:
+        with open(token_file, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        reader.problem("admin", "token_file", f"cannot read {token_file!r} ({e.strerror or e})")
+        return AdminConfig()
+    if len(token) < ADMIN_TOKEN_MIN:
+        reader.problem(
+            "admin", "token_file",
+            f"{token_file!r} holds a token of {len(token)} bytes; at least {ADMIN_TOKEN_MIN} "
+            "are needed (e.g. `openssl rand -hex 32 > FILE`)",
+        )
+        return AdminConfig()
+    if any(b < 0x21 or b > 0x7E for b in token):
+        reader.problem(
+            "admin", "token_file",
+            f"{token_file!r}: the token must be one line of printable ASCII without spaces "
+            "(it is sent as Authorization: Bearer TOKEN)",
+        )
+        return AdminConfig()
+    return AdminConfig(token_file, token)
 
 
 def _auth(reader: _Reader, auth: AuthConfig) -> AuthConfig:
@@ -963,6 +1163,94 @@ def _check_public_key(reader: _Reader, auth: AuthConfig, pem: bytes) -> None:
             )
 
 
+def _route_tls(
+    reader: _Reader,
+    section: str,
+    values: dict[str, object],
+    by_origin: dict[tuple[str, int], tuple[str, "UpstreamTls"]],
+) -> UpstreamTls:
+    """
+    A route's TLS to its upstream (C{ca_file}, C{client_cert},
+    C{client_key} taken out of C{values}), its files read and checked now.
+
+    One upstream origin (host and port) has one TLS setting: the gateway's
+    connections to it are pooled whichever route they serve.
+    """
+    given = {key: values.pop(key) for key in _ROUTE_TLS_KEYS if key in values}
+    upstream = values["upstream"]
+    assert isinstance(upstream, DecodedURL)
+    if upstream.scheme != "https":
+        for key in given:
+            reader.problem(section, key, f"only for an https:// upstream (upstream is {upstream.to_text()})")
+        return UpstreamTls()
+    ca_file, client_cert, client_key = (
+        str(given[k]) if given.get(k) else None for k in _ROUTE_TLS_KEYS
+    )
+    problems = len(reader.problems)
+    ca_pem = client_pem = None
+    if ca_file:
+        ca_pem = _read_file(reader, section, "ca_file", ca_file)
+        if ca_pem is not None:
+            _check_ca(reader, section, ca_file, ca_pem)
+    if client_key and not client_cert:
+        reader.problem(section, "client_key", "given without client_cert")
+    if client_cert:
+        cert_pem = _read_file(reader, section, "client_cert", client_cert)
+        key_pem = _read_file(reader, section, "client_key", client_key) if client_key else b""
+        if cert_pem is not None and key_pem is not None:
+            client_pem = _check_client_pair(reader, section, client_cert, client_key, cert_pem + b"\n" + key_pem)
+    if len(reader.problems) > problems:
+        return UpstreamTls()
+    tls = UpstreamTls(ca_file, client_cert, client_key, ca_pem, client_pem)
+    origin = (upstream.host, upstream.port or 443)
+    other = by_origin.setdefault(origin, (section, tls))
+    if other[1] != tls:
+        reader.problem(
+            section, "ca_file" if tls.ca_pem != other[1].ca_pem else "client_cert",
+            f"{upstream.host}:{origin[1]} is also the upstream of [{other[0]}] with other TLS "
+            "settings: routes to one upstream share its connections, so they need the same "
+            "ca_file, client_cert and client_key",
+        )
+    return tls
+
+
+def _read_file(reader: _Reader, section: str, key: str, path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        reader.problem(section, key, f"cannot read {path!r} ({e.strerror or e})")
+        return None
+
+
+def _check_ca(reader: _Reader, section: str, path: str, pem: bytes) -> None:
+    from cryptography.x509 import load_pem_x509_certificates
+
+    try:
+        load_pem_x509_certificates(pem)
+    except ValueError:
+        reader.problem(section, "ca_file", f"{path!r} holds no PEM certificate")
+
+
+def _check_client_pair(
+    reader: _Reader, section: str, cert_path: str, key_path: Optional[str], pem: bytes
+) -> Optional[bytes]:
+    from OpenSSL.crypto import Error as OpenSSLError
+    from twisted.internet.error import VerifyError
+    from twisted.internet.ssl import PrivateCertificate
+
+    try:
+        PrivateCertificate.loadPEM(pem)
+    except (OpenSSLError, ValueError, VerifyError) as e:
+        where = f"{cert_path!r}" + (f" and {key_path!r}" if key_path else "")
+        reader.problem(
+            section, "client_key" if key_path else "client_cert",
+            f"{where}: expected a PEM certificate and its private key ({e or 'unreadable'})",
+        )
+        return None
+    return pem
+
+
 def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig, limits: LimitsConfig) -> None:
     """What several worker processes (C{workers > 1}) cannot share."""
     raw = reader.parser.get("gateway", "workers", raw=True, fallback="").strip()
@@ -987,11 +1275,13 @@ def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig, limi
             "would count only its own streams and requests; set [limits] store = "
             "redis://host:port/db, or workers = 1",
         )
-    if not _is_plain_tcp(gateway.listen):
+    if len(gateway.listen) != 1 or not _is_plain_tcp(gateway.listen[0]):
         reader.problem(
             "gateway", "listen",
-            f"{workers} needs a plain tcp: endpoint (tcp:PORT[:interface=ADDRESS]"
-            f"[:backlog=N]) that the parent process binds and shares, got {gateway.listen!r}",
+            f"{workers} needs one plain tcp: endpoint (tcp:PORT[:interface=ADDRESS]"
+            f"[:backlog=N]) that the parent process binds and shares, got "
+            f"{', '.join(gateway.listen)!r} (TLS and several listeners need workers = 1; "
+            "docs/operations.md)",
         )
 
 

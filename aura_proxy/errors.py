@@ -27,6 +27,8 @@ __all__ = [
     "missing_token",
     "invalid_token",
     "tenant_mismatch",
+    # the admin site
+    "admin_token_required",
     # [limits]
     "too_many_streams",
     "rate_limited",
@@ -110,6 +112,11 @@ def bad_request(message: str) -> GatewayError:
     return GatewayError(400, "bad_request", message)
 
 
+def malformed_http() -> GatewayError:
+    """Malformed HTTP (a bad request line or header, bad framing): refused before routing (400)."""
+    return GatewayError(400, "bad_request", "malformed HTTP request: bad request line, header or framing")
+
+
 def cors_forbidden(refused: str) -> GatewayError:
     """
     A CORS preflight from an origin, or for a method or header, that is not
@@ -149,6 +156,14 @@ def tenant_mismatch() -> GatewayError:
     return GatewayError(403, "tenant_mismatch", "X-Tenant-ID is not the tenant of the token")
 
 
+def admin_token_required() -> GatewayError:
+    """
+    A request to the admin site without its bearer token, or with another
+    one, while C{[admin] token_file} is set (401, with C{WWW-Authenticate: Bearer}).
+    """
+    return GatewayError(
+        401, "admin_token_required", "the admin site needs Authorization: Bearer <admin token>"
+    )
 def too_many_streams() -> GatewayError:
     """
     The tenant has C{[limits] max_streams_per_tenant} streams open, or the

@@ -1,8 +1,9 @@
 """
 A lean HTTP/1.1 client agent for the relay's hot path.
 
-L{FastAgent} is an L{IAgent} for C{http://} URLs with its own persistent
-connection pool.  It exists because Twisted's HTTP/1.1 client spends most of
+L{FastAgent} is an L{IAgent} for C{http://} and C{https://} URLs with its
+own persistent connection pool (TLS through Twisted's TLS wrapper, with the
+connection creator an L{IPolicyForHTTPS} gives per host and port).  It exists because Twisted's HTTP/1.1 client spends most of
 its time per upstream read in layers (C{LineReceiver}, the stateful
 dispatchers of C{Response} and C{HTTP11ClientProtocol}, a transport proxy,
 C{_ChunkedTransferDecoder}) that a proxy relaying thousands of long SSE
@@ -32,8 +33,9 @@ it:
     a new connection, for C{GET}/C{HEAD}/C{OPTIONS}/C{TRACE}/C{DELETE} without
     a body.
 
-Anything else (C{https://}) goes to the C{fallback} agent, if one is given.
-No pipelining, no proxies, no HTTP/2.
+Any other scheme goes to the C{fallback} agent, if one is given.  No
+pipelining, no proxies, no HTTP/2.  Over TLS the socket is read through
+Twisted's transports (no direct reads).
 """
 
 from __future__ import annotations
@@ -45,7 +47,12 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -69,7 +76,14 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IClientRequest, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IBodyProducer,
+    IClientRequest,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
 from aura_proxy import c_extensions
@@ -85,7 +99,8 @@ __all__ = ["FastAgent"]
 
 log = Logger()
 
-_Key = tuple[bytes, int]
+#: A pool's key: host, port and whether the connection is TLS.
+_Key = tuple[bytes, int, bool]
 
 #: Response heads larger than this are refused.
 MAX_HEAD = 65536
@@ -1045,8 +1060,14 @@ class FastAgent:
         idle_timeout: float = 4.0,
         fallback: Optional[IAgent] = None,
         fast_path: bool = True,
+        tls_policy: Optional[IPolicyForHTTPS] = None,
     ) -> None:
         self._reactor = reactor
+        if tls_policy is None:
+            from twisted.web.client import BrowserLikePolicyForHTTPS
+
+            tls_policy = BrowserLikePolicyForHTTPS()
+        self.tls_policy = tls_policy
         self._clock: IReactorTime = reactor
         self.connect_timeout = connect_timeout
         self.max_idle_per_host = max_idle_per_host
@@ -1067,12 +1088,14 @@ class FastAgent:
     ) -> "Deferred[IResponse]":
         """Send a request; the Deferred fires with the response head."""
         scheme, sep, rest = uri.partition(b"://")
-        if not sep or scheme.lower() != b"http":
+        scheme = scheme.lower()
+        if not sep or scheme not in (b"http", b"https"):
             if self.fallback is not None:
                 return self.fallback.request(method, uri, headers, bodyProducer)
             return fail(SchemeNotSupported("Unsupported scheme: %r" % (scheme,)))
+        tls = scheme == b"https"
         try:
-            host, port, host_value, target = _split_url(rest)
+            host, port, host_value, target = _split_url(rest, 443 if tls else 80)
             if not _TOKEN.match(method):
                 raise ValueError("invalid method %r" % (method,))
             if not _VALID_TARGET.match(target):
@@ -1091,7 +1114,7 @@ class FastAgent:
                 parts += (name, b": ", value, _CRLF)
         if self.max_idle_per_host <= 0:
             parts.append(b"Connection: close\r\n")
-        key = (host, port)
+        key = (host, port, tls)
         request = _Request(self, method, uri, headers, key, b"".join(parts), bodyProducer)
         connection = self._take(key)
         if connection is not None:
@@ -1103,7 +1126,7 @@ class FastAgent:
     # -- connections --------------------------------------------------------------
 
     def _connect(self, request: _Request) -> None:
-        host, port = request.key
+        host, port, tls = request.key
         factory = self._factories.get(request.key)
         if factory is None:
             factory = self._factories[request.key] = _ConnectionFactory(self, request.key)
@@ -1116,6 +1139,10 @@ class FastAgent:
             endpoint = TCP6ClientEndpoint(self._reactor, text, port, timeout=timeout + 1)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout + 1)
+        if tls:
+            # Verified against the route's CAs (or the system's), with SNI:
+            # the policy's creator for this host and port.
+            endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(host, port), endpoint)
         request.timer = self._clock.callLater(timeout, request._connect_timed_out)
         d = endpoint.connect(factory)
         request.connecting = d
@@ -1233,10 +1260,11 @@ def _is_ipv4(host: str) -> bool:
     return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts)
 
 
-def _split_url(rest: bytes) -> tuple[bytes, int, bytes, bytes]:
+def _split_url(rest: bytes, default_port: int = 80) -> tuple[bytes, int, bytes, bytes]:
     """
     (host, port, Host header value, request target) from what follows
-    C{http://}; the path and query are used as given, not re-encoded.
+    C{http://} (or C{https://}, with C{default_port} 443); the path and
+    query are used as given, not re-encoded.
     """
     end = len(rest)
     for c in (b"/", b"?", b"#"):
@@ -1247,12 +1275,12 @@ def _split_url(rest: bytes) -> tuple[bytes, int, bytes, bytes]:
     target = target.partition(b"#")[0]
     if not target or target[:1] == b"?":
         target = b"/" + target
-    host, port, host_value = _authority(netloc)
+    host, port, host_value = _authority(netloc, default_port)
     return host, port, host_value, target
 
 
 @lru_cache(maxsize=64)
-def _authority(netloc: bytes) -> tuple[bytes, int, bytes]:
+def _authority(netloc: bytes, default_port: int = 80) -> tuple[bytes, int, bytes]:
     """(host, port, Host header value) of a URL's authority; a gateway has few."""
     netloc = netloc.rpartition(b"@")[2]
     if netloc[:1] == b"[":
@@ -1276,8 +1304,8 @@ def _authority(netloc: bytes) -> tuple[bytes, int, bytes]:
         if not 0 < port < 65536:
             raise ValueError("bad port %r" % (port_text,))
     else:
-        port = 80
-    if port != 80:
+        port = default_port
+    if port != default_port:
         host_value += b":%d" % (port,)
     return host, port, host_value
 

@@ -79,6 +79,79 @@ class _PyRelayCore:
     _last_read: float
     first_write_at: Optional[float]
     sent: int
+    # Metering (L{_meter}): what the client got, per read, never per event.
+    _metered: bool
+    _stall_open: bool
+    _event_source: Optional[object]
+    _seen_seq: int
+    _events_out: int
+    _first_event_at: float
+    _last_event_at: float
+    _stall_after: float
+    _gap_sum: float
+    _stalls: int
+    _gap_bounds: tuple[float, ...]
+    _gaps: list[int]
+
+    def _meter(self, bounds: tuple[float, ...], stall_after: float, event_source: Optional[object]) -> None:
+        """
+        Start metering this stream: gaps between the events the client gets
+        into buckets with the upper C{bounds} given (ascending; the last
+        bucket is +Inf), stalls (gaps over C{stall_after} seconds), events
+        counted by C{event_source.seq} (the SSE stamper's; None: each write
+        is one event).
+        """
+        if len(bounds) > 24:
+            raise ValueError("at most 24 gap bounds")
+        if any(b < 0 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError("gap bounds must be ascending and not negative")
+        self._gap_bounds = tuple(float(b) for b in bounds)
+        self._gaps = [0] * (len(bounds) + 1)
+        self._gap_sum = 0.0
+        self._stall_after = stall_after
+        self._stalls = 0
+        self._stall_open = False
+        self._events_out = 0
+        self._first_event_at = self._last_event_at = -1.0
+        self._seen_seq = event_source.seq if event_source is not None else 0  # type: ignore[attr-defined]
+        self._event_source = event_source
+        self._metered = True
+
+    def _gap_counts(self) -> tuple[int, ...]:
+        """The gap histogram's counts per bucket (not cumulative), the +Inf bucket last."""
+        return tuple(self._gaps)
+
+    def _meter_write(self, t: float) -> None:
+        """
+        After a write to the client at time C{t}: the events it delivered,
+        the gap before the first of them (the others of the same read had
+        none), and a stall when that gap is over C{stall_after} and the
+        timer has not counted this silence already.
+        """
+        k = 1
+        source = self._event_source
+        if source is not None:
+            seq: int = source.seq  # type: ignore[attr-defined]
+            k = seq - self._seen_seq
+            self._seen_seq = seq
+            if k <= 0:
+                return
+        if self._events_out == 0:
+            self._first_event_at = t
+        else:
+            gap = t - self._last_event_at
+            bounds = self._gap_bounds
+            i = 0
+            while i < len(bounds) and gap > bounds[i]:
+                i += 1
+            self._gaps[i] += 1
+            self._gap_sum += gap
+            if gap > self._stall_after and not self._stall_open:
+                self._stalls += 1
+        self._gaps[0] += k - 1
+        self._stall_open = False
+        self._last_event_at = t
+        self._events_out += k
 
     def dataReceived(self, data: bytes) -> None:
         """One upstream read: rewrite it, count it, write it to the client."""
@@ -102,6 +175,8 @@ class _PyRelayCore:
             writer.write(data)
         if self._beats:
             self._at_boundary = data.endswith(_BLOCK_ENDS)
+        if self._metered:
+            self._meter_write(self._last_read)
 
 
 if TYPE_CHECKING:
@@ -122,8 +197,10 @@ class Relay(_RelayCore, Protocol):
     @ivar done: fires with the end reason (C{completed}, C{client_disconnect},
         C{upstream_error}, C{idle_timeout} or C{shutdown}) once the client's
         response is finished or the client is gone.
-    @ivar sent: body bytes written to the client.
+    @ivar sent: body bytes written to the client (none after it left).
     @ivar first_write_at: clock time of the first body write, or None.
+    @ivar left_at: clock time the client left before the response ended, or None.
+    @ivar detached_at: clock time the relay detached into the stream log, or None.
     """
 
     def __init__(
@@ -136,6 +213,7 @@ class Relay(_RelayCore, Protocol):
         clean_end: bool = True,
         detach_seconds: float = 0.0,
         describe: Callable[[], str] = lambda: "upstream",
+        on_detach: Optional[Callable[["Relay"], None]] = None,
     ) -> None:
         """
         @param heartbeat_interval: seconds of silence before L{HEARTBEAT} is
@@ -147,6 +225,9 @@ class Relay(_RelayCore, Protocol):
         @param detach_seconds: when the client goes away, keep reading the
             upstream for up to this long (its events go to the stream log, for
             a client that resumes); 0 closes the upstream at once.
+        @param on_detach: called with this relay when it detaches (its client
+            left, its upstream goes on): where the detached-stream caps count
+            it (L{aura_proxy.detached.DetachedStreams}), which may L{stop} it.
         """
         self._request = request
         self._clock = clock
@@ -159,6 +240,7 @@ class Relay(_RelayCore, Protocol):
         self._detach_seconds = detach_seconds
         self._orphan_call: Optional[IDelayedCall] = None
         self._describe = describe
+        self._on_detach = on_detach
         self.done: Deferred[str] = Deferred()
         self.sent = 0
         self.first_write_at: Optional[float] = None
@@ -178,12 +260,45 @@ class Relay(_RelayCore, Protocol):
         self._writer: Optional[ClientWriter] = None
         #: Whether the upstream sent its whole body (even if the client left).
         self.upstream_complete = False
+        #: Clock time the client went away while its response was relayed, or None.
+        self.left_at: Optional[float] = None
+        #: Clock time the relay detached (kept reading into the stream log
+        #: after the client left), or None.
+        self.detached_at: Optional[float] = None
+        self._events_when_left: Optional[int] = None
         self._stopped = False
+        #: Heartbeats written to the client.
+        self.heartbeats = 0
+        #: Called once when the client leaves and the stream detaches (the
+        #: upstream is still read, into the stream log); metrics end the
+        #: client's stream there.
+        self.on_detach: Optional[Callable[[], None]] = None
+        # Metering is off until _meter (aura_proxy.metrics) turns it on.
+        self._metered = False
 
     @property
     def events(self) -> Optional[int]:
-        """SSE events relayed, when an SSE transform counts them; else None."""
+        """
+        SSE events read from the upstream (stamped; those read after the
+        client left included), when an SSE transform counts them; else None.
+        """
         return getattr(self._transform, "count", None)
+
+    @property
+    def delivered(self) -> Optional[int]:
+        """
+        SSE events written to the client: all of L{events}, or those written
+        before the client left (when an SSE transform counts them; else None).
+        """
+        return self.events if self.left_at is None else self._events_when_left
+
+    @property
+    def detached_events(self) -> Optional[int]:
+        """Events read into the stream log after the client left; None when the relay never detached."""
+        if self.detached_at is None:
+            return None
+        events, delivered = self.events, self._events_when_left
+        return None if events is None or delivered is None else events - delivered
 
     def client_transport(self) -> Optional[ITransport]:
         """The client's connection, or None once the client is gone."""
@@ -269,13 +384,22 @@ class Relay(_RelayCore, Protocol):
         if self._client_gone:
             return
         self._client_gone = True
+        # What the client got is fixed now: once per stream, nothing per read
+        # (the step writes nothing more once _client_gone is set).
+        self.left_at = self._clock.seconds()
+        self._events_when_left = self.events
         if self._detach_seconds > 0 and self.transport is not None and self._reason is None:
             # Detached: the upstream goes on into the stream log, unpaused.
             self._reason = "client_disconnect"
+            self.detached_at = self.left_at
             self.transport.resumeProducing()  # type: ignore[attr-defined]
             self._orphan_call = self._clock.callLater(
                 self._detach_seconds, self.stop, "client_disconnect"
             )
+            if self._on_detach is not None:
+                self._on_detach(self)
+            if self.on_detach is not None:
+                self.on_detach()
             return
         self.stop("client_disconnect")
 
@@ -301,6 +425,8 @@ class Relay(_RelayCore, Protocol):
         """
         self._timer = None
         now = self._clock.seconds()
+        if self._metered:
+            self.note_stall(now)
         silent = now - self._last_read
         if silent >= self._idle_timeout:
             log.info(
@@ -317,10 +443,24 @@ class Relay(_RelayCore, Protocol):
                 # Never inside an event the client has only part of.
                 if self._at_boundary and not self._client_gone:
                     self._request.write(HEARTBEAT)
+                    self.heartbeats += 1
                 self._last_beat = now
                 quiet = 0.0
             wait = min(wait, self._heartbeat_interval - quiet)
         self._timer = self._clock.callLater(wait, self._check_timers)
+
+    def note_stall(self, now: float) -> bool:
+        """
+        When metered: count the silence since the last event as a stall if
+        it is over C{stall_after} and not counted yet (the timer, the end of
+        the stream, a scrape); whether it is one.
+        """
+        if self._events_out > 0 and now - self._last_event_at > self._stall_after:
+            if not self._stall_open:
+                self._stall_open = True
+                self._stalls += 1
+            return True
+        return False
 
     def _cancel_timers(self) -> None:
         for call in (self._timer, self._orphan_call):

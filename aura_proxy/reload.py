@@ -43,10 +43,14 @@ log = Logger("aura_proxy.reload")
 RESTART_ONLY: dict[str, Optional[tuple[str, ...]]] = {
     # the listeners and the site, the workers, the upstream pool
     "gateway": ("listen", "admin_listen", "workers", "fast_path", "connect_timeout",
-                "max_idle_connections", "max_request_body", "access_log", "drain_timeout"),
+                "max_idle_connections", "max_request_body", "drain_timeout"),
     "history": None,
-    "sse": ("resume", "resume_ttl", "resume_max_events", "resume_max_bytes"),
+    "sse": ("resume", "resume_ttl", "resume_max_events", "resume_max_bytes", "resume_max_total_bytes"),
     "limits": ("store", "stream_lease", "key_prefix"),
+    # the access log's file, the admin site, the metrics' registry
+    "log": None,
+    "admin": None,
+    "metrics": None,
 }
 
 

@@ -9,12 +9,12 @@ to L{aura_proxy.proxy.Gateway}, where the request path is.
 from __future__ import annotations
 
 from time import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES, HTTPChannel, datetimeToString
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -22,15 +22,23 @@ from twisted.web.server import version as server_version
 from zope.interface import implementer
 
 from aura_proxy import errors
-from aura_proxy.client_wire import ClientWriter
+from aura_proxy.client_wire import ClientWriter, abort_client
 from aura_proxy.eventloop import defer_writes
-from aura_proxy.twisted_internals import channel_protocol_factory, direct_send_transport, request_line
+from aura_proxy.request_ids import new_request_id
+from aura_proxy.twisted_internals import (
+    answer_malformed_requests,
+    channel_protocol_factory,
+    direct_send_transport,
+    hold_connection_timeout,
+    request_line,
+    stop_stream_body,
+)
 
 if TYPE_CHECKING:
     from aura_proxy.proxy import Gateway
 
 __all__ = [
-    "GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite", "client_left", "is_secure",
+    "GatewayChannel", "GatewayRequest", "StockGatewayChannel", "GatewayResource", "GatewaySite", "client_left", "is_secure",
 ]
 
 log = Logger()
@@ -49,6 +57,9 @@ class GatewayRequest(Request):
     too_large = False
     body_length = 0
     client_gone = False
+    #: The request's id (its X-Request-ID and history row id), once the
+    #: gateway has made its call (L{aura_proxy.call.Call}).
+    request_id: Optional[str] = None
     #: What L{GatewayResource} serves this request with: cancelled if the
     #: connection is lost before the response is finished.
     serving: "Optional[Deferred[None]]" = None
@@ -58,10 +69,12 @@ class GatewayRequest(Request):
     _writer_unasked = True
     #: Body bytes twisted.web's own write counted (the writer counts the rest).
     _sent_by_web = 0
+    #: Gives an HTTP/2 connection its idle timeout back (L{process}).
+    _release_idle: Optional[Callable[[], None]] = None
 
     @property
     def sentLength(self) -> int:  # type: ignore[override]
-        """Body bytes written, however they went (the access log reads this)."""
+        """Body bytes written, however they went (twisted.web's C{Request.sentLength})."""
         writer = self._writer
         return self._sent_by_web + (writer.sent if writer is not None else 0)
 
@@ -73,7 +86,9 @@ class GatewayRequest(Request):
     def client_writer(self) -> Optional[ClientWriter]:
         """
         The writer of this response's body, once its head is out, when the
-        fast path is safe: the site's C{fast_path} on, HTTP/1.1 (not HTTP/2),
+        fast path is safe: the site's C{fast_path} on, HTTP/1.1 (not HTTP/2:
+        an HTTP/2 stream's bytes go through Twisted's H2Connection, framed and
+        flow-controlled per stream, by twisted.web's own C{write}),
         plain TCP (not TLS; L{direct_send_transport} decides, and says no when
         Twisted's write buffers are not as expected), a body to send (not
         C{HEAD}, 204 or 304), the client still there.  None: write through
@@ -142,6 +157,7 @@ class GatewayRequest(Request):
         upstream request or the relay; see L{GatewayResource}).
         """
         self.client_gone = True
+        self._idle_again()
         if self._writer is not None:
             self._writer.lose()
         Request.connectionLost(self, reason)
@@ -158,6 +174,13 @@ class GatewayRequest(Request):
         if self._writer is not None:
             self._writer.end()
         Request.finish(self)
+        self._idle_again()
+
+    def _idle_again(self) -> None:
+        release = self._release_idle
+        if release is not None:
+            self._release_idle = None
+            release()
 
     def process(self) -> None:
         """
@@ -170,6 +193,9 @@ class GatewayRequest(Request):
         formatted once a second.
         """
         self.site = site = self.channel.site  # type: ignore[union-attr,attr-defined]
+        if self.clientproto == b"HTTP/2":
+            # Not timed out while served, as twisted.web's HTTP/1.1 channel.
+            self._release_idle = hold_connection_timeout(self.channel)
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", _SERVER)
         # Wall-clock time, as twisted.web's own: the Date header tells the time of day.
@@ -183,24 +209,78 @@ class GatewayRequest(Request):
 
     def _reject(self) -> None:
         channel = self.channel
+        error = errors.body_too_large(self._limit())
+        transport = channel.transport  # type: ignore[union-attr]
+        if transport is None:
+            # An HTTP/2 stream (its channel; no transport of its own): the
+            # answer ends this stream, the connection's others go on.  The
+            # stream is still being set up when gotLength refuses it: answer
+            # on the next turn.
+            channel.site.reactor.callLater(0, self._reject_stream, error)  # type: ignore[union-attr,attr-defined]
+            return
         # The request line is known to the channel only until requestReceived.
         self.method, self.uri, self.clientproto = request_line(channel)
         self.path = self.uri.partition(b"?")[0]
-        error = errors.body_too_large(self._limit())
-        body = error.body()
-        transport = self.channel.transport  # type: ignore[union-attr]
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
-        )
+        error, request_id = self._rejected(error)
+        body = error.body(request_id)
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (error.status, RESPONSES.get(error.status, b"Error")),
+            b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"X-Request-ID: %s\r\n" % request_id.encode("ascii"),
+            b"Connection: close\r\n",
+        ]
+        for name, values in self.responseHeaders.getAllRawHeaders():  # the gateway's CORS headers
+            head += [b"%s: %s\r\n" % (name, value) for value in values]
+        transport.write(b"".join(head) + b"\r\n" + body)
         transport.loseConnection()
+
+    def _reject_stream(self, error: Any) -> None:
+        """L{_reject} on an HTTP/2 stream: the answer on this stream alone."""
+        channel: Any = self.channel
+        if channel is None or self.client_gone:
+            return
+        self.method = channel.command or b""
+        self.uri = channel.path or b""
+        self.clientproto = b"HTTP/2"
+        self.path = self.uri.partition(b"?")[0]
+        error, request_id = self._rejected(error)
+        body = error.body(request_id)
+        headers = Headers({
+            b"content-type": [b"application/json"],
+            b"content-length": [b"%d" % len(body)],
+            b"x-request-id": [request_id.encode("ascii")],
+        })
+        for name, values in self.responseHeaders.getAllRawHeaders():  # the gateway's CORS headers
+            headers.setRawHeaders(name, values)
+        channel.writeHeaders(
+            b"HTTP/2", b"%d" % error.status, RESPONSES.get(error.status, b"Error"), headers
+        )
+        channel.write(body)
+        channel.loseConnection()
+        # The client may still be sending the body: have it stop.
+        stop_stream_body(channel)
+
+    def _rejected(self, error: Any) -> "tuple[Any, str]":
+        """
+        Record the refused call: the answer carries the id of its history
+        row.  A check that comes before the body limit (an unrouted path's
+        404) may answer instead of C{error}.
+        """
         site = getattr(self.channel, "site", None)
         gateway = getattr(site, "gateway", None)
         if gateway is not None:
-            gateway.rejected_body(self, error)
+            return gateway.rejected_body(self, error)  # type: ignore[no-any-return]
+        return error, new_request_id()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """
+        The site failed to serve the request (a bug): the gateway's JSON 500
+        with a request id, as L{GatewayResource} answers it, never
+        twisted.web's HTML page.
+        """
+        _failed(reason, self)
+        return reason
 
 
 _SERVER = [server_version]
@@ -229,6 +309,10 @@ class GatewayChannel(HTTPChannel):
 
     secure: Optional[bool] = None
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header longer than the channel reads: the gateway's 400."""
+        _malformed(self)
+
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):
             HTTPChannel.writeHeaders(self, version, code, reason, headers)
@@ -241,6 +325,49 @@ class GatewayChannel(HTTPChannel):
         self.transport.write(b"".join(parts))  # type: ignore[union-attr]
 
 
+class StockGatewayChannel(HTTPChannel):
+    """
+    twisted.web's own channel (C{fast_path = off}: every head and body byte
+    is written by twisted.web) with the gateway's answer to malformed HTTP.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header longer than the channel reads: the gateway's 400."""
+        _malformed(self)
+
+
+def _malformed(channel: HTTPChannel) -> None:
+    """
+    Answer malformed HTTP (a bad request line or header, bad framing, a line
+    too long) before any request was made of it: the gateway's JSON 400
+    with a request id (body and X-Request-ID, named in a debug log line
+    too), then close, as twisted.web's bare 400 does.  No history row:
+    there is no request to record.
+    """
+    request_id = new_request_id()
+    body = errors.malformed_http().body(request_id)
+    transport = channel.transport
+    if transport is not None:
+        transport.write(
+            b"HTTP/1.1 400 Bad Request\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"X-Request-ID: %s\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), request_id.encode("ascii"), body)
+        )
+        log.debug(
+            "malformed HTTP request from {peer}: 400 bad_request (request {request_id})",
+            peer=getattr(transport.getPeer(), "host", "-"), request_id=request_id,
+        )
+    channel.loseConnection()
+
+
+#: Whether malformed HTTP gets the gateway's JSON 400 (else twisted.web's bare one).
+MALFORMED_ANSWERED = all([
+    answer_malformed_requests(GatewayChannel, _malformed),
+    answer_malformed_requests(StockGatewayChannel, _malformed),
+])
+
 _wrap_channel = channel_protocol_factory()
 
 
@@ -248,9 +375,9 @@ def _gateway_protocol(site: "GatewaySite") -> Any:
     # twisted.web's default wraps a new channel in the protocol that can
     # switch to HTTP/2 after TLS negotiation; the same, with GatewayChannel
     # (fast_path = off: twisted.web's own channel writes the heads).
-    if not site.fast_path or _wrap_channel is None:
+    if _wrap_channel is None:
         return Site.protocol(site)  # type: ignore[call-arg]
-    return _wrap_channel(GatewayChannel())
+    return _wrap_channel(GatewayChannel() if site.fast_path else StockGatewayChannel())
 
 
 class GatewaySite(Site):
@@ -271,8 +398,10 @@ class GatewaySite(Site):
         self.gateway = gateway
         self.max_request_body = gateway.config.gateway.max_request_body
         self.fast_path = gateway.config.gateway.fast_path
-        if not gateway.config.gateway.access_log:
-            self.log = lambda request: None  # type: ignore[method-assign]
+        # twisted.web's own access log (a combined-log line through the
+        # logging system, a third of a plain request's CPU) is never used:
+        # [log] access is the gateway's (aura_proxy.access_log).
+        self.log = lambda request: None  # type: ignore[method-assign]
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = Site.buildProtocol(self, addr)
@@ -348,19 +477,25 @@ def _served(result: None, request: Request) -> None:
 def _failed(failure: Failure, request: Request) -> None:
     if failure.check(CancelledError):
         return
-    log.failure("unhandled error serving {path}", failure, path=_text(request.uri or b""))
+    # The call's id (L{aura_proxy.call.Call} leaves it on the request), or a
+    # new one when the failure came before there was a call: the client's
+    # answer and the log line with the traceback name the same id.
+    request_id = getattr(request, "request_id", None) or new_request_id()
+    log.failure(
+        "unhandled error serving {path} (request {request_id})", failure,
+        path=_text(request.uri or b""), request_id=request_id,
+    )
     if request.finished or client_left(request):
         return
     if request.startedWriting:
         # Half a response is out: the client must not take it for the whole.
-        transport = request.channel.transport  # type: ignore[union-attr]
-        if transport is not None:
-            getattr(transport, "abortConnection", transport.loseConnection)()
+        abort_client(request)
         return
-    body = errors.internal_error().body()
+    body = errors.internal_error().body(request_id)
     request.setResponseCode(500)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
     request.write(body)
     request.finish()
 

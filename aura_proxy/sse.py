@@ -62,6 +62,11 @@ DEFAULT_MAX_BUFFER = 1024 * 1024
 #: The longest upstream id (bytes) a gateway id carries.
 MAX_CARRIED_UPSTREAM_ID = 96
 
+#: Bytes per event slot of the resume log's event store (its sequence number
+#: and its length: L{aura_proxy.resume.log}); also a version mark of the C
+#: store's layout (a build of the older store lacks it and is not used).
+EVENT_STORE_ENTRY_BYTES = 16
+
 _BOM = b"\xef\xbb\xbf"
 _LF = b"\n"
 _CRLF = b"\r\n"
@@ -84,6 +89,7 @@ C_DISABLED_REASON: Optional[str]
 # The C stamper and event store, if built with the constants above.
 _c_module, C_DISABLED_REASON = c_extensions.load("aura_proxy._sse_stamp", {
     "MAX_CARRIED_UPSTREAM_ID": MAX_CARRIED_UPSTREAM_ID,
+    "EVENT_STORE_ENTRY_BYTES": EVENT_STORE_ENTRY_BYTES,
     "ID_FIELD": _ID_FIELD,
     "CARRY_SEPARATOR": _CARRY_SEPARATOR,
     "BLOCK_END": _LFLF,
@@ -510,6 +516,15 @@ class SseRewriter:
     def seq(self) -> int:
         """How many blocks have been stamped so far."""
         return self._st.seq  # type: ignore[no-any-return]
+
+    @property
+    def counter(self) -> object:
+        """
+        An object whose C{seq} attribute is L{seq}, read without a Python
+        call (the C stamper's, or the Python state's): what the relay reads
+        per read when it meters a stream (L{aura_proxy.metrics}).
+        """
+        return self._st  # type: ignore[no-any-return]
 
     @property
     def upstream_id(self) -> Optional[str]:

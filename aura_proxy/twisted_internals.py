@@ -45,6 +45,9 @@ __all__ = [
     "DataLoss",
     "channel_protocol_factory",
     "request_line",
+    "answer_malformed_requests",
+    "stop_stream_body",
+    "hold_connection_timeout",
     "tcp_endpoint_address",
     "accept_one_at_a_time",
     "quiet_pool",
@@ -406,6 +409,142 @@ def request_line(channel: Any) -> tuple[bytes, bytes, bytes]:
         getattr(channel, "_path", b""),
         getattr(channel, "_version", b"HTTP/1.1"),
     )
+
+
+def _check_bad_request() -> Optional[str]:
+    from twisted.web.http import HTTPChannel
+
+    if not callable(getattr(HTTPChannel, "_respondToBadRequestAndDisconnect", None)):
+        return "HTTPChannel has no _respondToBadRequestAndDisconnect"
+    return _uses(HTTPChannel.lineReceived, "_respondToBadRequestAndDisconnect")
+
+
+_probe(
+    "bad_request", "HTTPChannel._respondToBadRequestAndDisconnect",
+    "the gateway's JSON 400 (with a request id) for malformed HTTP, instead of a bare 400",
+    _check_bad_request,
+)
+
+
+def answer_malformed_requests(channel_class: type, answer: Callable[[Any], None]) -> bool:
+    """
+    Make C{channel_class} (the gateway's own subclass of C{HTTPChannel})
+    answer malformed HTTP (a bad request line or header, bad framing) with
+    C{answer(channel)}, which must write the answer and close the
+    connection.  False: unavailable on this Twisted, and twisted.web's bare
+    C{400 Bad Request} stays.
+    """
+    if not available("bad_request"):
+        return False
+    setattr(channel_class, "_respondToBadRequestAndDisconnect", answer)
+    return True
+
+
+# -- HTTP/2 streams ------------------------------------------------------------------
+
+
+def _check_h2_stream_done() -> Optional[str]:
+    from twisted.web._http2 import H2Connection, H2Stream
+
+    return (
+        _uses(H2Connection._requestDone, "_streamCleanupCallbacks")
+        or _uses(H2Connection.abortRequest, "conn", "reset_stream", "_tryToWriteControlData")
+        or _uses(H2Stream.__init__, "_conn", "streamID")
+    )
+
+
+_probe(
+    "h2_stream_done", "H2Connection._streamCleanupCallbacks, conn, _tryToWriteControlData; H2Stream._conn",
+    "an HTTP/2 request body refused (413) stops without ending the connection's other streams",
+    _check_h2_stream_done,
+)
+
+
+def stop_stream_body(stream: Any) -> bool:
+    """
+    Once the response on the HTTP/2 C{stream} (an H2Stream) has been sent
+    whole, reset the stream with C{NO_ERROR} (RFC 9113 8.1): the client
+    stops sending its request body, and DATA frames already on their way are
+    dropped by the h2 state machine.  Without it, Twisted's H2Connection
+    meets DATA for a stream it has forgotten and drops the whole connection.
+
+    @return: whether it will be done.
+    """
+    if not available("h2_stream_done"):
+        return False
+    conn: Any = getattr(stream, "_conn", None)
+    done = getattr(conn, "_streamCleanupCallbacks", {}).get(getattr(stream, "streamID", None))
+    if done is None:
+        return False
+    stream_id = stream.streamID
+
+    def reset(result: object) -> object:
+        try:
+            conn.conn.reset_stream(stream_id, error_code=0)
+        except Exception:
+            return result  # the client ended or reset it already
+        conn._tryToWriteControlData()
+        return result
+
+    done.addCallback(reset)
+    return True
+
+
+def _check_h2_idle() -> Optional[str]:
+    from twisted.protocols.policies import TimeoutMixin
+    from twisted.web._http2 import H2Connection, H2Stream
+
+    if not issubclass(H2Connection, TimeoutMixin):
+        return "H2Connection is no longer a TimeoutMixin"
+    return _uses(H2Stream.__init__, "_conn")
+
+
+_probe(
+    "h2_idle", "H2Stream._conn (an H2Connection, a TimeoutMixin)",
+    "an HTTP/2 connection is not timed out while one of its requests is served "
+    "(as twisted.web's HTTP/1.1 channel)",
+    _check_h2_idle,
+)
+
+
+def hold_connection_timeout(stream: Any) -> Optional[Callable[[], None]]:
+    """
+    Suspend the idle timeout of the HTTP/2 connection C{stream} (an H2Stream)
+    belongs to while its request is served, as twisted.web's HTTP/1.1 channel
+    suspends its own; the returned function releases the hold (the timeout
+    comes back with the connection's last request).  Twisted's H2Connection
+    would otherwise close the connection, every stream with it, after its
+    timeout (the site's, 60 s by default) without a frame: a slow upstream,
+    or an SSE stream silent longer than that without heartbeats.
+
+    @return: the release, or None when this Twisted has not the names (the
+        connection keeps Twisted's own timeout).
+    """
+    if not available("h2_idle"):
+        return None
+    conn: Any = getattr(stream, "_conn", None)
+    if conn is None or not hasattr(conn, "setTimeout"):
+        return None
+    held = getattr(conn, "_aura_held", 0)
+    if not held:
+        conn._aura_saved_timeout = conn.setTimeout(None)
+    conn._aura_held = held + 1
+    released: list[bool] = []
+
+    def release() -> None:
+        if released:
+            return
+        released.append(True)
+        conn._aura_held -= 1
+        if not conn._aura_held:
+            saved = conn._aura_saved_timeout
+            # Not on a connection being lost (its streams are released from
+            # its connectionLost, after it cancelled its timer): no timer on
+            # a dead connection.
+            if saved is not None and getattr(getattr(conn, "transport", None), "connected", False):
+                conn.setTimeout(saved)
+
+    return release
 
 
 # -- listening ports -----------------------------------------------------------------

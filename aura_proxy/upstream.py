@@ -6,10 +6,11 @@ C{CookieAgent} (one jar for every user: the cookie leak) and a
 C{ContentDecoderAgent} (adds C{Accept-Encoding: gzip} and decodes the body).
 A proxy must do neither, so the hop speaks to the same L{IAgent} that treq
 would use, directly: a persistent L{HTTPConnectionPool}, no jar, no decoding,
-no redirects, no buffering.  For http:// upstreams that agent is
+no redirects, no buffering.  That agent is
 L{aura_proxy.fastclient.FastAgent}, a lean streaming client (the stock one
-spent most of the gateway's time per event parsing); https:// goes through
-the stock L{Agent}.  Tests swap the agent for treq's in-memory
+spent most of the gateway's time per event parsing), for http:// and
+https:// alike; https:// is verified by the routes' TLS settings
+(L{aura_proxy.upstream_tls.UpstreamTlsPolicy}).  Tests swap the agent for treq's in-memory
 L{treq.testing.RequestTraversalAgent}.
 """
 
@@ -22,7 +23,7 @@ from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from aura_proxy.fastclient import FastAgent
@@ -96,10 +97,13 @@ class UpstreamClient:
         max_idle_connections: int,
         agent: Optional[IAgent] = None,
         fast_path: bool = True,
+        tls_policy: Optional[IPolicyForHTTPS] = None,
     ) -> None:
         """
         @param fast_path: whether L{FastAgent} reads its sockets directly
             (C{[gateway] fast_path}).
+        @param tls_policy: the TLS options per https:// upstream (default:
+            the system's CAs, Twisted's browser-like policy).
         """
         self.pool: Optional[HTTPConnectionPool] = None
         self._fast: Optional[FastAgent] = None
@@ -109,16 +113,24 @@ class UpstreamClient:
             quiet_pool(self.pool)
             self.pool.maxPersistentPerHost = max(max_idle_connections, 1)
             self.pool.cachedConnectionTimeout = int(_IDLE_SECONDS)
-            # http:// goes through the lean streaming client (the stock one's
-            # parser was the largest cost per event); https:// through the
-            # stock Agent and its TLS.
+            # http:// and https:// go through the lean streaming client (the
+            # stock one's parser was the largest cost per event; it also
+            # drops the headers an upstream's Connection header names, which
+            # the stock one keeps); any other scheme to the stock Agent,
+            # which refuses it.
+            stock = (
+                Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+                if tls_policy is None
+                else Agent(reactor, tls_policy, connectTimeout=connect_timeout, pool=self.pool)
+            )
             agent = self._fast = FastAgent(
                 reactor,
                 connect_timeout,
                 max_idle_connections,
                 idle_timeout=_IDLE_SECONDS,
-                fallback=Agent(reactor, connectTimeout=connect_timeout, pool=self.pool),
+                fallback=stock,
                 fast_path=fast_path,
+                tls_policy=tls_policy,
             )
         self.agent = agent
         self.cooperator = Cooperator(
@@ -130,6 +142,10 @@ class UpstreamClient:
     ) -> "Deferred[IResponse]":
         """Send one request; the Deferred fires with the response headers."""
         return self.agent.request(method, url, headers, body)
+
+    def idle_connections(self) -> int:
+        """How many http:// connections wait in the pool now (for metrics; https:// ones are not counted)."""
+        return self._fast.idle_connections() if self._fast is not None else 0
 
     def close(self) -> "Deferred[object]":
         """Close the idle pooled connections (on shutdown)."""

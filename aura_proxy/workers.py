@@ -14,12 +14,19 @@ I{parent}):
     that doubles for each worker that dies soon after it started (so a worker
     that cannot start does not spin);
   - reports every worker in its health report (L{WorkerSupervisor.health}),
-    which the parent's admin site serves at C{GET /healthz};
+    which the parent's admin site serves at C{GET /healthz} (and
+    C{GET /readyz}: ready while at least one worker runs);
+  - forwards SIGUSR1 (reopen the access log file, after logrotate) to
+    every worker (L{signal_workers});
   - on reload (SIGHUP, C{POST /reload}: L{WorkerSupervisor.reload}) checks
     the file again and, if it is valid, writes its text to every worker on
     the worker's stdin pipe (L{config_frame}), each of which applies it as a
     single-process gateway does (L{aura_proxy.reload}); a worker started
     later gets the new text;
+  - with C{[metrics]} on, gives each worker a Unix socket in a directory
+    only this user may enter (made at start, removed at stop), where the
+    worker serves its own figures; the parent's C{GET /metrics} scrapes the
+    running workers and sums them (L{WorkerSupervisor.metrics});
   - on shutdown (SIGTERM/SIGINT to twistd) sends SIGTERM to every worker and
     waits for them to end (each ends its open streams and flushes its history
     like a single-process gateway), then SIGKILLs whatever is left after
@@ -31,18 +38,23 @@ The worker process itself is L{aura_proxy.worker}.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, readBody
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from aura_proxy.config import Config, ConfigError, parse_config
 from aura_proxy.reload import ReloadResult, read_text, restart_only_changes, tell
@@ -61,6 +73,10 @@ __all__ = [
 
 log = Logger("aura_proxy.workers")
 
+#: Seconds the parent waits for one worker's figures before counting it down.
+METRICS_SCRAPE_TIMEOUT = 5.0
+#: Seconds between the parent's own readings of its workers' figures (for the dashboard).
+METRICS_REFRESH = 5.0
 #: Seconds the parent waits for its workers after SIGTERM before SIGKILL.
 DEFAULT_STOP_TIMEOUT = 30.0
 #: Seconds before the first restart of a worker that died.
@@ -207,6 +223,7 @@ class WorkerSupervisor(Service):
         max_delay: float = DEFAULT_MAX_DELAY,
         stable_after: float = DEFAULT_STABLE_AFTER,
         executable: str = sys.executable,
+        registry: Any = None,
     ) -> None:
         """
         @param config_text: the INI text of C{config}, handed to every worker
@@ -214,7 +231,7 @@ class WorkerSupervisor(Service):
         """
         self.config = config
         self.config_text = config_text
-        self.address = listen_address(config.gateway.listen)
+        self.address = listen_address(config.gateway.listen[0])
         self.workers = [WorkerState(i) for i in range(1, config.gateway.workers + 1)]
         self.stop_timeout = stop_timeout
         self.min_delay = min_delay
@@ -226,6 +243,59 @@ class WorkerSupervisor(Service):
         self._stopping = False
         #: Called with each configuration reloaded (the parent's dashboard).
         self.reload_listeners: list[Callable[[Config], object]] = []
+        # Where the workers serve their figures (made at start): None when [metrics] is off.
+        self._metrics_dir: Optional[str] = None
+        self._metrics_sum: Any = None
+        self._metrics_refresh: Any = None
+        if config.metrics.enabled:
+            from aura_proxy.metrics import WorkersMetrics
+
+            # The sum of the workers' figures, in registry too (the dashboard
+            # reads it), refreshed at each GET /metrics and every few seconds.
+            self._metrics_sum = WorkersMetrics(
+                lambda: [(w.index, w.alive) for w in self.workers], self._scrape_worker,
+                config.gateway.fast_path, registry,
+            )
+
+    def metrics_socket(self, worker: WorkerState) -> Optional[str]:
+        """The Unix socket where C{worker} serves its figures, or None when C{[metrics]} is off."""
+        if self._metrics_dir is None:
+            return None
+        return os.path.join(self._metrics_dir, f"worker-{worker.index}.sock")
+
+    def metrics(self) -> "Deferred[bytes]":
+        """
+        The parent's C{GET /metrics}: every running worker's figures, summed,
+        and C{aura_proxy_up{worker}} per slot (L{aura_proxy.metrics.WorkersMetrics}).
+        """
+        if self._metrics_sum is None:
+            return succeed(b"")
+        return self._metrics_sum.render()  # type: ignore[no-any-return]
+
+    def _scrape_worker(self, index: int) -> "Deferred[Optional[str]]":
+        """Worker C{index}'s own figures (its text), over its private socket."""
+        path = self.metrics_socket(self.workers[index - 1])
+        if path is None:
+            return succeed(None)
+        agent = Agent.usingEndpointFactory(self._reactor, _UnixSocket(self._reactor, path))
+        d = agent.request(b"GET", b"http://worker/metrics")
+        d.addCallback(lambda response: readBody(response) if response.code == 200 else None)
+        d.addTimeout(METRICS_SCRAPE_TIMEOUT, self._reactor)
+        return d.addCallback(lambda body: body.decode("utf-8") if body is not None else None)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the shared listening socket is bound (from start to stop)."""
+        return self._socket is not None
+
+    def signal_workers(self, number: int) -> None:
+        """
+        Send signal C{number} (SIGUSR1: reopen the access log) to every
+        running worker.  (A number: Twisted's C{signalProcess} takes only a
+        few signals by name, and USR1 is not one of them.)
+        """
+        for worker in self.workers:
+            self._signal(worker, number)
 
     def health(self) -> dict[str, object]:
         """The parent's C{/healthz} report: every worker's index, pid, restarts and liveness."""
@@ -290,6 +360,15 @@ class WorkerSupervisor(Service):
         self._bind()
         super().startService()
         self._stopping = False
+        if self._metrics_sum is not None and self._metrics_dir is None:
+            from twisted.internet.task import LoopingCall
+
+            from aura_proxy.metrics import private_socket_dir
+
+            self._metrics_dir = private_socket_dir()
+            self._metrics_refresh = LoopingCall(self._metrics_sum.render)
+            self._metrics_refresh.clock = self._reactor
+            self._metrics_refresh.start(METRICS_REFRESH, now=False)
         assert self._socket is not None
         host, port = self._socket.getsockname()[:2]
         log.info(
@@ -313,13 +392,23 @@ class WorkerSupervisor(Service):
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
-        return self._drain()
+
+        refresh, self._metrics_refresh = self._metrics_refresh, None
+        if refresh is not None and refresh.running:
+            refresh.stop()
+
+        def forget_sockets(result: object) -> None:
+            directory, self._metrics_dir = self._metrics_dir, None
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+
+        return self._drain().addCallback(forget_sockets)
 
     # -- workers ---------------------------------------------------------------
 
     def worker_argv(self, worker: WorkerState) -> list[str]:
         """The command line of C{worker}'s process."""
-        return [
+        argv = [
             self._executable, "-m", "aura_proxy.worker",
             "--index", str(worker.index),
             "--listen-fd", str(LISTEN_FD),
@@ -327,6 +416,10 @@ class WorkerSupervisor(Service):
             "--source", self.config.source,
             "--watch-parent",
         ]
+        path = self.metrics_socket(worker)
+        if path is not None:
+            argv += ["--metrics-socket", path]
+        return argv
 
     def _spawn(self, worker: WorkerState) -> None:
         assert self._socket is not None
@@ -418,7 +511,7 @@ class WorkerSupervisor(Service):
 
         return DeferredList(waits).addCallback(done)
 
-    def _signal(self, worker: WorkerState, name: str) -> None:
+    def _signal(self, worker: WorkerState, name: Union[str, int]) -> None:
         if worker.process is None:
             return
         try:
@@ -426,6 +519,18 @@ class WorkerSupervisor(Service):
         except Exception:
             # Already gone: processEnded is on its way.
             pass
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixSocket:
+    """Every URL an agent asks for, over one Unix socket (a worker's figures)."""
+
+    def __init__(self, reactor: Any, path: str) -> None:
+        self._reactor = reactor
+        self._path = path
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return UNIXClientEndpoint(self._reactor, self._path, timeout=METRICS_SCRAPE_TIMEOUT)
 
 
 # -- the worker ----------------------------------------------------------------

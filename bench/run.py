@@ -4,7 +4,9 @@ Started through the bench/run wrapper (which sets `ulimit -n 20000`).  For every
 scenario it starts a fresh ssesrv upstream (core 1), then for each proxy in turn
 (nginx, then aura-proxy, each pinned to core 0 and started fresh so that its peak
 RSS belongs to that scenario alone) it runs the load (sseload or wrk, core 1),
-measures the proxy process, and stops it.  Results: a markdown table printed and
+measures the proxy process, and stops it.  The -h2 scenarios load each proxy
+through a TLS listener with HTTP/2 (ALPN h2) by h2load (Debian's nghttp2-client),
+with a certificate made for the run.  Results: a markdown table printed and
 written to bench/out/results-<timestamp>.md, raw numbers next to it as .json.
 See bench/README.md.
 """
@@ -48,13 +50,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 @dataclass
 class Scenario:
     name: str
-    kind: str  # "sse" or "wrk"
+    kind: str  # "sse", "wrk" or "h2load"
     description: str
     path: str = "/sse"
     conns: int = 0
     duration: float = 30
     warmup: float = 5
     ramp_per_ms: int = 20
+    #: h2load's arguments before the URL (kind "h2load").
+    h2load: tuple[str, ...] = ()
+    #: SSE events per stream (an h2load SSE scenario: events/s = streams done x this / time).
+    events_per_stream: int = 0
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -68,6 +74,14 @@ SCENARIOS: dict[str, Scenario] = {
                  "/sse?rate=500&size=64", conns=100, duration=30, warmup=5, ramp_per_ms=20),
         Scenario("json", "wrk", "wrk -t1 -c50 -d15s GET /json (request/response throughput)",
                  "/json", conns=50, duration=15, warmup=0),
+        Scenario("json-h2", "h2load", "h2load -t1 -c50 -m10 -D15 GET /json over TLS + HTTP/2 "
+                 "(50 connections, 10 streams each)",
+                 "/json", conns=50, duration=15, warmup=0,
+                 h2load=("-t1", "-c50", "-m10", "-D15", "--warm-up-time=2")),
+        Scenario("sse-h2", "h2load", "h2load -t1 -c100 -m10 -n5000: 5000 SSE streams of 100 events "
+                 "(1000 events/s, 64 B) over TLS + HTTP/2, 10 at a time per connection",
+                 "/sse?rate=1000&size=64&count=100", conns=100, duration=0, warmup=0,
+                 h2load=("-t1", "-c100", "-m10", "-n5000"), events_per_stream=100),
     ]
 }
 
@@ -283,9 +297,10 @@ def build_tools() -> None:
         if not exe.exists() or exe.stat().st_mtime < c.stat().st_mtime:
             print(f"building {exe.relative_to(ROOT)} from {c}", flush=True)
             subprocess.run(["cc", "-O2", "-o", str(exe), str(c)], check=True)
-    for tool in ("nginx", "wrk", "taskset", "cc"):
+    for tool in ("nginx", "wrk", "taskset", "cc", "h2load"):
         if not shutil.which(tool):
-            die(f"`{tool}` not found; install it: apt-get install -y nginx-light wrk util-linux gcc")
+            die(f"`{tool}` not found; install it: apt-get install -y nginx-light wrk util-linux gcc "
+                "nghttp2-client")
 
 
 # -- proxies ------------------------------------------------------------------------
@@ -320,7 +335,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location / {{
+{tls_listen}        location / {{
             proxy_pass http://bench_upstream;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -339,6 +354,10 @@ class Proxy:
     name = "?"
     proc: Optional[subprocess.Popen] = None
     port = 0
+    #: A TLS (HTTP/2 by ALPN) listener's port, when the scenario asked for one.
+    tls_port = 0
+    #: (certificate, key) PEM files of the TLS listener; None: no TLS listener.
+    tls: Optional[tuple[Path, Path]] = None
 
     def __init__(self, tmp: Path, upstream: int) -> None:
         self.tmp, self.upstream = tmp, upstream
@@ -362,8 +381,14 @@ class Nginx(Proxy):
 
     def start(self) -> None:
         self.port = free_port()
+        tls_listen = ""
+        if self.tls is not None:
+            self.tls_port = free_port()
+            tls_listen = (f"        listen 127.0.0.1:{self.tls_port} ssl http2 backlog=4096;\n"
+                          f"        ssl_certificate {self.tls[0]};\n        ssl_certificate_key {self.tls[1]};\n")
         conf = self.tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=self.tmp, upstream=self.upstream, port=self.port))
+        conf.write_text(NGINX_CONF.format(tmp=self.tmp, upstream=self.upstream, port=self.port,
+                                          tls_listen=tls_listen))
         self.proc = spawn(["taskset", "-c", PROXY_CORE, "nginx", "-p", str(self.tmp), "-c", str(conf),
                            "-e", str(self.tmp / "nginx-error.log")], self.log)
         wait_port(self.port, self.proc, "nginx", self.tmp / "nginx-error.log", timeout=10)
@@ -423,6 +448,11 @@ class Aura(Proxy):
         text = (template.replace("@LISTEN_PORT@", str(self.port))
                 .replace("@ADMIN_PORT@", str(admin))
                 .replace("@UPSTREAM_PORT@", str(self.upstream)))
+        if self.tls is not None:
+            # A second listener: TLS, HTTP/2 by ALPN ([gateway] listen takes a list).
+            self.tls_port = free_port()
+            text = re.sub(r"^(listen = .*)$", rf"\1, ssl:{self.tls_port}:interface=127.0.0.1"
+                          rf":privateKey={self.tls[1]}:certKey={self.tls[0]}", text, count=1, flags=re.M)
         ini.write_text(apply_overrides(text, Aura.overrides))
         run_dir = self.tmp / "aura-cwd"
         run_dir.mkdir(exist_ok=True)
@@ -455,6 +485,10 @@ def run_load(sc: Scenario, proxy: Proxy, tmp: Path, profile_out: Optional[Path])
                "-w", str(sc.warmup), "-r", str(sc.ramp_per_ms), "-H", TENANT_HEADER,
                *(arg for h in EXTRA_HEADERS for arg in ("-H", h)),
                "127.0.0.1", str(proxy.port), sc.path]
+    elif sc.kind == "h2load":
+        cmd = ["taskset", "-c", TOOLS_CORE, "h2load", *sc.h2load, "-H", TENANT_HEADER,
+               *(arg for h in EXTRA_HEADERS for arg in ("-H", h)),
+               f"https://127.0.0.1:{proxy.tls_port}{sc.path}"]
     else:
         cmd = ["taskset", "-c", TOOLS_CORE, "wrk", "-t1", f"-c{sc.conns}", f"-d{int(sc.duration)}s", "--latency",
                "-H", TENANT_HEADER, *(arg for h in EXTRA_HEADERS for arg in ("-H", h)),
@@ -504,6 +538,8 @@ def run_load(sc: Scenario, proxy: Proxy, tmp: Path, profile_out: Optional[Path])
                  ok_streams=s["ok"], unanswered=unanswered)
         if s["ok"]:
             r["kb_per_stream"] = (rss_loaded - rss_idle) / s["ok"]
+    elif sc.kind == "h2load":
+        r.update(parse_h2load(out, load.returncode, sc))
     else:
         if load.returncode != 0:
             raise RuntimeError(f"wrk failed (status {load.returncode}):\n{out[-2000:]}")
@@ -522,6 +558,39 @@ def run_load(sc: Scenario, proxy: Proxy, tmp: Path, profile_out: Optional[Path])
                  errors=f"non2xx {non2xx.group(1) if non2xx else 0}, sockerr "
                         f"{sum(int(x) for x in sockerr.groups()) if sockerr else 0}")
     return r
+
+
+def parse_h2load(out: str, returncode: int, sc: Scenario) -> dict[str, Any]:
+    """h2load's summary: requests/s (or SSE events/s), mean and max time per request, errors.
+    h2load reports no percentiles: the p50 column holds the mean, p99 stays empty."""
+    done = re.search(r"^finished in ([\d.]+)(\w+), ([\d.]+) req/s", out, re.M)
+    reqs = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                     r"(\d+) errored, (\d+) timeout", out, re.M)
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    timing = re.search(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)
+    proto = re.search(r"^Application protocol: (\S+)", out, re.M)
+    if returncode != 0 or not (done and reqs and codes and timing):
+        raise RuntimeError(f"h2load failed (status {returncode}):\n{out[-2000:]}")
+    if proto is None or proto.group(1) != "h2":
+        raise RuntimeError(f"h2load did not negotiate h2:\n{out[-2000:]}")
+    seconds = parse_wrk_time(done.group(1) + done.group(2)) / 1e6
+    succeeded = int(reqs.group(4))
+    rate = float(done.group(3))
+    if sc.events_per_stream:
+        rate = succeeded * sc.events_per_stream / seconds if seconds else 0.0
+    return {"h2load": out, "p50_us": parse_wrk_time(timing.group(3)), "p99_us": None,
+            "max_us": parse_wrk_time(timing.group(2)), "rate": rate, "requests": succeeded,
+            "errors": f"failed {reqs.group(5)}, errored {reqs.group(6)}, timeout {reqs.group(7)}, "
+                      f"non2xx {int(codes.group(2)) + int(codes.group(3)) + int(codes.group(4))}"}
+
+
+def make_certificate(tmp: Path) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 (the tests' helper: a test CA and its server cert)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.tls_certs import make_pki
+
+    pki = make_pki(tmp / "pki", "bench")
+    return Path(pki.server_cert), Path(pki.server_key)
 
 
 # -- report ------------------------------------------------------------------------
@@ -685,6 +754,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="aura-bench-"))
     if args.jwt:
         use_jwt(tmp)
+    certificate = make_certificate(tmp) if any(SCENARIOS[n].kind == "h2load" for n in names) else None
     keep_tmp = False
     cmdline = os.environ.get("BENCH_CMDLINE") or "bench/run.py " + " ".join(sys.argv[1:])
     nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
@@ -699,6 +769,9 @@ def main() -> int:
         "each proxy started fresh per scenario",
         "- latency: ssesrv send -> sseload receive (through the proxy); CPU s: proxy utime+stime during the "
         "whole load run (ramp + warm-up + measurement); peak RSS: the proxy's VmHWM",
+        "- -h2 scenarios: h2load over TLS + HTTP/2 (ALPN h2) to each proxy's second listener; h2load gives no "
+        "percentiles: p50 ms is its mean time per request (a whole SSE stream in sse-h2), p99 is empty, max is "
+        "its max; sse-h2's events/s = streams done x 100 / h2load's time",
         "- aura-proxy config: bench/aura-proxy-bench.ini"
         + (" with " + ", ".join(f"[{a}] {b} = {c}" for a, b, c in Aura.overrides) if Aura.overrides else ""),
         "- scenarios: " + "; ".join(f"{n}: {SCENARIOS[n].description}" for n in names),
@@ -717,6 +790,8 @@ def main() -> int:
                 die(str(e))
             for pname in proxies:
                 proxy = PROXIES[pname](tmp, up_port)
+                if sc.kind == "h2load":
+                    proxy.tls = certificate
                 print(f"== {name}: {proxy.name} ({sc.description})", flush=True)
                 try:
                     proxy.start()

@@ -44,10 +44,9 @@ def make_record(i: int, **changes: Any) -> CallRecord:
     return dataclasses.replace(rec, **changes) if changes else rec
 
 
-def make_stream_record(i: int) -> CallRecord:
-    """A stream summary numbered C{i}: sizes and query NULL, stream fields set."""
-    return make_record(
-        i,
+def make_stream_record(i: int, **changes: Any) -> CallRecord:
+    """A stream summary numbered C{i}: sizes and query NULL, stream fields set; C{changes} override fields."""
+    fields: Dict[str, Any] = dict(
         query_string=None,
         request_size_bytes=None,
         response_size_bytes=None,
@@ -56,6 +55,8 @@ def make_stream_record(i: int) -> CallRecord:
         event_count=42,
         end_reason="completed",
     )
+    fields.update(changes)
+    return make_record(i, **fields)
 
 
 def history_config(spool_dir: str, **changes: Any) -> HistoryConfig:

@@ -14,6 +14,7 @@ from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aura_proxy import assembly
@@ -94,14 +95,14 @@ class TreeTests(SynchronousTestCase):
 
     def test_single_process_children(self) -> None:
         """
-        Process tuning first, then history, the drain of open streams, the
-        SIGHUP reload, the public listener and the admin site; the public port serves the
-        gateway's site, the admin port another one.
+        Process tuning first, then history, the access log, the drain of
+        open streams, the SIGHUP reload, the public listener and the admin
+        site; the public port serves the gateway's site, the admin port another one.
         """
         fake = MemoryReactorClock()
         tree = gateway_service(parse_config(ini(history="dsn = sqlite:///x.db"), "gw.ini"), fake)
         self.assertEqual(names(tree), [
-            "ProcessTuning", "HistoryService", "_Drain", "SighupReload",
+            "ProcessTuning", "HistoryService", "AccessLogService", "_Drain", "SighupReload",
             "StreamServerEndpointService", "AdminService",
         ])
         # The admin site: the dashboard (and its upstream prober), then the listener.
@@ -140,7 +141,7 @@ class TreeTests(SynchronousTestCase):
             parse_config(ini(), "gw.ini"), fake, listener=listener, site_factory=OwnSite,
             admin=False, tuning=False,
         )
-        self.assertEqual(names(tree), ["_Drain", "SighupReload", "Service"])
+        self.assertEqual(names(tree), ["AccessLogService", "_Drain", "SighupReload", "Service"])
         self.assertEqual(made, [tree.site])
         self.assertIsInstance(tree.site, OwnSite)
         tree.privilegedStartService()
@@ -210,15 +211,21 @@ class HealthTests(TestCase):
     """The single process's admin site."""
 
     async def test_healthz(self) -> None:
-        """/healthz answers 200 JSON: status ok, open streams, history's state."""
+        """
+        /healthz answers 200 JSON: status ok, open streams, the [sse] bounds'
+        figures (detached streams, the memory log's bytes), history's state.
+        """
         fake = MemoryReactorClock()
         self.patch(assembly, "make_history", lambda config, reactor: FakeHistory([]))
-        tree = gateway_service(parse_config(ini(), "gw.ini"), fake, tuning=False)
+        tree = gateway_service(parse_config(ini(sse="resume = memory"), "gw.ini"), fake, tuning=False)
         tree.privilegedStartService()
         response = await StubTreq(listened(fake)[8081].resource).get("http://admin/healthz")
         self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(await response.text()),
-                         {"status": "ok", "active_streams": 0, "history": {"queued": 0}})
+        body = json.loads(await response.text())
+        sse = body.pop("sse")
+        self.assertEqual(body, {"status": "ok", "active_streams": 0, "history": {"queued": 0}})
+        self.assertEqual((sse["detached"], sse["cancelled_by_max_detached_streams"]), (0, 0))
+        self.assertEqual((sse["resume"]["bytes"], sse["resume"]["max_total_bytes"]), (0, 536870912))
 
 
 class DecisionTests(SynchronousTestCase):
@@ -236,12 +243,41 @@ class DecisionTests(SynchronousTestCase):
         text = ini("workers = 2")
         tree = make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock(), demo=True)
         self.assertNotIsInstance(tree, GatewayService)
-        # The supervisor, its SIGHUP reload, the demo agent, the admin site.
-        self.assertEqual(names(tree), ["WorkerSupervisor", "SighupReload", "StreamServerEndpointService", "AdminService"])
+        # The supervisor, its SIGHUP reload, the SIGUSR1 forwarder (the access log is on), the demo agent,
+        # the admin site.
+        self.assertEqual(
+            names(tree),
+            ["WorkerSupervisor", "SighupReload", "_ForwardUsr1", "StreamServerEndpointService", "AdminService"])
         [supervisor] = [s for s in tree if isinstance(s, WorkerSupervisor)]
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config_text, text)
         self.assertFalse(any(isinstance(s, ProcessTuning) for s in tree))
+
+
+class StartWarningTests(SynchronousTestCase):
+    """What L{make_service} warns about before it builds anything."""
+
+    def warnings(self, text: str) -> list[str]:
+        with capturedLogs() as events:
+            make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock())
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_deprecated_key(self) -> None:
+        """A deprecated key is one warning line naming the file, the key and what to write instead."""
+        [line] = self.warnings(ini("access_log = false"))
+        self.assertTrue(line.startswith("gw.ini: [gateway] access_log is deprecated"), line)
+        self.assertIn("[log] access = off", line)
+
+    def test_admin_beyond_loopback(self) -> None:
+        """An admin site beyond loopback without a token is a warning; with a token, or on loopback, none."""
+        open_admin = ini().replace("admin_listen = tcp:8081:interface=127.0.0.1", "admin_listen = tcp:8081")
+        [line] = self.warnings(open_admin)
+        self.assertIn("beyond loopback, without [admin] token_file", line)
+        self.assertEqual(self.warnings(ini()), [])
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("0123456789abcdef0123\n")
+        self.assertEqual(self.warnings(open_admin + f"[admin]\ntoken_file = {token}\n"), [])
 
 
 class FileTests(SynchronousTestCase):

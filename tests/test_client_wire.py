@@ -389,6 +389,26 @@ class GatewayRequestWireTests(SynchronousTestCase):
         self.assertFalse(aborted.finished)
         self.assertTrue(transport.disconnecting)
 
+    def test_abort_http2_stream(self) -> None:
+        """
+        A truncated body on an HTTP/2 stream (a request without a transport:
+        its channel is the stream) resets that stream, through the
+        channel's abortConnection, not the whole connection.
+        """
+        class Stream:
+            transport = None
+            aborted = 0
+
+            def abortConnection(self) -> None:
+                self.aborted += 1
+
+        stream = Stream()
+        request = GatewayRequest.__new__(GatewayRequest)
+        request.channel = stream  # type: ignore[assignment]
+        request.transport = None
+        client_wire.abort_client(request)
+        self.assertEqual(stream.aborted, 1)
+
 
 class _Recorder:
     """A leaf resource that keeps the requests it renders, unanswered."""

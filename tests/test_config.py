@@ -45,7 +45,7 @@ class DefaultsTests(TestCase):
         self.assertEqual(
             (g.listen, g.admin_listen, g.connect_timeout, g.response_timeout, g.idle_timeout,
              g.heartbeat_interval, g.max_request_body),
-            ("tcp:8080:backlog=4096", "tcp:8081:interface=127.0.0.1", 10.0, 300.0, 300.0, 15.0,
+            (("tcp:8080:backlog=4096",), "tcp:8081:interface=127.0.0.1", 10.0, 300.0, 300.0, 15.0,
              10485760),
         )
         self.assertEqual([(r.name, r.pattern.text, str(r.upstream)) for r in config.routes],
@@ -64,12 +64,12 @@ class DefaultsTests(TestCase):
 
     def test_listen_backlog(self) -> None:
         """A tcp: listener gets a deep listen queue unless it names its own backlog."""
-        def listen(value: str) -> str:
+        def listen(value: str) -> tuple[str, ...]:
             return parse_config(f"[gateway]\nlisten = {value}\n" + MINIMAL, "x").gateway.listen
 
-        self.assertEqual(listen("tcp:1"), "tcp:1:backlog=4096")
-        self.assertEqual(listen("tcp:1:backlog=10"), "tcp:1:backlog=10")
-        self.assertEqual(listen("unix:/tmp/s"), "unix:/tmp/s")
+        self.assertEqual(listen("tcp:1"), ("tcp:1:backlog=4096",))
+        self.assertEqual(listen("tcp:1:backlog=10"), ("tcp:1:backlog=10",))
+        self.assertEqual(listen("unix:/tmp/s"), ("unix:/tmp/s",))
 
     def test_shipped_file_checks(self) -> None:
         """C{python -m aura_proxy check etc/aura-proxy.ini} accepts the shipped file."""
@@ -162,6 +162,17 @@ class ProblemTests(TestCase):
         self.assertEqual(parse_config(MINIMAL, "gw.ini").headers.max_identity_length, 128)
         [found] = problems(MINIMAL + "[headers]\nmax_identity_length = 0\n")
         self.assertIn("gw.ini: [headers] max_identity_length:", found)
+
+    def test_metrics_section(self) -> None:
+        """[metrics]: enabled (default true) and stall_after (seconds > 0, default 15); mistakes name the key."""
+        metrics = parse_config(MINIMAL, "gw.ini").metrics
+        self.assertEqual((metrics.enabled, metrics.stall_after), (True, 15.0))
+        metrics = parse_config(MINIMAL + "[metrics]\nenabled = off\nstall_after = 2.5\n", "gw.ini").metrics
+        self.assertEqual((metrics.enabled, metrics.stall_after), (False, 2.5))
+        [found] = problems(MINIMAL + "[metrics]\nstall_after = 0\n")
+        self.assertIn("gw.ini: [metrics] stall_after:", found)
+        [found] = problems(MINIMAL + "[metrics]\nenable = true\n")
+        self.assertIn("gw.ini: [metrics] enable: unknown key", found)
 
     def test_unknown_section(self) -> None:
         """A misspelt section is an error, not silently ignored."""
@@ -296,7 +307,7 @@ class WorkersKeyTests(TestCase):
         """workers > 1 with a unix: listen is refused, naming [gateway] listen."""
         found = problems(MINIMAL + "[gateway]\nworkers = 2\nlisten = unix:/tmp/gw.sock\n[sse]\nresume = off\n")
         self.assertEqual(len(found), 1)
-        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs a plain tcp: endpoint"),
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs one plain tcp: endpoint"),
                         found)
 
     def test_check_command_reports_workers(self) -> None:
@@ -386,3 +397,95 @@ class UpstreamTrustConfigTests(TestCase):
         """A misspelt key of the section is an error."""
         [found] = problems(MINIMAL + "[upstream_trust]\nkeyfile = x\n")
         self.assertIn("[upstream_trust] keyfile: unknown key", found)
+
+
+class LogConfigTests(TestCase):
+    """The C{[log]} section (the access log) and the deprecated C{[gateway] access_log}."""
+
+    def test_defaults(self) -> None:
+        """Without [log]: the access log on stdout, as text; nothing deprecated."""
+        config = parse_config(MINIMAL, "gw.ini")
+        self.assertEqual((config.log.access, config.log.format), ("stdout", "text"))
+        self.assertEqual(config.deprecations, ())
+        shipped = load_config(None)
+        self.assertEqual((shipped.log.access, shipped.log.format, shipped.deprecations), ("stdout", "text", ()))
+
+    def test_values(self) -> None:
+        """access is off, stdout or a file in an existing directory; format json or text."""
+        path = os.path.join(self.mktemp() + "-dir", "access.log")
+        os.makedirs(os.path.dirname(path))
+        for access in ("off", "stdout", path):
+            for fmt in ("json", "text"):
+                config = parse_config(MINIMAL + f"[log]\naccess = {access}\nformat = {fmt}\n", "gw.ini")
+                self.assertEqual((config.log.access, config.log.format), (access, fmt))
+
+    def test_bad_values(self) -> None:
+        """A boolean, nothing, a missing directory, a directory or an unknown format: errors naming [log] and the key."""
+        missing = os.path.join(self.mktemp(), "nope", "access.log")
+        for value, words in (("true", "expected off, stdout or the path"), ("", "got nothing"),
+                             (missing, "does not exist"), (ROOT, "is a directory")):
+            [problem] = problems(MINIMAL + f"[log]\naccess = {value}\n")
+            self.assertTrue(problem.startswith("gw.ini: [log] access: "), problem)
+            self.assertIn(words, problem)
+        [problem] = problems(MINIMAL + "[log]\nformat = xml\n")
+        self.assertTrue(problem.startswith("gw.ini: [log] format: "), problem)
+
+    def test_old_access_log_key(self) -> None:
+        """
+        [gateway] access_log is still read, true as access = stdout and false
+        as off, with a deprecation line naming the file, the old key and the new one.
+        """
+        for old, new in (("true", "stdout"), ("false", "off")):
+            config = parse_config(f"[gateway]\naccess_log = {old}\n" + MINIMAL, "gw.ini")
+            self.assertEqual(config.log.access, new)
+            [line] = config.deprecations
+            self.assertTrue(line.startswith("gw.ini: [gateway] access_log is deprecated"), line)
+            self.assertIn(f"[log] access = {new}", line)
+
+    def test_old_and_new_key(self) -> None:
+        """[gateway] access_log next to [log] access is refused: which one wins would be a guess."""
+        [problem] = problems(f"[gateway]\naccess_log = true\n[log]\naccess = off\n" + MINIMAL)
+        self.assertTrue(problem.startswith("gw.ini: [gateway] access_log: replaced by [log] access"), problem)
+
+    def test_check_command_warns(self) -> None:
+        """The check command accepts a file with the old key, with the deprecation as a warning on stderr."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[gateway]\naccess_log = false\n" + MINIMAL)
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            self.assertEqual(check_command([path]), 0)
+        self.assertIn("OK", out.getvalue())
+        self.assertIn(f"warning: {path}: [gateway] access_log is deprecated", err.getvalue())
+
+
+class AdminConfigTests(TestCase):
+    """The C{[admin]} section: the admin token file, read with the configuration."""
+
+    def token_file(self, content: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_no_token(self) -> None:
+        """Without token_file (or empty), no token is asked."""
+        self.assertIsNone(parse_config(MINIMAL, "gw.ini").admin.token)
+        self.assertIsNone(parse_config(MINIMAL + "[admin]\ntoken_file =\n", "gw.ini").admin.token)
+
+    def test_token(self) -> None:
+        """The file's token is read at load time, its line break dropped, and kept out of repr."""
+        path = self.token_file(b"0123456789abcdef-token\n")
+        config = parse_config(MINIMAL + f"[admin]\ntoken_file = {path}\n", "gw.ini")
+        self.assertEqual((config.admin.token_file, config.admin.token), (path, b"0123456789abcdef-token"))
+        self.assertNotIn("0123456789abcdef", repr(config))
+
+    def test_bad_token_files(self) -> None:
+        """A missing file, a short token or one with spaces: an error naming file, [admin] and token_file."""
+        missing = os.path.join(self.mktemp(), "token")
+        for path, words in ((missing, "cannot read"), (self.token_file(b"short\n"), "at least 16"),
+                            (self.token_file(b""), "0 bytes"),
+                            (self.token_file(b"two words in one long token\n"), "without spaces")):
+            [problem] = problems(MINIMAL + f"[admin]\ntoken_file = {path}\n")
+            self.assertTrue(problem.startswith("gw.ini: [admin] token_file: "), problem)
+            self.assertIn(words, problem)

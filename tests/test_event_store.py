@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from aura_proxy.resume.log import MemoryResumeLog, _PyEventStore, _Stream
-from aura_proxy.sse import SseRewriter
+from aura_proxy.sse import EVENT_STORE_ENTRY_BYTES as ENTRY, SseRewriter
 from tests.test_sse_accel import lf_reads
 
 SID = "B" * 21 + "A"
@@ -91,12 +91,20 @@ class _StorageContract:
         of a deque that drops the oldest first, the newest always kept.
         """
         store = self.store_type()(max_events, max_bytes)
+        grown: List[int] = []
+        store.on_grow = grown.append
         model: deque[tuple[int, bytes]] = deque()
         total = 0
         first = 1
         for seq, size in enumerate(sizes, 1):
             block = bytes([seq % 251]) * size
             store.add(seq, block) if seq % 2 else store(seq, block)
+            # The rings never exceed the limits (one larger event aside),
+            # and on_grow is told every byte they reserve.
+            self.assertLessEqual(store.capacity, max([max_bytes] + sizes[:seq]))  # type: ignore[attr-defined]
+            self.assertLessEqual(store.slots, max_events)  # type: ignore[attr-defined]
+            self.assertEqual(sum(grown), store.footprint)  # type: ignore[attr-defined]
+            self.assertEqual(store.footprint, store.capacity + ENTRY * store.slots)  # type: ignore[attr-defined]
             model.append((seq, block))
             total += size
             while len(model) > max_events or (total > max_bytes and len(model) > 1):
@@ -107,6 +115,45 @@ class _StorageContract:
         self.assertEqual(list(store.events_after(after)), [e for e in model if e[0] > after])  # type: ignore[attr-defined]
         self.assertEqual(  # type: ignore[attr-defined]
             (store.first_seq, store.last_seq, store.size), (first, len(sizes), total)
+        )
+
+    def test_capacity_follows_what_is_kept(self) -> None:
+        """
+        A stream at its limits reserves about what it keeps and stops growing:
+        held to max_events (small events) the data ring ends within 1.5x of
+        the bytes kept and never above max_bytes; held to max_bytes (large
+        events) it ends at max_bytes.  After that, nothing grows (on_grow is
+        silent) however many more events come.
+        """
+        for max_events, event, kept_at_most in ((2000, 115, 2000 * 115), (2000, 300, 262144)):
+            store = self.store_type()(max_events, 262144)
+            grown: List[int] = []
+            store.on_grow = grown.append
+            for seq in range(1, 3 * max_events):
+                store.add(seq, b"x" * event)
+            calls = len(grown)
+            for seq in range(3 * max_events, 6 * max_events):
+                store.add(seq, b"x" * event)
+            self.assertEqual(len(grown), calls)  # type: ignore[attr-defined]
+            self.assertLessEqual(store.size, kept_at_most)  # type: ignore[attr-defined]
+            self.assertLessEqual(store.capacity, min(262144, int(store.size * 1.5) + 64))  # type: ignore[attr-defined]
+            self.assertLessEqual(store.footprint, 262144 + ENTRY * max_events)  # type: ignore[attr-defined]
+            self.assertLessEqual(store.slots, min(max_events, int(len(store) * 1.5) + 4))  # type: ignore[attr-defined]
+
+    def test_release(self) -> None:
+        """
+        release() frees the rings and answers the footprint it freed; the
+        store keeps nothing more and replays nothing.
+        """
+        store = self.store_type()(100, 10_000)
+        for seq in range(1, 51):
+            store.add(seq, b"e" * 100)
+        footprint = store.footprint
+        self.assertEqual(store.release(), footprint)  # type: ignore[attr-defined]
+        store.add(51, b"late")
+        self.assertEqual(  # type: ignore[attr-defined]
+            (store.footprint, store.size, len(store), store.ended, store.events_after(0)),
+            (0, 0, 0, True, []),
         )
 
     def test_ended_keeps_nothing_more(self) -> None:
@@ -180,6 +227,47 @@ class CStoreTests(_StorageContract, SynchronousTestCase):
 
     test_keeps_exactly_what_a_deque_would = _deque_property()
 
+    @settings(max_examples=200, deadline=None)
+    @given(
+        sizes=st.lists(st.integers(min_value=0, max_value=300), max_size=400),
+        max_events=st.integers(min_value=1, max_value=50),
+        max_bytes=st.integers(min_value=1, max_value=3000),
+        after=st.integers(min_value=0, max_value=400),
+    )
+    def test_grows_as_the_python_store(self, sizes: List[int], max_events: int, max_bytes: int, after: int) -> None:
+        """
+        Any sizes and limits: the C store reserves exactly what the Python
+        one does (capacity, slots, each growth told to on_grow) and answers
+        the same.
+        """
+        c, py = c_store()(max_events, max_bytes), _PyEventStore(max_events, max_bytes)
+        c_grown: List[int] = []
+        py_grown: List[int] = []
+        c.on_grow, py.on_grow = c_grown.append, py_grown.append
+        for seq, size in enumerate(sizes, 1):
+            block = bytes([seq % 251]) * size
+            c.add(seq, block)
+            py.add(seq, block)
+            self.assertEqual((c.capacity, c.slots, c.size, len(c)), (py.capacity, py.slots, py.size, len(py)))
+        self.assertEqual(c_grown, py_grown)
+        self.assertEqual(c.events_after(after), py.events_after(after))
+        self.assertEqual((c.first_seq, c.last_seq), (py.first_seq, py.last_seq))
+        self.assertEqual(c.release(), py.release())
+
+    def test_release_refused_while_in_use(self) -> None:
+        """A subscriber or on_grow that releases the store it is called by is refused with RuntimeError."""
+        store = c_store()(5, 100)
+        refused: List[BaseException] = []
+
+        def release(*args: object) -> None:
+            try:
+                store.release()
+            except RuntimeError as e:
+                refused.append(e)
+
+        store.on_grow = release
+        store.add(1, b"a")
+        self.assertEqual((len(refused), store.events_after(0)), (1, [(1, b"a")]))
 
     def test_stream_is_the_c_store(self) -> None:
         """The memory log's streams are C stores when it is built, and are their own appender."""

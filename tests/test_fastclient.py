@@ -237,7 +237,7 @@ class RequestSerializationTests(SynchronousTestCase):
         self.assertEqual(h.reactor.tcpClients, [])
 
     def test_fallback(self) -> None:
-        """Other schemes go to the fallback agent; without one they fail."""
+        """Schemes other than http and https go to the fallback agent; without one they fail."""
 
         @implementer(IAgent)
         class Fallback:
@@ -251,10 +251,35 @@ class RequestSerializationTests(SynchronousTestCase):
 
         fallback = Fallback()
         h = Harness(fallback=fallback)  # type: ignore[arg-type]
-        self.assertEqual(self.successResultOf(h.request(b"GET", b"https://x/y")), "fallback")
-        self.assertEqual(fallback.calls, [b"https://x/y"])
+        self.assertEqual(self.successResultOf(h.request(b"GET", b"ftp://x/y")), "fallback")
+        self.assertEqual(fallback.calls, [b"ftp://x/y"])
         from twisted.web.error import SchemeNotSupported
-        self.failureResultOf(Harness().request(b"GET", b"https://x/y"), SchemeNotSupported)
+        self.failureResultOf(Harness().request(b"GET", b"ftp://x/y"), SchemeNotSupported)
+
+    def test_https_connects_through_tls(self) -> None:
+        """
+        An https:// URL is the agent's own: a TCP connection to port 443 by
+        default, wrapped in TLS with the policy's creator for that host and
+        port, pooled apart from http:// (its Host header has no :443).
+        """
+        asked: list[tuple[bytes, int]] = []
+
+        class Policy:
+            def creatorForNetloc(self, hostname: bytes, port: int) -> object:
+                asked.append((hostname, port))
+                from twisted.internet.ssl import optionsForClientTLS
+
+                return optionsForClientTLS(hostname.decode("ascii"))
+
+        h = Harness()
+        h.agent.tls_policy = Policy()  # type: ignore[assignment]
+        h.request(b"GET", b"https://127.0.0.1/y")
+        host, port, factory = h.reactor.tcpClients[0][:3]
+        self.assertEqual((host, port), ("127.0.0.1", 443))
+        self.assertEqual(asked, [(b"127.0.0.1", 443)])
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        self.assertIsInstance(getattr(factory, "_wrappedFactory", factory), TLSMemoryBIOFactory)
 
     def test_provides_iagent(self) -> None:
         """FastAgent provides IAgent."""

@@ -22,7 +22,8 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from aura_proxy import site as site_module
 from aura_proxy.site import (
-    GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, _http_date, client_left, is_secure,
+    MALFORMED_ANSWERED, GatewayChannel, GatewayRequest, GatewayResource, GatewaySite, StockGatewayChannel,
+    _http_date, client_left, is_secure,
 )
 
 
@@ -135,13 +136,30 @@ class GatewayResourceTests(SynchronousTestCase):
             self.assertEqual(transport.written.getvalue(), b"", outcome)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
-    def assertInternalError(self, transport: _Transport) -> None:
-        """The client got a C{500} with the gateway's JSON error body."""
+    def assertInternalError(self, transport: _Transport) -> str:
+        """
+        The client got a C{500} with the gateway's JSON error body, whose
+        request id is the X-Request-ID; return it.
+        """
         head, body = _response(transport)
         self.assertTrue(head.startswith(b"HTTP/1.1 500 "), head)
         self.assertIn(b"content-type: application/json", head.lower())
-        self.assertEqual(json.loads(body)["error"]["code"], "internal_error")
+        error = json.loads(body)["error"]
+        self.assertEqual(error["code"], "internal_error")
+        self.assertIn(f"x-request-id: {error['request_id']}\r\n".encode(), head.lower() + b"\r\n")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        return error["request_id"]  # type: ignore[no-any-return]
+
+    def test_internal_error_names_the_call(self) -> None:
+        """
+        A 500 for a request the gateway had made a call of carries that
+        call's request id (the id of its history row, if it has one).
+        """
+        served: Deferred[None] = Deferred()
+        request, transport, _ = self.render(served)
+        request.request_id = "0190a0b0-0000-7000-8000-000000000001"  # type: ignore[attr-defined]
+        served.errback(ZeroDivisionError("boom"))
+        self.assertEqual(self.assertInternalError(transport), "0190a0b0-0000-7000-8000-000000000001")
 
     def test_raised(self) -> None:
         """A gateway that raises gives a JSON 500, and the traceback is logged."""
@@ -230,7 +248,11 @@ class ProcessTests(SynchronousTestCase):
         self.assertIn(date, {datetimeToString(t) for t in range(before, after + 1)})
 
     def test_render_error(self) -> None:
-        """A resource that raises gives twisted.web's 500, and the error is logged."""
+        """
+        A resource that raises gives the gateway's JSON 500 with a request
+        id (body and X-Request-ID), not twisted.web's HTML page, and the
+        error is logged.
+        """
 
         class Broken(_Recorder):
             def render(self, request: Request) -> object:
@@ -243,6 +265,10 @@ class ProcessTests(SynchronousTestCase):
         request.uri = request.path = b"/x"
         request.process()
         self.assertEqual(request.code, 500)
+        head, _, body = channel.transport.written.getvalue().partition(b"\r\n\r\n")
+        error = json.loads(body)["error"]
+        self.assertEqual(error["code"], "internal_error")
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"x-request-id"), [error["request_id"].encode()])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_date_once_a_second(self) -> None:
@@ -265,7 +291,11 @@ class ChannelTests(SynchronousTestCase):
         self.assertIs(protocol._channel.requestFactory, site.requestFactory)
 
     def test_stock_channel_without_fast_path(self) -> None:
-        """With fast_path off, or without twisted.web's wrapper as expected, the site's channels are twisted.web's own."""
+        """
+        With fast_path off the site's channels write as twisted.web's own
+        (only their answer to malformed HTTP is the gateway's); without
+        twisted.web's wrapper as expected, they are twisted.web's own.
+        """
         from twisted.web.http import HTTPChannel
 
         from tests.test_twisted_internals import switched_off
@@ -274,7 +304,8 @@ class ChannelTests(SynchronousTestCase):
         Site.__init__(site, _Recorder())  # type: ignore[arg-type]
         site.fast_path = False
         channel = site.buildProtocol(None)._channel
-        self.assertIs(type(channel), HTTPChannel)
+        self.assertIs(type(channel), StockGatewayChannel)
+        self.assertIs(StockGatewayChannel.writeHeaders, HTTPChannel.writeHeaders)
         self.assertIs(channel.site, site)
         site.fast_path = True
         switched_off(self, "channel_protocol")
@@ -335,3 +366,77 @@ class ChannelTests(SynchronousTestCase):
         self.assertFalse(is_secure(request))
         request.isSecure = lambda: True  # type: ignore[method-assign]
         self.assertTrue(is_secure(request))
+
+
+class _RejectingGateway:
+    """Stands in for L{aura_proxy.proxy.Gateway} at the site's body limit: records, gives the call's id."""
+
+    def __init__(self) -> None:
+        self.rejected: list[tuple[Request, object]] = []
+
+    def rejected_body(self, request: Request, error: object) -> tuple[object, str]:
+        self.rejected.append((request, error))
+        request.responseHeaders.setRawHeaders(b"access-control-allow-origin", [b"http://app.example"])
+        return error, "0190a0b0-0000-7000-8000-000000000413"
+
+    def handle(self, request: Request) -> "Deferred[None]":
+        raise AssertionError("a refused request never reaches the path")
+
+
+def _head_and_error(transport: StringTransport) -> tuple[bytes, dict[str, object]]:
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return head, json.loads(body)["error"]  # type: ignore[no-any-return]
+
+
+class SiteErrorTests(SynchronousTestCase):
+    """Errors the site answers before the request path: each carries a request id (docs/errors.md)."""
+
+    def connect(self, fast_path: bool = True, limit: int = 0) -> tuple[object, StringTransport, _RejectingGateway]:
+        gateway = _RejectingGateway()
+        site = GatewaySite.__new__(GatewaySite)
+        Site.__init__(site, GatewayResource(gateway))  # type: ignore[arg-type]
+        site.gateway = gateway  # type: ignore[assignment]
+        site.fast_path, site.max_request_body = fast_path, limit
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        return protocol, transport, gateway
+
+    def test_body_too_large_has_the_rows_request_id(self) -> None:
+        """
+        A body over max_request_body is a 413 whose body and X-Request-ID
+        carry the request id of the call's history row, with the CORS
+        headers the gateway set.
+        """
+        protocol, transport, gateway = self.connect(limit=10)
+        protocol.dataReceived(  # type: ignore[attr-defined]
+            b"POST /api/aura/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 11\r\n\r\n")
+        head, error = _head_and_error(transport)
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        self.assertEqual((error["code"], error["request_id"]),
+                         ("body_too_large", "0190a0b0-0000-7000-8000-000000000413"))
+        self.assertIn(b"\r\nX-Request-ID: 0190a0b0-0000-7000-8000-000000000413\r\n", head + b"\r\n")
+        self.assertIn(b"\r\nAccess-Control-Allow-Origin: http://app.example\r\n", head + b"\r\n")
+        self.assertEqual(len(gateway.rejected), 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_malformed_http_answered_as_json(self) -> None:
+        """
+        A bad request line, a bad header and a line too long are each a JSON
+        400 bad_request with a request id (body and X-Request-ID), then the
+        connection closes; with fast_path off too.
+        """
+        self.assertTrue(MALFORMED_ANSWERED)
+        for fast_path in (True, False):
+            for data in (b"NOT HTTP AT ALL\r\n\r\n",
+                         b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+                         b"GET /" + b"a" * 70000):
+                protocol, transport, gateway = self.connect(fast_path)
+                protocol.dataReceived(data)  # type: ignore[attr-defined]
+                head, error = _head_and_error(transport)
+                self.assertTrue(head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (fast_path, data[:20], head))
+                self.assertEqual(error["code"], "bad_request")
+                self.assertIn(f"\r\nX-Request-ID: {error['request_id']}\r\n".encode(), head + b"\r\n")
+                self.assertTrue(transport.disconnecting)
+                self.assertEqual(gateway.rejected, [])

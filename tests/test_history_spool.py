@@ -111,3 +111,32 @@ class SpoolTests(TestCase):
         chunk = Spool(self.dir).read(10)
         assert chunk is not None
         self.assertEqual(chunk.rows, [row, ("old",) + (None,) * (len(COLUMNS) - 1)])
+
+
+class OlderSpoolTests(TestCase):
+    """A spool left by a gateway of the previous schema."""
+
+    def test_rows_of_the_previous_schema_replay(self) -> None:
+        """
+        A segment written before migration 3 (no stream id, no detached tail
+        in its lines) is read by this release: every row whole, the new
+        columns NULL, into a database that now has them.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        old_columns = COLUMNS[:COLUMNS.index("stream_id")]
+        line = {name: None for name in old_columns}
+        line.update(id="old-1", created_at="2026-01-01T00:00:00.000000+00:00", method="GET",
+                    path="/api/aura/s", status_code=200, latency_ms=5.0, is_stream=True, event_count=3)
+        with open(os.path.join(directory, "history-0000000000000007.jsonl"), "w") as f:
+            f.write(json.dumps(line) + "\n")
+        spool = Spool(directory)
+        self.assertEqual(spool.open(), 1)
+        chunk = spool.read(10)
+        assert chunk is not None
+        [row] = chunk.rows
+        named = dict(zip(COLUMNS, row))
+        self.assertEqual((named["id"], named["event_count"], named["is_stream"]), ("old-1", 3, True))
+        for column in ("stream_id", "resumed_after", "detached_event_count", "detached_ms"):
+            self.assertIsNone(named[column], column)
+        self.assertEqual(chunk.bad, 0)

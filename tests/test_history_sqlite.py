@@ -17,9 +17,19 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from aura_proxy.history import HistoryService
-from aura_proxy.history.schema import COLUMNS, insert_sql, load_migrations, to_row
+from aura_proxy.history.schema import COLUMNS, load_migrations, to_row
 from aura_proxy.history.sqlite import SQLiteBackend, sqlite_path
 from tests.history_helpers import history_config, make_record, make_stream_record, segments
+
+
+#: The columns of the schema's first two migrations, before migration 3.
+V1_COLUMNS = COLUMNS[:COLUMNS.index("stream_id")]
+
+
+def insert_v1(conn: sqlite3.Connection, table: str, row: Any) -> None:
+    """Store C{row}'s values of the first schema's columns, as a gateway of that time did."""
+    marks = ", ".join("?" * len(V1_COLUMNS))
+    conn.execute(f"INSERT INTO {table} ({', '.join(V1_COLUMNS)}) VALUES ({marks})", row[:len(V1_COLUMNS)])
 
 
 class SQLiteTests(TestCase):
@@ -73,7 +83,9 @@ class SQLiteTests(TestCase):
         self.assertTrue(
             {f"{self.table}_created_at_idx", f"{self.table}_tenant_created_idx"} <= indexes
         )
-        self.assertEqual(self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,)])
+        self.assertEqual(
+            self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,), (3,)]
+        )
 
     async def test_trace_lookup_uses_partial_index(self) -> None:
         """A lookup by trace id uses the trace index, which holds traced calls only."""
@@ -106,16 +118,78 @@ class SQLiteTests(TestCase):
             "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
         conn.execute(f"INSERT INTO {self.table}_schema_version VALUES (1, 'v1', 'then')")
-        conn.execute(insert_sql(self.table, "qmark", 1), to_row(make_record(7), 64))
+        insert_v1(conn, self.table, to_row(make_record(7), 64))
         conn.close()
         b = self.backend()
         await b.connect()
-        self.assertEqual(self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,)])
+        self.assertEqual(
+            self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,), (3,)]
+        )
         self.assertEqual(self.query(f"SELECT id, trace_id FROM {self.table}"), [("req-000007", "trace-7")])
         (sql,), = self.query(
             "SELECT sql FROM sqlite_master WHERE name = ?", f"{self.table}_trace_idx"
         )
         self.assertIn("WHERE trace_id IS NOT NULL", sql)
+
+    def old_schema_file(self, migrations: int = 2) -> None:
+        """
+        The test database as a gateway of an earlier release left it: the
+        first C{migrations} migrations applied, one row of that time stored.
+        """
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        conn.execute(
+            f"CREATE TABLE {self.table}_schema_version ("
+            "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        for migration in load_migrations("sqlite", self.table)[:migrations]:
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO {self.table}_schema_version VALUES (?, ?, 'then')",
+                (migration.version, migration.description),
+            )
+        insert_v1(conn, self.table, to_row(make_stream_record(7), 64))
+        conn.close()
+
+    async def test_old_schema_gains_the_stream_columns(self) -> None:
+        """
+        A database of the previous schema (no stream id, no detached tail) is
+        migrated at start: the columns are added, the old row is kept with
+        them NULL, and rows with the new figures are stored.
+        """
+        self.old_schema_file()
+        self.assertNotIn("stream_id", [r[1] for r in self.query(f"PRAGMA table_info({self.table})")])
+        b = self.backend()
+        await b.connect()
+        self.assertEqual(tuple(r[1] for r in self.query(f"PRAGMA table_info({self.table})")), COLUMNS)
+        self.assertEqual(
+            self.query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,), (3,)]
+        )
+        new = to_row(make_stream_record(8, stream_id="S1", resumed_after=4,
+                                        detached_event_count=6, detached_ms=1500.0), 64)
+        self.assertEqual(await b.insert([new]), 1)
+        self.assertEqual(
+            self.query(f"SELECT id, event_count, stream_id, resumed_after, detached_event_count, "
+                       f"detached_ms FROM {self.table} ORDER BY id"),
+            [("req-000007", 42, None, None, None, None), ("req-000008", 42, "S1", 4, 6, 1500.0)],
+        )
+        indexes = {r[1] for r in self.query(f"PRAGMA index_list({self.table})")}
+        self.assertIn(f"{self.table}_stream_idx", indexes)
+
+    async def test_column_already_there_is_not_added_again(self) -> None:
+        """
+        A table that already has one of the new columns (added by hand before
+        the upgrade) is migrated all the same: only the missing ones are added.
+        """
+        self.old_schema_file()
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        conn.execute(f"ALTER TABLE {self.table} ADD COLUMN stream_id TEXT")
+        conn.close()
+        b = self.backend()
+        await b.connect()
+        columns = [r[1] for r in self.query(f"PRAGMA table_info({self.table})")]
+        self.assertEqual(sorted(columns), sorted(COLUMNS))
+        self.assertEqual(await b.insert([to_row(make_stream_record(8, stream_id="S1"), 64)]), 1)
 
     async def test_round_trip_and_idempotent(self) -> None:
         """Values are stored as given (stream NULLs included); a repeated id is ignored."""
@@ -156,8 +230,8 @@ class SQLiteTests(TestCase):
 
     async def test_small_variable_limit(self) -> None:
         """
-        Under an SQLite built with the old limit of 999 bound values (45 rows
-        a statement), batches are split to fit.
+        Under an SQLite built with the old limit of 999 bound values (38 rows
+        of 26 columns a statement), batches are split to fit.
         """
         connect = sqlite3.connect
 
@@ -169,7 +243,7 @@ class SQLiteTests(TestCase):
         self.patch(sqlite3, "connect", old_library)
         b = self.backend()
         await b.connect()
-        self.assertEqual(b._rows_per_statement, 45)
+        self.assertEqual(b._rows_per_statement, 999 // len(COLUMNS))
         self.assertEqual(await b.insert([to_row(make_record(i), 64) for i in range(100)]), 100)
 
     async def test_bad_value_is_row_error(self) -> None:

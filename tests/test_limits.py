@@ -6,6 +6,7 @@ like Redis), and the section's configuration.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
@@ -245,9 +246,7 @@ class LaterStageTests(TestCase):
         h = Harness(upstream, limited(**keys))
         store = LaterStore()
         h.gateway.limits = store
-        h.gateway._services = type(h.gateway._services)(
-            h.gateway._services.clock, h.gateway._services.client, h.gateway._services.history,
-            h.gateway._services.resume, h.gateway._services.streams, store)
+        h.gateway._services = dataclasses.replace(h.gateway._services, limits=store)
         h.gateway.use(h.gateway.config)
         return h, store, upstream
 

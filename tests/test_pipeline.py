@@ -210,26 +210,55 @@ class PipelineTests(TestCase):
         """
         A request the site refused for its body size is recorded with the
         tenant, path and route the classifying stages find, and the size of
-        the 413 answer; the part of the body that arrived is not counted (as before).
+        the 413 answer; the part of the body that arrived is not counted (as
+        before).  Its request id, for the answer, is the row's.
         """
         h = Harness(Echo())
         error = errors.body_too_large(10)
         request = bare_request(b"/api/aura/x?q=1")
         request.content = BytesIO(b"the part that came before the limit")
-        h.gateway.rejected_body(request, error)
+        answer, request_id = h.gateway.rejected_body(request, error)
+        self.assertIs(answer, error)
         [row] = h.history.records
         self.assertEqual(
             (row.status_code, row.route, row.tenant_id, row.path, row.query_string,
              row.request_size_bytes, row.response_size_bytes),
-            (413, "aura", "t1", "/api/aura/x", "q=1", 0, len(error.body())),
+            (413, "aura", "t1", "/api/aura/x", "q=1", 0, len(error.body(request_id))),
         )
+        self.assertEqual(row.id, request_id)
 
     def test_rejected_body_on_a_malformed_path(self) -> None:
-        """A rejected request whose path cannot be routed is recorded without a route."""
+        """
+        A request with a body over the limit whose path is malformed is
+        refused for its path (400 bad_request, the earlier check), recorded
+        without a route.
+        """
         h = Harness(Echo(), CONFIG + "[route:all]\npath = /**\nupstream = http://all.internal\n")
-        h.gateway.rejected_body(bare_request(b"/a/../b"), errors.body_too_large(10))
+        answer, _ = h.gateway.rejected_body(bare_request(b"/a/../b"), errors.body_too_large(10))
+        self.assertEqual((answer.status, answer.code), (400, "bad_request"))
         [row] = h.history.records
-        self.assertEqual((row.status_code, row.route), (413, None))
+        self.assertEqual((row.status_code, row.route), (400, None))
+
+    def test_unrouted_path_is_404_whatever_its_body(self) -> None:
+        """
+        The routing check comes before the body limit: a body over the limit
+        to a path no route matches is 404 no_route, recorded so, not 413.
+        """
+        h = Harness(Echo())
+        answer, request_id = h.gateway.rejected_body(bare_request(b"/nowhere"), errors.body_too_large(10))
+        self.assertEqual((answer.status, answer.code), (404, "no_route"))
+        [row] = h.history.records
+        self.assertEqual((row.id, row.status_code, row.response_size_bytes),
+                         (request_id, 404, len(answer.body(request_id))))
+
+    def test_rejected_body_gets_the_cors_headers(self) -> None:
+        """An allowed origin's refused body gets the gateway's CORS headers, so that a browser can read the 413."""
+        h = Harness(Echo())
+        request = bare_request(b"/api/aura/x")
+        request.requestHeaders.setRawHeaders(b"origin", [b"http://localhost:3000"])
+        h.gateway.rejected_body(request, errors.body_too_large(10))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"access-control-allow-origin"),
+                         [b"http://localhost:3000"])
 
     def test_only_classifying_stages_run_for_a_rejected_body(self) -> None:
         """The stages marked as classifying are tenant, identity, path and route."""

@@ -26,6 +26,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from treq.testing import RequestTraversalAgent, StubTreq
 from zope.interface import implementer
 
+from aura_proxy.access_log import text_line
 from aura_proxy.config import parse_config
 from aura_proxy.fastclient import _Response
 from aura_proxy.history.record import CallRecord
@@ -135,14 +136,17 @@ class ControlledAgent:
 class Harness:
     """A gateway over an in-memory upstream, with a fake clock and history."""
 
-    def __init__(self, upstream: Any, config: str = CONFIG, resume: bool = False) -> None:
+    def __init__(self, upstream: Any, config: str = CONFIG, resume: bool = False, access: bool = False) -> None:
         self.clock = Clock()
         self.history = History()
         self.log = MemoryResumeLog(self.clock, 60, 100, 100000) if resume else None
         self.agent = upstream if IAgent.providedBy(upstream) else RequestTraversalAgent(upstream)
         client = UpstreamClient(self.clock, 5, 10, agent=self.agent)
+        #: The access-log lines, with C{access}.
+        self.lines: list[str] = []
         self.gateway = Gateway(
-            parse_config(config, "test.ini"), self.clock, client, self.history, self.log)  # type: ignore[arg-type]
+            parse_config(config, "test.ini"), self.clock, client, self.history, self.log,  # type: ignore[arg-type]
+            self.lines.append if access else None)
         self.client = StubTreq(self.gateway.resource())
 
     def flush(self) -> None:
@@ -237,6 +241,51 @@ class ErrorTests(TestCase):
         self.assertEqual(response.code, 504)
         self.assertEqual(h.json(response)["error"]["code"], "upstream_timeout")
         self.assertEqual(agent.cancelled, 1)
+
+
+class AccessLogTests(TestCase):
+    """The access log's end stage in the pipeline."""
+
+    def test_one_line_per_call_from_its_row(self) -> None:
+        """Every call, answered upstream or refused, gives one line: the same row as its history record."""
+        h = Harness(Echo(), access=True)
+        self.assertEqual(h.request("GET", "/api/aura/x?a=1", headers=TENANT).code, 200)
+        self.assertEqual(h.request("GET", "/nowhere", headers=TENANT).code, 404)
+        self.assertEqual(len(h.lines), 2)
+        for line, row in zip(h.lines, h.history.records):
+            self.assertEqual(line, text_line(row))
+        self.assertIn('"GET /api/aura/x?a=1" 200 ', h.lines[0])
+
+    def test_stream_line_when_it_ends(self) -> None:
+        """A stream's line comes when it ends, not per event."""
+        upstream = Stream()
+        h = Harness(upstream, access=True)
+        response = h.request("GET", "/api/aura/stream", headers=TENANT, unbuffered=True)
+        h.client.collect(response, lambda data: None)
+        assert upstream.request is not None
+        for _ in range(3):
+            upstream.request.write(b"data: x\n\n")
+            h.flush()
+        self.assertEqual(h.lines, [])
+        upstream.request.finish()
+        h.flush()
+        [line] = h.lines
+        self.assertIn(" stream first_event=", line)
+        self.assertIn(" events=3 end=completed ", line)
+
+    def test_off(self) -> None:
+        """Without an access log (access = off) there is no such end stage."""
+        h = Harness(Echo())
+        self.assertEqual([type(s).__name__ for s in h.gateway.pipeline.ended], ["Record"])
+        self.assertEqual(
+            [type(s).__name__ for s in Harness(Echo(), access=True).gateway.pipeline.ended], ["Record", "AccessLog"])
+
+    def test_format(self) -> None:
+        """[log] format = json gives JSON lines."""
+        h = Harness(Echo(), config=CONFIG + "\n[log]\nformat = json\n", access=True)
+        h.request("GET", "/api/aura/x", headers=TENANT)
+        [line] = h.lines
+        self.assertEqual(json.loads(line)["request_id"], h.history.records[0].id)
 
 
 class ForwardTests(TestCase):
@@ -387,7 +436,7 @@ class StreamTests(TestCase):
         self.assertEqual(without_ids(b"".join(received)), b"data: one\n\ndata: two\n\n")
 
     def test_stream_summary_row(self) -> None:
-        """A stream is one history row when it ends, with NULL sizes and query."""
+        """A stream is one history row when it ends: no query nor request size, the bytes and events delivered."""
         h, upstream, _, _ = self.open()
         assert upstream.request is not None
         upstream.request.write(b"data: one\n\n")
@@ -397,9 +446,13 @@ class StreamTests(TestCase):
         h.flush()
         [row] = h.history.records
         self.assertTrue(row.is_stream)
-        self.assertEqual((row.query_string, row.request_size_bytes, row.response_size_bytes),
-                         (None, None, None))
+        self.assertEqual((row.query_string, row.request_size_bytes), (None, None))
         self.assertEqual(row.end_reason, "completed")
+        # What the client got: the event (with its gateway id), whole.
+        self.assertEqual(row.event_count, 1)
+        self.assertGreater(row.response_size_bytes or 0, len(b"data: one\n\n"))
+        self.assertIsNone(row.detached_event_count)
+        self.assertIsNotNone(row.stream_id)
 
     def test_cancel_before_headers(self) -> None:
         """
@@ -546,6 +599,98 @@ class ResumeTests(TestCase):
         _, second = self.get({"X-Tenant-ID": "t1", "Last-Event-ID": first_id})
         self.assertEqual(without_ids(b"".join(second)), b"data: 2\n\ndata: 3\n\n")
         self.assertEqual(len(self.upstream.requests), 1)
+
+    def raw_stream(self) -> tuple[Request, Deferred[None]]:
+        """A stream request served without a treq client, so that the test can make it leave."""
+        request = Request(DummyChannel())
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        request.uri = request.path = b"/api/aura/stream"
+        request.content = BytesIO()
+        request.requestHeaders.addRawHeader(b"x-tenant-id", b"t1")
+        d = self.h.gateway.handle(request)
+        self.h.flush()
+        return request, d
+
+    def test_detached_stream_row_says_what_the_client_got(self) -> None:
+        """
+        A client that reads one event and leaves: its row, written when the
+        detached tail ends, counts the one event delivered, the time and
+        bytes until it left, and the two events read after it left as the
+        detached tail; a resume of it is a second row of the same stream
+        with the other two, so the stream's rows sum to its three events.
+        """
+        request, d = self.raw_stream()
+        self.emit(b"data: 1\n\n")
+        written = request.channel.transport.written.getvalue()  # type: ignore[union-attr]
+        [first_id] = ids(written.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"\n"))
+        self.h.clock.advance(2)
+        d.cancel()  # the client leaves
+        self.failureResultOf(d, CancelledError)
+        self.h.clock.advance(3)
+        self.emit(b"data: 2\n\n")
+        self.emit(b"data: 3\n\n")
+        self.assertEqual(self.h.history.records, [])  # not before the tail ends
+        self.h.clock.advance(1)
+        self.upstream.requests[0].finish()
+        self.h.flush()
+        [first] = self.h.history.records
+        self.assertEqual(
+            (first.event_count, first.latency_ms, first.end_reason, first.detached_event_count,
+             first.detached_ms, first.resumed_after),
+            (1, 2000.0, "client_disconnect", 2, 4000.0, None),
+        )
+        self.assertEqual(first.stream_id, first_id.split(".")[0])
+        self.assertGreater(first.response_size_bytes or 0, len(b"data: 1\n\n"))
+        self.assertLess(first.response_size_bytes or 0, 2 * len(first_id.encode()) + 30)
+        _, second = self.get({"X-Tenant-ID": "t1", "Last-Event-ID": first_id})
+        self.assertEqual(without_ids(b"".join(second)), b"data: 2\n\ndata: 3\n\n")
+        _, again = self.h.history.records
+        self.assertEqual(
+            (again.stream_id, again.resumed_after, again.event_count, again.detached_event_count,
+             again.response_size_bytes),
+            (first.stream_id, 1, 2, None, len(b"".join(second))),
+        )
+        self.assertEqual(first.event_count + again.event_count, 3)
+
+    def test_tail_ends_at_resume_ttl(self) -> None:
+        """
+        A detached stream whose upstream goes on is closed at resume_ttl: its
+        one row is written then, with the tail read until that moment.
+        """
+        request, d = self.raw_stream()
+        self.emit(b"data: 1\n\n")
+        self.emit(b"data: 2\n\n")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        for n in range(3, 8):
+            self.emit(b"data: %d\n\n" % n)
+        self.h.clock.advance(60)
+        self.h.flush()
+        [row] = self.h.history.records
+        self.assertEqual(
+            (row.event_count, row.detached_event_count, row.detached_ms, row.latency_ms),
+            (2, 5, 60000.0, 0.0),
+        )
+
+    def test_closed_on_disconnect_has_no_tail(self) -> None:
+        """With on_client_disconnect = cancel, a client that leaves ends the stream: no tail figure."""
+        h = Harness(self.upstream, CONFIG + "[sse]\nresume = memory\non_client_disconnect = cancel\n",
+                    resume=True)
+        request = Request(DummyChannel())
+        request.method, request.clientproto = b"GET", b"HTTP/1.1"
+        request.uri = request.path = b"/api/aura/stream"
+        request.content = BytesIO()
+        request.requestHeaders.addRawHeader(b"x-tenant-id", b"t1")
+        d = h.gateway.handle(request)
+        h.flush()
+        self.upstream.requests[0].write(b"data: 1\n\n")
+        h.flush()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        h.flush()
+        [row] = h.history.records
+        self.assertEqual((row.event_count, row.detached_event_count, row.detached_ms, row.end_reason),
+                         (1, None, None, "client_disconnect"))
 
     def test_tenant_from_query(self) -> None:
         """

@@ -225,6 +225,39 @@ class FlowTests(_RelayCase):
         self.assertEqual(reasons, ["client_disconnect"])
         self.assertFalse(request.finished)
 
+    def test_delivered_stops_when_the_client_leaves(self) -> None:
+        """
+        The relay counts what the client got apart from what it read: events
+        and bytes written before the client left, the moment it left, and
+        (detached) the events read into the log after that.
+        """
+        relay, request, upstream, clock = self.start(transform=Upper(), detach_seconds=30)
+        relay.dataReceived(b"one")
+        relay.dataReceived(b"two")
+        self.assertEqual((relay.delivered, relay.detached_events, relay.left_at), (2, None, None))
+        clock.advance(4)
+        relay.client_gone()
+        self.assertEqual((relay.left_at, relay.detached_at), (4.0, 4.0))
+        self.assertEqual(upstream.state, "producing")
+        relay.dataReceived(b"three")
+        relay.dataReceived(b"four")
+        relay.dataReceived(b"five")
+        self.assertEqual(request.written, [b"ONE", b"TWO"])
+        self.assertEqual((relay.events, relay.delivered, relay.detached_events, relay.sent), (5, 2, 3, 6))
+        end(relay)
+        self.assertEqual((relay.delivered, relay.detached_events, relay.sent), (2, 3, 6))
+
+    def test_left_without_detaching(self) -> None:
+        """A client that leaves a relay that does not detach: delivered is frozen, and there is no tail."""
+        relay, _, upstream, clock = self.start(transform=Upper())
+        relay.dataReceived(b"one")
+        clock.advance(1)
+        relay.client_gone()
+        self.assertEqual(upstream.state, "stopped")
+        end(relay, ResponseFailed([Failure(Exception("closed"))]))
+        self.assertEqual((relay.delivered, relay.detached_events, relay.left_at, relay.detached_at),
+                         (1, None, 1.0, None))
+
     def test_stop_producing_only_pauses(self) -> None:
         """
         The client transport's stopProducing (its connection closing) only
@@ -430,3 +463,98 @@ class CoreTests(_RelayCase):
         self.assertRaises(TypeError, relay.dataReceived, "text")
         relay._feed = lambda data: "text"  # type: ignore[assignment,return-value]
         self.assertRaises(TypeError, relay.dataReceived, b"x")
+
+
+class Seq:
+    """A stamper's counter: C{seq} is how many events it has stamped."""
+
+    seq = 0
+
+
+class MeterTests(_RelayCase):
+    """The relay's metering (L{aura_proxy.metrics}): per read, the events the client got."""
+
+    def metered(self, source: Any = None, stall_after: float = 5.0) -> tuple[Relay, FakeRequest, Clock]:
+        relay, request, _, clock = self.start(idle=300, beat=0)
+        relay._meter((0.5, 1.0, 10.0), stall_after, source)
+        return relay, request, clock
+
+    def test_off_by_default(self) -> None:
+        """Without _meter nothing is counted."""
+        relay, _, _, _ = self.start()
+        relay.dataReceived(b"data: x\n\n")
+        self.assertEqual((relay._metered, relay._events_out), (False, 0))
+
+    def test_writes_are_events_without_a_source(self) -> None:
+        """Without a stamper each write is one event; gaps land in their buckets, +Inf last."""
+        relay, _, clock = self.metered()
+        clock.advance(2)
+        relay.dataReceived(b"a")
+        clock.advance(0.5)
+        relay.dataReceived(b"b")
+        clock.advance(30)
+        relay.dataReceived(b"c")
+        self.assertEqual(relay._events_out, 3)
+        self.assertEqual(relay._first_event_at, 2.0)
+        self.assertEqual(relay._last_event_at, 32.5)
+        self.assertEqual(relay._gap_counts(), (1, 0, 0, 1))
+        self.assertEqual(relay._gap_sum, 30.5)
+        self.assertEqual(relay._stalls, 1)
+
+    def test_source_counts_events(self) -> None:
+        """With a stamper, a read counts the events it stamped; the others of that read had no gap."""
+        source = Seq()
+        relay, _, clock = self.metered(source)
+        source.seq = 3
+        relay.dataReceived(b"three events")
+        clock.advance(1)
+        relay.dataReceived(b": a comment, no event")
+        source.seq = 4
+        clock.advance(1)
+        relay.dataReceived(b"one more")
+        self.assertEqual(relay._events_out, 4)
+        self.assertEqual(relay._gap_counts(), (2, 0, 1, 0))
+        self.assertEqual(relay._last_event_at, 2.0)
+
+    def test_stall_counted_once(self) -> None:
+        """A silence noted as a stall (timer, scrape) is not counted again by the event that ends it."""
+        relay, _, clock = self.metered()
+        relay.dataReceived(b"a")
+        clock.advance(6)
+        self.assertTrue(relay.note_stall(clock.seconds()))
+        self.assertTrue(relay.note_stall(clock.seconds()))
+        self.assertEqual(relay._stalls, 1)
+        relay.dataReceived(b"b")
+        self.assertEqual(relay._stalls, 1)
+        self.assertFalse(relay._stall_open)
+        clock.advance(6)
+        relay.dataReceived(b"c")
+        self.assertEqual(relay._stalls, 2)
+
+    def test_nothing_counted_after_the_client_left(self) -> None:
+        """Reads after the client is gone (detached) are not delivered: not counted."""
+        relay, _, clock = self.metered()
+        relay.dataReceived(b"a")
+        relay._client_gone = True
+        relay.dataReceived(b"b")
+        self.assertEqual((relay._events_out, relay.sent), (1, 1))
+
+    def test_bad_bounds(self) -> None:
+        """Gap bounds must ascend."""
+        relay, _, _, _ = self.start()
+        self.assertRaises(ValueError, relay._meter, (1.0, 0.5), 5.0, None)
+
+    def test_heartbeats_counted(self) -> None:
+        """Each heartbeat written is counted."""
+        relay, request, _, clock = self.start(beat=15)
+        clock.advance(15)
+        clock.advance(15)
+        self.assertEqual(relay.heartbeats, request.written.count(HEARTBEAT))
+        self.assertEqual(relay.heartbeats, 2)
+
+
+class PyMeterTests(MeterTests):
+    """L{MeterTests} on the Python per-read step."""
+
+    relay_class = PyRelay
+    skip = None

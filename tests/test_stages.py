@@ -572,10 +572,11 @@ class RecordTests(SynchronousTestCase):
         self.stage = Record(C.headers, self.clock, self.history)  # type: ignore[arg-type]
 
     def test_plain_call(self) -> None:
-        """A plain call's row: identity, sizes, query, status, latency and the configured defaults."""
+        """A forwarded plain call's row: identity, sizes, query, status, latency and the defaults it went upstream with."""
         call = make_call(b"/api/aura/x?q=1", method=b"POST", X_Tenant_ID="t1", User_Agent="ua",
                          X_Trace_ID="tr")
         call.route, call.status, call.response_size = C.routes[0], 201, 7
+        call.upstream_call = Deferred()  # it went upstream
         self.stage.ended(call.request, call)
         [row] = self.history.records
         self.assertEqual(
@@ -587,24 +588,96 @@ class RecordTests(SynchronousTestCase):
         )
 
     def test_relayed_stream(self) -> None:
-        """A relayed stream's row has no sizes nor query, but its events, first event time and end reason."""
+        """
+        A relayed stream's row has no query nor request size, but the bytes
+        and events delivered, first event time, end reason and stream id;
+        no detached tail.
+        """
         class Relay:
-            first_write_at, events, sent = 100.25, 3, 99
+            first_write_at, delivered, sent, left_at, detached_at = 100.25, 3, 99, None, None
 
         call = make_call(b"/api/aura/s?q=1", X_Tenant_ID="t1")
         call.status, call.is_sse, call.end_reason = 200, True, "idle_timeout"
+        call.stream_id = "S1"
         call.relay = Relay()  # type: ignore[assignment]
         row = self.stage.row(call.request, call)
         self.assertEqual(
             (row.is_stream, row.query_string, row.request_size_bytes, row.response_size_bytes,
-             row.first_event_ms, row.event_count, row.end_reason),
-            (True, None, None, None, 250.0, 3, "idle_timeout"),
+             row.first_event_ms, row.event_count, row.end_reason, row.latency_ms),
+            (True, None, None, 99, 250.0, 3, "idle_timeout", 500.0),
         )
+        self.assertEqual(
+            (row.stream_id, row.resumed_after, row.detached_event_count, row.detached_ms),
+            ("S1", None, None, None),
+        )
+
+    def test_detached_stream(self) -> None:
+        """
+        A detached stream's row says what the client got until it left
+        (events, bytes, latency to the moment it left) and the tail the
+        gateway read after that as figures of their own.
+        """
+        class Relay:
+            first_write_at, delivered, sent = 100.25, 3, 99
+            left_at = detached_at = 102.0
+            detached_events = 61
+
+        call = make_call(b"/api/aura/s", X_Tenant_ID="t1")
+        call.status, call.is_sse, call.end_reason = 200, True, "client_disconnect"
+        call.stream_id = "S1"
+        call.relay = Relay()  # type: ignore[assignment]
+        self.clock.advance(30)  # the tail ends at resume_ttl
+        row = self.stage.row(call.request, call)
+        self.assertEqual(
+            (row.event_count, row.response_size_bytes, row.latency_ms, row.first_event_ms,
+             row.detached_event_count, row.detached_ms, row.end_reason, row.stream_id),
+            (3, 99, 2000.0, 250.0, 61, 28500.0, "client_disconnect", "S1"),
+        )
+
+    def test_replayed_stream(self) -> None:
+        """A replayed (resumed) stream's row names the stream it continues and the id it resumed after."""
+        class Replay:
+            first_write_at, events, sent = 100.25, 6, 120
+
+        call = make_call(b"/api/aura/s", X_Tenant_ID="t1")
+        call.status, call.end_reason = 200, "completed"
+        call.stream_id, call.resumed_after = "S1", 4
+        call.replay = Replay()  # type: ignore[assignment]
+        row = self.stage.row(call.request, call)
+        self.assertEqual(
+            (row.is_stream, row.event_count, row.response_size_bytes, row.stream_id, row.resumed_after,
+             row.detached_event_count),
+            (True, 6, 120, "S1", 4, None),
+        )
+
+    def test_refused_call_records_what_the_client_sent(self) -> None:
+        """
+        A call refused before it went upstream records source and caller
+        type as the client sent them, and no default in their place.
+        """
+        call = make_call(b"/api/aura/x", X_DWP_Source="MOBILE")
+        call.status = 400
+        row = self.stage.row(call.request, call)
+        self.assertEqual((row.source, row.caller_type), ("MOBILE", None))
+
+    def test_forwarded_call_records_what_went_upstream(self) -> None:
+        """
+        A forwarded call records the client's source and caller type where
+        it sent them (even blank), and the configured default where it did not.
+        """
+        call = make_call(b"/api/aura/x", X_DWP_Source="MOBILE")
+        call.upstream_call = Deferred()
+        row = self.stage.row(call.request, call)
+        self.assertEqual((row.source, row.caller_type), ("MOBILE", "USER"))
+        call = make_call(b"/api/aura/x", X_DWP_Caller_Type="")
+        call.upstream_call = Deferred()
+        row = self.stage.row(call.request, call)
+        self.assertEqual((row.source, row.caller_type), ("FRONTEND", ""))
 
     def test_relayed_body(self) -> None:
         """A relayed plain body's size is what its relay sent."""
         class Relay:
-            first_write_at, events, sent = 100.25, None, 99
+            first_write_at, delivered, sent, left_at, detached_at = 100.25, None, 99, None, None
 
         call = make_call()
         call.relay = Relay()  # type: ignore[assignment]

@@ -11,14 +11,17 @@ and checks that stock Twisted then serves.
 from __future__ import annotations
 
 import socket
+from typing import Any
 import sys
 
 import twisted
 
 from twisted.internet import tcp
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
@@ -83,6 +86,40 @@ class CanaryTests(SynchronousTestCase):
         """twisted.web.http._GenericHTTPChannelProtocol wraps a channel in _channel."""
         self.assertProbe("channel_protocol")
 
+    def test_channel_protocol_switches_to_http2(self) -> None:
+        """
+        The wrapper the gateway's site puts around its channel becomes
+        Twisted's own H2Connection when TLS negotiated h2 by ALPN: HTTP/2
+        needs no code of aura-proxy's, and GatewayChannel (HTTP/1.1 only)
+        never sees an HTTP/2 byte.
+        """
+        import h2.config
+        import h2.connection
+        from twisted.internet.testing import StringTransport
+        from twisted.web._http2 import H2Connection
+
+        from aura_proxy.site import GatewayChannel
+
+        wrap = internals.channel_protocol_factory()
+        assert wrap is not None
+        protocol = wrap(GatewayChannel())
+        transport = StringTransport()
+        transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        client = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        protocol.dataReceived(client.data_to_send())
+        self.assertIsInstance(protocol._channel, H2Connection)
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_h2_stream_done(self) -> None:
+        """H2Connection keeps a cleanup Deferred per stream and its h2 connection in conn."""
+        self.assertProbe("h2_stream_done")
+
+    def test_h2_idle(self) -> None:
+        """An H2Stream keeps its H2Connection, a TimeoutMixin, in _conn."""
+        self.assertProbe("h2_idle")
+
     def test_request_line(self) -> None:
         """HTTPChannel keeps the request line in _command, _path and _version."""
         self.assertProbe("request_line")
@@ -98,6 +135,10 @@ class CanaryTests(SynchronousTestCase):
     def test_pool_factory(self) -> None:
         """HTTPConnectionPool builds its protocols with _factory."""
         self.assertProbe("pool_factory")
+
+    def test_bad_request(self) -> None:
+        """HTTPChannel answers malformed HTTP through _respondToBadRequestAndDisconnect."""
+        self.assertProbe("bad_request")
 
     def test_nothing_else_unavailable(self) -> None:
         """On a tested Twisted every fast path is available but those known to be off there."""
@@ -234,6 +275,121 @@ class FallbackTests(SynchronousTestCase):
         self.assertIsNotNone(internals.channel_protocol_factory())
         switched_off(self, "channel_protocol")
         self.assertIsNone(internals.channel_protocol_factory())
+
+    def test_malformed_answer(self) -> None:
+        """
+        A channel class gets the gateway's answer to malformed HTTP; without
+        the private name, it keeps twisted.web's bare 400.
+        """
+        from twisted.internet.testing import StringTransport
+
+        answered: list[object] = []
+
+        def answer(channel: HTTPChannel) -> None:
+            answered.append(channel)
+            channel.loseConnection()
+
+        class Ours(HTTPChannel):
+            pass
+
+        self.assertTrue(internals.answer_malformed_requests(Ours, answer))
+        channel = Ours()
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"NOT HTTP\r\n\r\n")
+        self.assertEqual(answered, [channel])
+
+        class Stock(HTTPChannel):
+            pass
+
+        switched_off(self, "bad_request")
+        self.assertFalse(internals.answer_malformed_requests(Stock, answer))
+        transport = StringTransport()
+        channel = Stock()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"NOT HTTP\r\n\r\n")
+        self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertEqual(len(answered), 1)
+    def test_hold_connection_timeout(self) -> None:
+        """
+        An HTTP/2 connection's idle timeout is off while any of its requests
+        is held and back (its old value) when the last is released, unless
+        the connection is being lost; a release counts once; without the
+        names nothing is held.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols.policies import TimeoutMixin
+
+        class Conn(TimeoutMixin):
+            def __init__(self) -> None:
+                self.timeouts: list[Any] = []
+                self.transport = StringTransport()
+                self.timeOut = 60
+
+            def setTimeout(self, period: Any) -> Any:
+                self.timeouts.append(period)
+                previous, self.timeOut = self.timeOut, period
+                return previous
+
+        class Stream:
+            def __init__(self, conn: Conn) -> None:
+                self._conn = conn
+
+        conn = Conn()
+        first = internals.hold_connection_timeout(Stream(conn))
+        second = internals.hold_connection_timeout(Stream(conn))
+        assert first is not None and second is not None
+        self.assertEqual(conn.timeouts, [None])
+        first()
+        first()
+        self.assertEqual(conn.timeouts, [None])
+        second()
+        self.assertEqual(conn.timeouts, [None, 60])
+        lost = Conn()
+        release = internals.hold_connection_timeout(Stream(lost))
+        assert release is not None
+        lost.transport.connected = False
+        release()
+        self.assertEqual(lost.timeouts, [None], "a timer re-armed on a lost connection")
+        switched_off(self, "h2_idle")
+        self.assertIsNone(internals.hold_connection_timeout(Stream(Conn())))
+
+    def test_stop_stream_body(self) -> None:
+        """
+        An HTTP/2 stream whose response is done is reset with NO_ERROR once
+        Twisted has cleaned it up; without the names nothing is scheduled
+        (the stream just ends, as stock Twisted ends it).
+        """
+        from twisted.internet.defer import Deferred
+
+        class H2:
+            def __init__(self) -> None:
+                self.resets: list[tuple[int, int]] = []
+                self.flushed = 0
+
+            def reset_stream(self, stream_id: int, error_code: int) -> None:
+                self.resets.append((stream_id, error_code))
+
+        class Conn:
+            def __init__(self) -> None:
+                self.conn = H2()
+                self._streamCleanupCallbacks = {3: Deferred()}
+
+            def _tryToWriteControlData(self) -> None:
+                self.conn.flushed += 1
+
+        class Stream:
+            streamID = 3
+
+            def __init__(self) -> None:
+                self._conn = Conn()
+
+        stream = Stream()
+        self.assertTrue(internals.stop_stream_body(stream))
+        self.assertEqual(stream._conn.conn.resets, [])
+        stream._conn._streamCleanupCallbacks[3].callback(3)
+        self.assertEqual((stream._conn.conn.resets, stream._conn.conn.flushed), ([(3, 0)], 1))
+        switched_off(self, "h2_stream_done")
+        self.assertFalse(internals.stop_stream_body(Stream()))
 
     def test_request_line(self) -> None:
         """The request line a channel is reading; defaults without the names."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 from contextlib import redirect_stderr
 from typing import Any, Optional
@@ -117,12 +118,12 @@ class ConfigTests(TestCase):
             text = ini("workers = 2").replace("listen = tcp:0:interface=127.0.0.1\nadmin", f"listen = {listen}\nadmin")
             found = [p for p in problems(text) if "[gateway] listen:" in p]
             self.assertEqual(len(found), 1, (listen, problems(text)))
-            self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs a plain tcp:"))
+            self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs one plain tcp:"))
 
     def test_listen_anything_with_one_worker(self) -> None:
         """With one worker, listen may be any endpoint, as before."""
         text = ini().replace("listen = tcp:0:interface=127.0.0.1\nadmin", "listen = unix:/tmp/aura.sock\nadmin")
-        self.assertEqual(parse_config(text, "gw.ini").gateway.listen, "unix:/tmp/aura.sock")
+        self.assertEqual(parse_config(text, "gw.ini").gateway.listen, ("unix:/tmp/aura.sock",))
 
 
 class SocketTests(TestCase):
@@ -193,7 +194,8 @@ class ConfigForWorkerTests(TestCase):
         config = parse_config(ini(history="spool_dir = /var/spool/aura"), "gw.ini")
         tree = worker_service(config, 3, fake, listen_fd=99)
         self.assertEqual(
-            [type(s).__name__ for s in tree], ["ProcessTuning", "HistoryService", "_Drain", "_AdoptedPort"])
+            [type(s).__name__ for s in tree],
+            ["ProcessTuning", "HistoryService", "AccessLogService", "_Drain", "_AdoptedPort"])
         [port] = [s for s in tree if isinstance(s, _AdoptedPort)]
         self.assertEqual(port._fd, 99)
         self.assertIs(port._factory, tree.site)
@@ -220,7 +222,7 @@ class FakeProcess:
     def __init__(self, protocol: IProcessProtocol, pid: int) -> None:
         self.protocol = protocol
         self.pid = pid
-        self.signals: list[str] = []
+        self.signals: list[Any] = []
         self.written: dict[int, bytes] = {}
         self.closed: set[int] = set()
 
@@ -230,7 +232,7 @@ class FakeProcess:
     def closeChildFD(self, fd: int) -> None:
         self.closed.add(fd)
 
-    def signalProcess(self, name: str) -> None:
+    def signalProcess(self, name: Any) -> None:
         self.signals.append(name)
 
     def end(self, code: Optional[int] = 0, signal: Optional[int] = None) -> None:
@@ -246,6 +248,11 @@ class FakeReactor(MemoryReactorClock):
         self.spawned: list[tuple[FakeProcess, list[str], dict[int, Any]]] = []
         self.fail_spawn = False
         self._next_pid = 1000
+        #: What callFromThread was asked to run (a signal handler's work), not run yet.
+        self.thread_calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.thread_calls.append((f, args, kwargs))
 
     def spawnProcess(self, protocol: Any, executable: Any, args: Any = (), env: Any = None,
                      path: Any = None, uid: Any = None, gid: Any = None, usePTY: Any = False,
@@ -266,6 +273,8 @@ class SupervisorTests(TestCase):
         """A started supervisor of C{workers} fake workers (the parent's tree, as the assembly builds it)."""
         fake = FakeReactor()
         text = ini(f"workers = {workers}")
+        # Starting the tree handles SIGUSR1 (forwarded to the workers): put trial's back after.
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
         self.tree = supervisor_service(parse_config(text, "gw.ini"), text, fake, **kwargs)
         [supervisor] = [s for s in self.tree if isinstance(s, WorkerSupervisor)]
         self.tree.privilegedStartService()
@@ -296,13 +305,15 @@ class SupervisorTests(TestCase):
 
     def test_parent_serves_admin_only(self) -> None:
         """
-        The parent's tree is the supervisor, its SIGHUP reload and the admin site (listening on
+        The parent's tree is the supervisor, its SIGHUP reload, the forwarder
+        of SIGUSR1 to the workers (the access log is on) and the admin site (listening on
         admin_listen through the reactor): no gateway, no process tuning; the
         public socket is the supervisor's own.
         """
         supervisor, fake = self.make()
         self.assertIsInstance(self.tree, StopInOrder)
-        self.assertEqual([type(s).__name__ for s in self.tree], ["WorkerSupervisor", "SighupReload", "AdminService"])
+        self.assertEqual(
+            [type(s).__name__ for s in self.tree], ["WorkerSupervisor", "SighupReload", "_ForwardUsr1", "AdminService"])
         self.assertEqual(len(fake.tcpServers), 1)
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
 
@@ -385,6 +396,41 @@ class SupervisorTests(TestCase):
         response = await http.get("http://admin/healthz")
         self.assertEqual(response.code, 503)
         self.assertEqual(json.loads(await response.text())["status"], "unavailable")
+
+    async def test_admin_readyz(self) -> None:
+        """
+        The parent's /readyz names its checks: ready while the socket is
+        bound and at least one worker runs; 503 naming C{workers} once none does.
+        """
+        supervisor, fake = self.make()
+        [(_, site, _, _)] = fake.tcpServers
+        http = StubTreq(site.resource)
+        response = await http.get("http://admin/readyz")
+        self.assertEqual(response.code, 200)
+        body = json.loads(await response.text())
+        self.assertEqual(body["status"], "ready")
+        self.assertEqual(list(body["checks"]), ["config", "listening", "workers"])
+        self.assertEqual(body["checks"]["workers"], {"ok": True, "alive": 2, "workers": 2})
+        self.process(supervisor, 1).end(signal=9)
+        self.assertEqual((await http.get("http://admin/readyz")).code, 200)
+        self.process(supervisor, 2).end(signal=9)
+        response = await http.get("http://admin/readyz")
+        self.assertEqual(response.code, 503)
+        body = json.loads(await response.text())
+        self.assertEqual(body["failing"], ["workers"])
+        self.assertEqual(body["checks"]["workers"]["alive"], 0)
+
+    def test_sigusr1_goes_to_every_worker(self) -> None:
+        """SIGUSR1 to the parent (logrotate) is sent on to every running worker, in the reactor's turn."""
+        supervisor, fake = self.make()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        # The handler only schedules the forwarding: nothing is sent from inside a signal handler.
+        self.assertEqual(self.process(supervisor, 1).signals, [])
+        [(forward, args, kwargs)] = fake.thread_calls
+        forward(*args, **kwargs)
+        # By number: Twisted's signalProcess knows only a few signals by name, not USR1.
+        self.assertEqual(self.process(supervisor, 1).signals, [signal.SIGUSR1])
+        self.assertEqual(self.process(supervisor, 2).signals, [signal.SIGUSR1])
 
     def test_stop_drains(self) -> None:
         """Stop sends SIGTERM to every worker and finishes once all have ended, without restarts."""

@@ -24,7 +24,8 @@ __all__ = [
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
-HS_SECRET = b"s" * 16 + os.urandom(24)
+# Random, but never ending in CR or LF, which the secret file loses as its line break.
+HS_SECRET = b"s" * 16 + os.urandom(24) + b"s"
 
 #: The time tokens are issued at (a MemoryReactorClock advanced to it).
 NOW = 1_700_000_000.0

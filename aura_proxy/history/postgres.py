@@ -25,7 +25,7 @@ from aura_proxy.history.schema import COLUMNS, Row, insert_sql, load_migrations,
 
 __all__ = ["PostgresBackend"]
 
-#: Rows per INSERT statement: 22 columns x 500 stays far below PostgreSQL's
+#: Rows per INSERT statement: 26 columns x 500 stays far below PostgreSQL's
 #: 65535 bound parameters per statement.
 _ROWS_PER_STATEMENT = 500
 

@@ -53,6 +53,11 @@ COLUMNS: Tuple[str, ...] = (
     "first_event_ms",
     "event_count",
     "end_reason",
+    # Migration 3: what a stream's client got, and which stream it was.
+    "stream_id",
+    "resumed_after",
+    "detached_event_count",
+    "detached_ms",
 )
 
 #: Where a row holds its id.
@@ -113,7 +118,7 @@ def to_row(rec: CallRecord, max_value_length: int) -> Row:
     texts: Tuple[Optional[str], ...] = (
         rec.id, rec.tenant_id, rec.user_id, rec.agent_id, rec.source, rec.caller_type,
         rec.method, rec.path, rec.route, rec.query_string, rec.client_ip, rec.user_agent,
-        rec.trace_id, rec.end_reason,
+        rec.trace_id, rec.end_reason, rec.stream_id,
     )
     try:
         joined = "".join([t for t in texts if t is not None])
@@ -122,9 +127,10 @@ def to_row(rec: CallRecord, max_value_length: int) -> Row:
     if joined is None or len(joined) > max_value_length or not joined.isascii() or "\x00" in joined:
         texts = tuple(_bounded(t, max_value_length) for t in texts)
     (call_id, tenant_id, user_id, agent_id, source, caller_type, method, path, route,
-     query_string, client_ip, user_agent, trace_id, end_reason) = texts
+     query_string, client_ip, user_agent, trace_id, end_reason, stream_id) = texts
     request_size, response_size = rec.request_size_bytes, rec.response_size_bytes
     first_event, events = rec.first_event_ms, rec.event_count
+    resumed_after, tail_events, tail_ms = rec.resumed_after, rec.detached_event_count, rec.detached_ms
     return (
         call_id,
         _utc_iso(rec.created_at),
@@ -148,6 +154,10 @@ def to_row(rec: CallRecord, max_value_length: int) -> Row:
         None if first_event is None else float(first_event),
         None if events is None else int(events),
         end_reason,
+        stream_id,
+        None if resumed_after is None else int(resumed_after),
+        None if tail_events is None else int(tail_events),
+        None if tail_ms is None else float(tail_ms),
     )
 
 

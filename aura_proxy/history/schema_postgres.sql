@@ -42,3 +42,15 @@ CREATE INDEX IF NOT EXISTS {table}_trace_idx ON {table} (trace_id);
 -- insert per row, and a lookup by trace id (trace_id = '...') still uses it.
 DROP INDEX IF EXISTS {table}_trace_idx;
 CREATE INDEX IF NOT EXISTS {table}_trace_idx ON {table} (trace_id) WHERE trace_id IS NOT NULL;
+
+-- migration 3: what a stream's client got, and which stream it was
+-- event_count, response_size_bytes and latency_ms of a stream now say what its
+-- client got; a detached stream's tail (read into the stream log after the
+-- client left) is its own figure; stream_id links a resumed connection's row
+-- to the stream it continues.  Adding a NULL column does not rewrite the
+-- table; the index is built like migration 2's (see docs/history.md).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS stream_id text;
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS resumed_after bigint;
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS detached_event_count bigint;
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS detached_ms double precision;
+CREATE INDEX IF NOT EXISTS {table}_stream_idx ON {table} (stream_id) WHERE stream_id IS NOT NULL;

@@ -45,3 +45,15 @@ CREATE INDEX IF NOT EXISTS {table}_trace_idx ON {table} (trace_id);
 -- insert per row, and a lookup by trace id (trace_id = '...') still uses it.
 DROP INDEX IF EXISTS {table}_trace_idx;
 CREATE INDEX IF NOT EXISTS {table}_trace_idx ON {table} (trace_id) WHERE trace_id IS NOT NULL;
+
+-- migration 3: what a stream's client got, and which stream it was
+-- event_count, response_size_bytes and latency_ms of a stream now say what its
+-- client got; a detached stream's tail (read into the stream log after the
+-- client left) is its own figure; stream_id links a resumed connection's row
+-- to the stream it continues.  (The gateway adds a column only if it is
+-- missing: a table created by hand with these columns is left as it is.)
+ALTER TABLE {table} ADD COLUMN stream_id TEXT;
+ALTER TABLE {table} ADD COLUMN resumed_after INTEGER;
+ALTER TABLE {table} ADD COLUMN detached_event_count INTEGER;
+ALTER TABLE {table} ADD COLUMN detached_ms REAL;
+CREATE INDEX IF NOT EXISTS {table}_stream_idx ON {table} (stream_id) WHERE stream_id IS NOT NULL;

@@ -9,6 +9,7 @@ at once on the one connection.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from itertools import chain
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -50,6 +51,21 @@ _ROW_ERRORS = (
 _NOTHING: dict[None, None] = {}
 sqlite3.register_adapter(type(None), _NOTHING.get)  # type: ignore[arg-type]
 sqlite3.register_adapter(bool, int)
+
+
+#: SQLite's ALTER TABLE has no ADD COLUMN IF NOT EXISTS: the backend checks.
+_ADD_COLUMN = re.compile(r"^ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)\s", re.I)
+
+
+def _adds_existing_column(conn: sqlite3.Connection, statement: str) -> bool:
+    """Whether C{statement} adds a column its table already has (then it is skipped)."""
+    match = _ADD_COLUMN.match(statement)
+    if match is None:
+        return False
+    table, column = match.groups()
+    # table is the validated configured name (the only one the DDL names).
+    have = {row[1].lower() for row in conn.execute(f"PRAGMA table_info({table})")}
+    return column.lower() in have
 
 
 def sqlite_path(dsn: str) -> str:
@@ -155,7 +171,8 @@ class SQLiteBackend:
                 ).fetchone()
                 if not done:
                     for statement in migration.statements:
-                        conn.execute(statement)
+                        if not _adds_existing_column(conn, statement):
+                            conn.execute(statement)
                     conn.execute(
                         f"INSERT INTO {versions} (version, description, applied_at) "
                         "VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",

@@ -491,6 +491,14 @@ class RedisResumeLog:
         d = DeferredList(list(self._in_flight), consumeErrors=True)
         return d.addCallback(lambda _: None)
 
+    def log_size(self) -> tuple[str, int, int]:
+        """
+        For metrics, at scrape time: C{("redis", streams, event bytes)} of
+        the streams this process is writing (what it knows without asking
+        Redis; streams other processes write, or that ended, are not in it).
+        """
+        return "redis", len(self._writers), sum(writer.size for writer in self._writers.values())
+
     # -- writing -----------------------------------------------------------------
 
     def open(self, stream_id: str, owner: str) -> None:

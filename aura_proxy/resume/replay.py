@@ -31,6 +31,7 @@ class Replay:
     @ivar done: fires with the end reason (C{completed}, C{shutdown}: the
         log was cut short, or C{client_disconnect}).
     @ivar events: events written.
+    @ivar sent: bytes of those events written (heartbeats not counted).
     @ivar first_write_at: clock time of the first event written, or None.
     """
 
@@ -55,6 +56,9 @@ class Replay:
         self._last_write = clock.seconds()
         self.done: Deferred[str] = Deferred()
         self.events = 0
+        self.sent = 0
+        #: Heartbeats written.
+        self.heartbeats = 0
         self.first_write_at: Optional[float] = None
 
     def attached(self, attachment: Attachment) -> None:
@@ -82,6 +86,7 @@ class Replay:
         if self.first_write_at is None:
             self.first_write_at = self._last_write
         self.events += 1
+        self.sent += len(block)
         self._request.write(block)
 
     def replay_end(self) -> None:
@@ -121,6 +126,7 @@ class Replay:
         silent = self._clock.seconds() - self._last_write
         if silent >= self._heartbeat_interval:
             self._request.write(HEARTBEAT)
+            self.heartbeats += 1
             self._last_write = self._clock.seconds()
             silent = 0.0
         self._beat = self._clock.callLater(self._heartbeat_interval - silent, self._check_beat)

@@ -31,6 +31,7 @@ from aura_proxy.upstream_signing import UpstreamSigner
 
 if TYPE_CHECKING:
     from aura_proxy.call import Call
+    from aura_proxy.metrics import GatewayMetrics
 
 __all__ = ["Forward", "upstream_url"]
 
@@ -48,7 +49,14 @@ class Forward(Stage):
     This stage always answers: it ends the request stages.
     """
 
-    def __init__(self, config: Config, clock: IReactorTime, client: UpstreamClient) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        client: UpstreamClient,
+        metrics: Optional["GatewayMetrics"] = None,
+    ) -> None:
+        self._metrics = metrics
         self._contract = HeaderContract(config.headers)
         self._client = client
         g = config.gateway
@@ -79,6 +87,8 @@ class Forward(Stage):
         if self._signer is not None:  # [upstream_trust]: X-DWP-Gateway-Signature
             self._signer.sign(request.method, url, outgoing)
         upstream = call.upstream_call = self._client.request(request.method, url, outgoing, body)
+        if self._metrics is not None:
+            self._metrics.upstream_started()
         call.timeout = self._deadlines.add(call.expire)
         upstream.addCallbacks(
             self._got_response, self._got_error, callbackArgs=(call,), errbackArgs=(call,)
@@ -95,6 +105,8 @@ class Forward(Stage):
             return
         assert call.route is not None
         error = None if call.client_gone else self._upstream_error(call.route, failure, call.timed_out)
+        if error is not None and self._metrics is not None:
+            self._metrics.upstream_error(call, _error_kind(failure, call.timed_out))
         if error is None:  # the client went away first
             call.status = 499
             call.pipeline.end(call.request, call)
@@ -118,6 +130,17 @@ class Forward(Stage):
             return errors.upstream_unavailable(route.name, "connection refused")
         log.failure("upstream of route {route} failed", failure, route=route.name)
         return errors.upstream_unavailable(route.name, failure.getErrorMessage())
+
+
+def _error_kind(failure: Failure, timed_out: bool) -> str:
+    """What went wrong upstream, as the metrics name it (L{aura_proxy.metrics.UPSTREAM_ERROR_KINDS})."""
+    if timed_out:
+        return "response_timeout"
+    if failure.check(ConnectTimeoutError):
+        return "connect_timeout"
+    if failure.check(DNSLookupError, ConnectError):
+        return "connect_error"
+    return "protocol_error"
 
 
 def upstream_url(route: RouteConfig, uri: bytes) -> bytes:

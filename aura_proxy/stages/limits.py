@@ -50,11 +50,13 @@ class Limits(Stage, EndStage):
     with its end stages).
 
     @param store: the counts, shared by every pipeline of the gateway (a
-        reload changes the limits, not the counts).
+        reload changes the limits, not the counts); None: no limits.
     """
 
-    def __init__(self, config: LimitsConfig, store: LimitStore) -> None:
-        self._off = not config.enabled
+    def __init__(self, config: LimitsConfig, store: Optional[LimitStore]) -> None:
+        self._off = not config.enabled or store is None
+        if store is None:
+            return
         self._store = store
         self._per_tenant = config.max_streams_per_tenant
         self._total = config.max_streams_total

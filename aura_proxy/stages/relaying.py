@@ -8,7 +8,7 @@ stamped with the gateway's ids (and logged for resume).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
@@ -16,8 +16,9 @@ from twisted.web.server import Request
 
 from aura_proxy.config import Config
 from aura_proxy.contract import Cors, copy_end_to_end, dropping
+from aura_proxy.detached import DetachedStreams
 from aura_proxy.header_store import canonical, store
-from aura_proxy.relay import PyRelay, Relay, StreamTransform
+from aura_proxy.relay import PyRelay, Relay
 from aura_proxy.resume.log import ResumeLog
 from aura_proxy.sse import SseRewriter, make_stream_id
 from aura_proxy.site import client_left
@@ -26,6 +27,7 @@ from aura_proxy.streams import OpenStreams
 
 if TYPE_CHECKING:
     from aura_proxy.call import Call
+    from aura_proxy.metrics import GatewayMetrics
 
 __all__ = ["RelayResponse", "sse_head", "stream_owner"]
 
@@ -56,14 +58,28 @@ class RelayResponse(ResponseStage):
         replay; None when C{[sse] resume = off}.
     @param streams: where each relay is registered while it runs (for
         C{active_streams} and shutdown).
+    @param detached: where a relay whose client left is counted against
+        C{[sse] max_detached_streams} and C{max_detached_streams_per_tenant}.
+    @param metrics: told when an SSE stream starts (its relay then meters
+        it) and ends; None: no figures.
     """
 
     def __init__(
-        self, config: Config, clock: IReactorTime, resume: Optional[ResumeLog], streams: OpenStreams
+        self,
+        config: Config,
+        clock: IReactorTime,
+        resume: Optional[ResumeLog],
+        streams: OpenStreams,
+        detached: Optional[DetachedStreams] = None,
+        metrics: Optional["GatewayMetrics"] = None,
     ) -> None:
+        self._metrics = metrics
         self._clock = clock
         self._cors = Cors(config.cors)
         self._streams = streams
+        self._detached = detached if detached is not None else DetachedStreams()
+        self._max_detached = config.sse.max_detached_streams
+        self._max_detached_per_tenant = config.sse.max_detached_streams_per_tenant
         g = config.gateway
         self._idle_timeout = g.idle_timeout
         self._heartbeat = g.heartbeat_interval
@@ -87,7 +103,7 @@ class RelayResponse(ResponseStage):
         request.setResponseCode(response.code, response.phrase)
         if is_sse:
             sse_head(request, call, self._cors, response)
-            stream_id = make_stream_id() if self._inject_ids else None
+            stream_id = call.stream_id = make_stream_id() if self._inject_ids else None
             self._relay(request, call, response, stream_id)
             return
         copy_end_to_end(response.headers, request.responseHeaders, _RESPONSE_DROP)
@@ -115,17 +131,23 @@ class RelayResponse(ResponseStage):
     ) -> None:
         """The body as it arrives: the one place a L{Relay} is made, started and waited for."""
         is_sse = call.is_sse
+        transform = self._stamper(stream_id, request, call) if stream_id is not None else None
         relay = call.relay = self._relay_class(
             request,
             self._clock,
             idle_timeout=self._idle_timeout,
             heartbeat_interval=self._heartbeat if is_sse else 0.0,
-            transform=self._stamper(stream_id, request, call) if stream_id is not None else None,
+            transform=transform,
             clean_end=is_sse,
             detach_seconds=self._detach if stream_id is not None else 0.0,
             describe=call.describe,
+            on_detach=(
+                self._detaching(request, stream_id) if stream_id is not None and self._detach else None
+            ),
         )
         self._streams.add(relay)
+        if is_sse and self._metrics is not None:
+            self._metrics.stream_started(call, relay, transform.counter if transform is not None else None)
         if is_sse or response.length != 0:
             # Headers go out now, before the first event (a client must see
             # the stream open even when the agent is slow to speak).
@@ -133,10 +155,24 @@ class RelayResponse(ResponseStage):
         response.deliverBody(relay)
         relay.done.addCallback(self._relay_ended, call, stream_id)
 
+    def _detaching(self, request: Request, stream_id: str) -> "Callable[[Relay], None]":
+        """What a relay calls when it detaches: counted against the caps, per tenant."""
+        values = store(request.requestHeaders).get(_TENANT)
+        tenant = values[0].decode("utf-8", "replace") if values else ""
+        detached, max_total, max_per_tenant = self._detached, self._max_detached, self._max_detached_per_tenant
+
+        def detach(relay: Relay) -> None:
+            detached.add(relay, tenant, stream_id, max_total, max_per_tenant)
+
+        return detach
+
     def _relay_ended(self, reason: str, call: "Call", stream_id: Optional[str]) -> None:
         relay = call.relay
         assert relay is not None
         self._streams.discard(relay)
+        if self._metrics is not None:
+            self._metrics.stream_ended(relay, reason)
+        self._detached.discard(relay)
         if stream_id is not None and self._resume is not None:
             cut = getattr(self._resume, "cut", None) if self._streams.draining else None
             if relay.upstream_complete:
@@ -151,7 +187,7 @@ class RelayResponse(ResponseStage):
         call.end_reason = reason
         call.pipeline.end(call.request, call)
 
-    def _stamper(self, stream_id: str, request: Request, call: "Call") -> StreamTransform:
+    def _stamper(self, stream_id: str, request: Request, call: "Call") -> "_Counted":
         """The SSE rewriter of a new stream, logging each event when resume is on."""
         if self._resume is None:
             rewriter = SseRewriter.for_stream(stream_id, carry_upstream=True, accelerate=self._accelerate)
@@ -217,6 +253,11 @@ class _Counted:
     @property
     def count(self) -> int:
         return self._rewriter.seq
+
+    @property
+    def counter(self) -> object:
+        """What the relay's metering reads C{seq} from (L{SseRewriter.counter})."""
+        return self._rewriter.counter
 
     @property
     def at_block_end(self) -> bool:

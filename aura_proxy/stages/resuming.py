@@ -23,6 +23,7 @@ from aura_proxy.stages.relaying import sse_head, stream_owner
 
 if TYPE_CHECKING:
     from aura_proxy.call import Call
+    from aura_proxy.metrics import GatewayMetrics
 
 __all__ = ["Resume"]
 
@@ -40,9 +41,17 @@ class Resume(Stage):
     goes on with no id at all.  Any other C{Last-Event-ID} goes upstream unchanged.
 
     @param log: the stream log; None when C{[sse] resume = off}.
+    @param metrics: told when a replay starts and ends; None: no figures.
     """
 
-    def __init__(self, config: Config, clock: IReactorTime, log: Optional[ResumeLog]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        log: Optional[ResumeLog],
+        metrics: Optional["GatewayMetrics"] = None,
+    ) -> None:
+        self._metrics = metrics
         self._clock = clock
         self._cors = Cors(config.cors)
         self._heartbeat = config.gateway.heartbeat_interval
@@ -62,6 +71,7 @@ class Resume(Stage):
         if log is None:
             _upstream_again(request, upstream_id)
             return GO_ON
+        call.stream_id, call.resumed_after = stream_id, seq
         finished = call.finished
         if finished is None:  # (an earlier stage that waited, e.g. for JWKS keys, made one)
             finished = call.finished = Deferred(call.cancel)
@@ -87,16 +97,22 @@ class Resume(Stage):
                 attachment.detach()
             return
         if attachment is not None and attachment is not FOREIGN:
+            if self._metrics is not None:
+                self._metrics.replay_started(call, replay)
             replay.attached(attachment)
             return
-        # Not replayable: upstream after all, through the stages after this one.
+        # Not replayable: upstream after all, through the stages after this one
+        # (as a new stream, with an id of its own).
         call.replay = None
+        call.stream_id = call.resumed_after = None
         # Another tenant's stream: nothing of it, not even its upstream id,
         # goes with this request.
         _upstream_again(call.request, None if attachment is FOREIGN else upstream_id)
         call.pipeline.go_on(call.request, call, after=self)
 
     def _replay_ended(self, reason: str, call: "Call") -> None:
+        if self._metrics is not None and call.replay is not None:
+            self._metrics.replay_ended(call.replay, reason)
         call.status = 200
         call.end_reason = reason
         call.pipeline.end(call.request, call)

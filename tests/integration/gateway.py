@@ -69,7 +69,7 @@ __all__ = [
 reactor: Any = _global_reactor
 
 #: A test configuration: listeners are unused (start_gateway listens itself),
-#: history is off.  Format with routes=..., gateway=..., extra=...
+#: history and the access log are off.  Format with routes=..., gateway=..., extra=...
 BASE_INI = """\
 [gateway]
 {gateway}
@@ -99,6 +99,10 @@ enabled = false
 inject_ids = false
 resume = off
 on_client_disconnect = cancel
+
+; The access log off: the gateway runs inside trial's process.
+[log]
+access = off
 {extra}
 """
 

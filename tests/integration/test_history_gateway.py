@@ -108,8 +108,10 @@ class SqliteHistoryTests(GatewayHistory, SynchronousTestCase):
     def test_rows_for_calls_errors_and_streams(self) -> None:
         """
         A GET, a POST, an error and a stream through the gateway are four rows;
-        the stream's row is one summary with NULL sizes and query and its
-        event count, first-event time and end reason.
+        the stream's row is one summary with NULL query and request size and
+        its bytes and events delivered, first-event time, end reason and
+        stream id; the error, refused before going upstream, records no
+        default source or caller type.
         """
         process, port = self.start_gateway()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -134,13 +136,15 @@ class SqliteHistoryTests(GatewayHistory, SynchronousTestCase):
                           post["source"], post["caller_type"]), (5, "u1", "a1", "FRONTEND", "USER"))
         missing = rows[("GET", "/nowhere")]
         self.assertEqual((missing["status_code"], missing["route"]), (404, None))
+        self.assertEqual((missing["source"], missing["caller_type"]), (None, None))  # never went upstream
         stream = rows[("GET", "/api/aura/stream")]
         self.assertEqual(
             (stream["is_stream"], stream["query_string"], stream["request_size_bytes"],
              stream["response_size_bytes"], stream["event_count"], stream["end_reason"],
-             stream["tenant_id"]),
-            (1, None, None, None, 4, "completed", "t1"),
+             stream["tenant_id"], stream["detached_event_count"]),
+            (1, None, None, len(body), 4, "completed", "t1", None),
         )
+        self.assertIsNotNone(stream["stream_id"])
         self.assertIsNotNone(stream["first_event_ms"])
         self.assertGreaterEqual(stream["latency_ms"], stream["first_event_ms"])
 

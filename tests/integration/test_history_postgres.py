@@ -138,7 +138,8 @@ class PostgresTests(TestCase):
         self.assertEqual(tuple(c[0] for c in cols), COLUMNS)
         idx = {r[0] for r in _sync_query("SELECT indexname FROM pg_indexes WHERE tablename = %s", self.table)}
         self.assertIn(f"{self.table}_tenant_created_idx", idx)
-        self.assertEqual(_sync_query(f"SELECT version FROM {self.table}_schema_version"), [(1,), (2,)])
+        self.assertEqual(_sync_query(f"SELECT version FROM {self.table}_schema_version ORDER BY version"),
+                         [(1,), (2,), (3,)])
 
     async def test_round_trip_idempotent(self) -> None:
         """Rows are stored with proper types; re-inserting the same ids adds nothing."""

@@ -139,6 +139,17 @@ async def silent(request: Request, seconds: float = 5.0) -> EventSourceResponse:
     return _sse(gen())
 
 
+@app.get("/api/aura/slow_head")
+async def slow_head(seconds: float = 5.0) -> EventSourceResponse:
+    """A stream whose response head comes only after C{seconds} (a response timeout)."""
+    await asyncio.sleep(seconds)
+
+    async def gen() -> AsyncIterator[dict[str, Any]]:
+        yield {"id": "1", "event": "token", "data": json.dumps({"late": True})}
+
+    return _sse(gen())
+
+
 @app.get("/api/aura/endless")
 async def endless(request: Request, interval: float = 0.05) -> EventSourceResponse:
     async def gen() -> AsyncIterator[dict[str, Any]]:
