@@ -7,7 +7,8 @@ and operators, the Prometheus figures, and the live dashboard.
     each named in the JSON body; 503 otherwise;
   - C{GET /metrics}: the Prometheus figures (L{aura_proxy.metrics}), 404
     with C{[metrics] enabled = false};
-  - C{GET /}: the dashboard (L{aura_proxy.dashboard}), fed by C{/dashboard/events}.
+  - C{GET /}: the dashboard (L{aura_proxy.dashboard}), fed by C{/dashboard/events};
+  - C{POST /reload}: read the configuration file again (L{aura_proxy.reload}).
 
 Kept off the client-facing port so that probes never need a tenant and the
 public can never see it.  Built here, and only here, for the single process
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from aura_proxy.dashboard import Dashboard, DashboardService
     from aura_proxy.history import HistoryService
     from aura_proxy.proxy import Gateway
+    from aura_proxy.reload import ReloadResult
 
 __all__ = [
     "Admin", "AdminService", "HealthReport", "MetricsText", "admin_service", "admin_site", "gateway_health",
@@ -49,6 +51,9 @@ __all__ = [
 HealthReport = Callable[[], dict[str, object]]
 #: What C{GET /metrics} answers: the Prometheus text, now or later.
 MetricsText = Callable[[], "Deferred[bytes]"]
+
+#: Reloads the configuration (L{aura_proxy.reload}); what C{POST /reload} calls.
+Reload = Callable[[], "ReloadResult"]
 
 
 class Admin:
@@ -62,11 +67,13 @@ class Admin:
         dashboard: Optional["Dashboard"] = None,
         readiness: Optional[Readiness] = None,
         metrics: Optional[MetricsText] = None,
+        reload: Optional[Reload] = None,
     ) -> None:
         self._report = report
         self._dashboard = dashboard
         self._readiness = readiness if readiness is not None else Readiness({})
         self._metrics = metrics
+        self._reload = reload
 
     def resource(self) -> IResource:
         """The admin site's root resource."""
@@ -96,6 +103,19 @@ class Admin:
         from aura_proxy.metrics import metrics_resource_answer
 
         return self._metrics().addCallback(lambda body: metrics_resource_answer(request, body))
+
+    @app.route("/reload", methods=["POST"])
+    def reload(self, request: Request) -> bytes:
+        """Reload the configuration file: C{200} and what changed, or C{400} and its problems."""
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        if self._reload is None:
+            request.setResponseCode(404)
+            return b'{"status":"unavailable"}'
+        result = self._reload()
+        if not result.ok:
+            request.setResponseCode(400)
+        return json.dumps(result.to_json()).encode("utf-8")
 
     # -- the dashboard (aura_proxy.dashboard) ----------------------------------
 
@@ -193,13 +213,15 @@ def admin_site(
     readiness: Optional[Readiness] = None,
     token: Optional[bytes] = None,
     metrics: Optional[MetricsText] = None,
+    reload: Optional[Reload] = None,
 ) -> Site:
     """
     The admin site serving C{report} at C{/healthz}, C{readiness} at
-    C{/readyz}, C{metrics} at C{/metrics} and C{dashboard} at C{/}, without
+    C{/readyz}, C{metrics} at C{/metrics}, C{dashboard} at C{/} and C{reload}
+    at C{POST /reload}, without
     an access log; behind C{token} (L{TokenGuard}) when given.
     """
-    resource = Admin(report, dashboard, readiness, metrics).resource()
+    resource = Admin(report, dashboard, readiness, metrics, reload).resource()
     if token is not None:
         resource = TokenGuard(resource, token)
     site = Site(resource, reactor=reactor)
@@ -227,6 +249,7 @@ class AdminService(MultiService):
         readiness: Optional[Readiness] = None,
         token: Optional[bytes] = None,
         metrics: Optional[MetricsText] = None,
+        reload: Optional[Reload] = None,
     ) -> None:
         super().__init__()
         self.site = admin_site(
@@ -236,6 +259,7 @@ class AdminService(MultiService):
             readiness=readiness,
             token=token,
             metrics=metrics,
+            reload=reload,
         )
         if dashboard is not None:
             dashboard.setServiceParent(self)
@@ -251,10 +275,11 @@ def admin_service(
     readiness: Optional[Readiness] = None,
     token: Optional[bytes] = None,
     metrics: Optional[MetricsText] = None,
+    reload: Optional[Reload] = None,
 ) -> IService:
     """
     The admin site listening on C{listen} (an endpoint description) while
     running; with C{dashboard}, serving it, which runs (and probes the
-    upstreams) while the site does; with C{metrics}, C{GET /metrics}.
+    upstreams) while the site does; with C{metrics}, C{GET /metrics}; with C{reload}, C{POST /reload}.
     """
-    return AdminService(listen, report, reactor, dashboard, readiness, token, metrics)
+    return AdminService(listen, report, reactor, dashboard, readiness, token, metrics, reload)

@@ -46,7 +46,9 @@ from aura_proxy.config import (
 from aura_proxy.dashboard import dashboard_service
 from aura_proxy.history import HistoryService, make_history
 from aura_proxy.metrics import GatewayMetrics, exposition
+from aura_proxy.limits import make_limits
 from aura_proxy.process import ProcessTuning
+from aura_proxy.reload import Reloader, SighupReload
 from aura_proxy.proxy import Gateway
 from aura_proxy.readiness import gateway_readiness, supervisor_readiness
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
@@ -105,7 +107,8 @@ class _Drain(Service):
     finish for up to C{[gateway] drain_timeout} seconds, then end the streams
     still open (recorded as C{shutdown}; SSE after a whole event, with a
     C{retry:} hint, their logs marked cut), stop the resume log (which
-    releases this instance's lease and ends its replays), close the pool.
+    releases this instance's lease and ends its replays), close the pool;
+    stop the limits' store once the streams have ended (each frees its slot).
     """
 
     name = "drain"
@@ -123,6 +126,7 @@ class _Drain(Service):
         start = getattr(self._resume, "start", None)
         if start is not None:
             start()
+        self._gateway.limits.start()
 
     async def _drain(self) -> None:
         if self._timeout > 0:
@@ -134,6 +138,7 @@ class _Drain(Service):
             await self._gateway.drain(self._timeout)
         resume = self._resume
         await self._gateway.shutdown(then=None if resume is None else lambda: maybeDeferred(resume.stop))
+        await maybeDeferred(self._gateway.limits.stop)
         await maybeDeferred(self._client.close)
 
     def stopService(self) -> "Deferred[None]":
@@ -152,6 +157,7 @@ class GatewayService(StopInOrder):
     @ivar history: call history, or None when disabled.
     @ivar resume: the stream log, or None when resume is off.
     @ivar access_log: the access log, or None when C{[log] access = off}.
+    @ivar reloader: reloads the configuration (SIGHUP, C{POST /reload}).
     """
 
     def __init__(
@@ -170,6 +176,7 @@ class GatewayService(StopInOrder):
         self.history = history
         self.resume = resume
         self.access_log = access_log
+        self.reloader = Reloader(gateway)
 
 
 def make_resume_log(config: SseConfig, reactor: Any, fast_path: bool = True) -> Optional[ResumeLog]:
@@ -206,6 +213,7 @@ def gateway_service(
     tuning: bool = True,
     registry: Optional[CollectorRegistry] = None,
     metrics_listen: Optional[str] = None,
+    reload_signal: bool = True,
 ) -> GatewayService:
     """
     One process serving the gateway.
@@ -231,6 +239,8 @@ def gateway_service(
     @param metrics_listen: where a worker serves its own C{/metrics} for its
         parent to sum (a private C{unix:} endpoint); None: nowhere but the
         admin site.
+    @param reload_signal: whether SIGHUP reloads the configuration (a worker
+        process is told by its parent instead).
     """
     g = config.gateway
     if registry is None:
@@ -249,9 +259,10 @@ def gateway_service(
         )
         metrics.history, metrics.resume, metrics.client = history, resume, client
     access_log = access_log_service(config.log, reactor, signals=tuning)
+    limits = make_limits(config.limits, reactor)
     gateway = Gateway(
         config, reactor, client, history, resume, access_log.write if access_log is not None else None,
-        metrics=metrics,
+        metrics=metrics, limits=limits,
     )
     if metrics is not None:
         metrics.detached = gateway.detached
@@ -264,6 +275,8 @@ def gateway_service(
     if access_log is not None:
         access_log.setServiceParent(top)
     _Drain(gateway, client, resume, g.drain_timeout).setServiceParent(top)
+    if reload_signal:
+        SighupReload(reactor, top.reloader.reload).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
@@ -276,10 +289,11 @@ def gateway_service(
     if admin:
         health = gateway_health(gateway, history)
         dashboard = dashboard_service(config, registry, reactor, health)
+        top.reloader.listeners.append(lambda new: dashboard.use_routes(new.routes))
         admin_service(
             g.admin_listen, health, reactor, dashboard,
             readiness=gateway_readiness(config, site, history, reactor), token=config.admin.token,
-            metrics=text,
+            metrics=text, reload=top.reloader.reload,
         ).setServiceParent(top)
     if metrics_listen is not None and text is not None:
         # The worker's own figures, for its parent only (no dashboard, no log).
@@ -344,16 +358,18 @@ def supervisor_service(
     # With [metrics] on, the workers' figures, summed, land in registry.
     workers = WorkerSupervisor(config, config_text, reactor, registry=registry, **supervisor)
     workers.setServiceParent(top)
+    SighupReload(reactor, workers.reload).setServiceParent(top)
     if config.log.access != "off":
         # Each worker reopens its own descriptor of the file (or, for stdout, flushes).
         _ForwardUsr1(reactor, workers).setServiceParent(top)
     if demo:
         _demo(reactor, config).setServiceParent(top)
     dashboard = dashboard_service(config, registry, reactor, workers.health)
+    workers.reload_listeners.append(lambda new: dashboard.use_routes(new.routes))
     admin_service(
         config.gateway.admin_listen, workers.health, reactor, dashboard,
         readiness=supervisor_readiness(config, workers, reactor), token=config.admin.token,
-        metrics=workers.metrics if config.metrics.enabled else None,
+        metrics=workers.metrics if config.metrics.enabled else None, reload=workers.reload,
     ).setServiceParent(top)
     return top
 

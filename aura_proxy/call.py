@@ -21,6 +21,7 @@ from aura_proxy.request_ids import new_request_id
 if TYPE_CHECKING:
     from aura_proxy.auth.verify import Identity
     from aura_proxy.history.record import CallRecord
+    from aura_proxy.limits import Slot
     from aura_proxy.proxy import Pipeline
     from aura_proxy.relay import Relay
     from aura_proxy.resume.replay import Replay
@@ -52,13 +53,15 @@ class Call:
         number, or None.
     @ivar row: the call's history row, made once when it ends, for every
         end stage that describes it (history, the access log).
+    @ivar limit_slot: the stream slot the call holds (C{[limits]}), freed
+        when it ends; None when it holds none.
     """
 
     __slots__ = (
         "pipeline", "request", "id", "started", "client_ip", "via", "request_size", "segments", "route",
         "finished", "upstream_call", "timeout", "timed_out", "relay", "replay", "client_gone",
         "status", "response_size", "is_sse", "end_reason", "identity", "stream_id", "resumed_after",
-        "row",
+        "row", "limit_slot",
     )
 
     def __init__(
@@ -97,6 +100,7 @@ class Call:
         self.resumed_after: Optional[int] = None
         #: The call's history row once it has ended (L{aura_proxy.stages.recording.Record.row_of}).
         self.row: Optional[CallRecord] = None
+        self.limit_slot: Optional[Slot] = None
 
     def cancel(self, finished: "Deferred[None]") -> None:
         """

@@ -33,6 +33,7 @@ __all__ = [
     "IDENTITY_HEADERS",
     "LogConfig",
     "MetricsConfig",
+    "LimitsConfig",
     "Network",
     "RouteConfig",
     "SseConfig",
@@ -303,6 +304,46 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """
+    The C{[limits]} section: per-tenant stream and request-rate limits
+    (0 = unlimited; all off by default).
+
+    @ivar burst: the token bucket's size; 0: C{requests_per_second_per_tenant}
+        rounded up (at least 1).
+    @ivar store: C{memory} (this process) or C{redis://host:port/db}
+        (shared by every process and host using that Redis).
+    @ivar stream_lease: seconds a stream's slot in Redis lives without being
+        renewed (its process renews it every third of that): the slots of a
+        process that died free themselves after at most this long.
+    @ivar key_prefix: the Redis keys' prefix (gateways sharing it share
+        their counts).
+    """
+
+    max_streams_per_tenant: int = 0
+    max_streams_total: int = 0
+    requests_per_second_per_tenant: float = 0.0
+    burst: int = 0
+    store: str = "memory"
+    stream_lease: float = 30.0
+    key_prefix: str = "aura-proxy:limits:"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is set."""
+        return bool(
+            self.max_streams_per_tenant or self.max_streams_total or self.requests_per_second_per_tenant
+        )
+
+    @property
+    def bucket_size(self) -> int:
+        """The token bucket's size: C{burst}, or the rate rounded up (at least 1)."""
+        if self.burst:
+            return self.burst
+        return max(1, int(-(-self.requests_per_second_per_tenant // 1)))
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, valid gateway configuration."""
 
@@ -322,6 +363,7 @@ class Config:
     #: ever (a deprecated key), one line each: logged at start, printed by
     #: the check command.
     deprecations: tuple[str, ...] = ()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 # -- value parsers -----------------------------------------------------------
@@ -560,6 +602,22 @@ def _resume_backend(text: str) -> str:
     raise _Invalid(f"expected memory, off or redis://host:port/db, got {text!r}")
 
 
+def _limits_store(text: str) -> str:
+    if text == "memory" or text.startswith("redis://"):
+        return text
+    raise _Invalid(f"expected memory or redis://host:port/db, got {text!r}")
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Invalid(f"expected a number of requests per second, got {text!r}")
+    if value < 0 or value != value or value == float("inf"):
+        raise _Invalid(f"expected a number of requests per second >= 0, got {text!r}")
+    return value
+
+
 def _jwt_algorithms(text: str) -> tuple[str, ...]:
     algorithms = _list(text)
     if not algorithms:
@@ -710,6 +768,16 @@ _METRICS: _Schema = {
     "stall_after": _positive_seconds,
 }
 
+_LIMITS: _Schema = {
+    "max_streams_per_tenant": _count(0),
+    "max_streams_total": _count(0),
+    "requests_per_second_per_tenant": _rate,
+    "burst": _count(0),
+    "store": _limits_store,
+    "stream_lease": _positive_seconds,
+    "key_prefix": str,
+}
+
 _SECTIONS = {
     "gateway": _GATEWAY,
     "headers": _HEADERS,
@@ -721,6 +789,7 @@ _SECTIONS = {
     "log": _LOG,
     "admin": _ADMIN,
     "metrics": _METRICS,
+    "limits": _LIMITS,
 }
 
 
@@ -785,7 +854,7 @@ def parse_config(text: str, source: str) -> Config:
             reader.problem(
                 name, None,
                 "unknown section (known: gateway, route:NAME, headers, cors, history, sse, "
-                "upstream_trust, auth, log, admin, metrics)",
+                "upstream_trust, auth, log, admin, metrics, limits)",
             )
 
     gateway_values = reader.section("gateway", _GATEWAY)
@@ -824,6 +893,7 @@ def parse_config(text: str, source: str) -> Config:
     deprecations: list[str] = []
     log = _log(reader, old_access_log, deprecations)
     admin = _admin(reader)
+    limits = _make(LimitsConfig, reader.section("limits", _LIMITS))
 
     routes: list[RouteConfig] = []
     seen: dict[str, str] = {}
@@ -869,7 +939,7 @@ def parse_config(text: str, source: str) -> Config:
         )
 
     if gateway.workers > 1:
-        _check_workers(reader, gateway, sse)
+        _check_workers(reader, gateway, sse, limits)
 
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -887,6 +957,7 @@ def parse_config(text: str, source: str) -> Config:
         log=log,
         admin=admin,
         deprecations=tuple(deprecations),
+        limits=limits,
     )
 
 
@@ -1180,7 +1251,7 @@ def _check_client_pair(
     return pem
 
 
-def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> None:
+def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig, limits: LimitsConfig) -> None:
     """What several worker processes (C{workers > 1}) cannot share."""
     raw = reader.parser.get("gateway", "workers", raw=True, fallback="").strip()
     if raw == "auto":
@@ -1196,6 +1267,13 @@ def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig) -> N
             f"{workers} cannot be used with [sse] resume = memory: a client resuming a "
             "stream may reconnect to another worker process; set [sse] resume = "
             "redis://host:port/db (or off), or workers = 1",
+        )
+    if limits.enabled and limits.store == "memory":
+        reader.problem(
+            "limits", "store",
+            f"store = memory cannot be used with [gateway] {workers}: each worker process "
+            "would count only its own streams and requests; set [limits] store = "
+            "redis://host:port/db, or workers = 1",
         )
     if len(gateway.listen) != 1 or not _is_plain_tcp(gateway.listen[0]):
         reader.problem(

@@ -29,6 +29,9 @@ __all__ = [
     "tenant_mismatch",
     # the admin site
     "admin_token_required",
+    # [limits]
+    "too_many_streams",
+    "rate_limited",
 ]
 
 
@@ -161,3 +164,17 @@ def admin_token_required() -> GatewayError:
     return GatewayError(
         401, "admin_token_required", "the admin site needs Authorization: Bearer <admin token>"
     )
+def too_many_streams() -> GatewayError:
+    """
+    The tenant has C{[limits] max_streams_per_tenant} streams open, or the
+    gateway C{max_streams_total} (429, with C{Retry-After}).
+    """
+    return GatewayError(429, "too_many_streams", "too many open streams; retry when one has ended")
+
+
+def rate_limited() -> GatewayError:
+    """
+    The tenant is over C{[limits] requests_per_second_per_tenant} (and its
+    burst) (429, with C{Retry-After}).
+    """
+    return GatewayError(429, "rate_limited", "too many requests for this tenant; retry after Retry-After seconds")

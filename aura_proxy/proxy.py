@@ -36,12 +36,14 @@ from aura_proxy.config import Config
 from aura_proxy.contract import Cors
 from aura_proxy.detached import DetachedStreams
 from aura_proxy.errors import GatewayError
+from aura_proxy.limits import LimitStore, MemoryLimits
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.stages import EndStage, ResponseStage, Stage
 from aura_proxy.stages.access_log import AccessLog
 from aura_proxy.stages.auth import Authenticate
 from aura_proxy.stages.forwarding import Forward
 from aura_proxy.stages.identity import Identity
+from aura_proxy.stages.limits import Limits
 from aura_proxy.stages.path import ParsePath
 from aura_proxy.stages.preflight import Preflight
 from aura_proxy.stages.recording import Record
@@ -79,7 +81,7 @@ def build_pipeline(config: Config, services: Services) -> "Pipeline":
             Route(config.routes),  # the most specific route, or 404 no_route
             Authenticate(config, clock),  # [auth] JWT: identity from the token, or 401/403
             RequiredHeaders(config.headers),  # the header contract, or 400 missing_header
-            # (rate limits go here: one class, one line)
+            Limits(config.limits, services.limits),  # [limits]: 429 over rate or open streams
             Resume(config, clock, services.resume, metrics),  # our Last-Event-ID: replayed from the log
             Forward(config, clock, services.client, metrics),  # upstream, within response_timeout: 502/504
         ],
@@ -108,6 +110,8 @@ class Services:
     @ivar detached: the relayed streams whose client left, and their caps.
     @ivar metrics: the process's figures (L{aura_proxy.metrics}), or None
         when C{[metrics] enabled = false}.
+    @ivar limits: the counts of C{[limits]} (open streams, token buckets);
+        the gateway always gives one.
     """
 
     clock: IReactorTime
@@ -118,6 +122,7 @@ class Services:
     access_log: Optional[Callable[[str], None]] = None
     detached: DetachedStreams = field(default_factory=DetachedStreams)
     metrics: Optional["GatewayMetrics"] = None
+    limits: Optional[LimitStore] = None
 
 
 class Pipeline:
@@ -128,7 +133,8 @@ class Pipeline:
     @ivar clock: the time source (call start and end times).
     @ivar stages: the request stages, in order.
     @ivar response: where an upstream response goes.
-    @ivar ended: what runs when a call ends, in order.
+    @ivar ended: what runs when a call ends, in order (after the request
+        stages that are end stages too, e.g. L{Limits}, freeing a stream slot).
     """
 
     def __init__(
@@ -151,7 +157,9 @@ class Pipeline:
         # Bound once: the per-request loops call these directly.
         self._runs = tuple(stage.run for stage in self.stages)
         self._classifying = tuple(stage.run for stage in self.stages if stage.classifies)
-        self._end_runs = tuple(stage.ended for stage in self.ended)
+        self._end_runs = tuple(
+            stage.ended for stage in (*(s for s in self.stages if isinstance(s, EndStage)), *self.ended)
+        )
         self.respond = response.respond
 
     def handle(self, request: Request) -> "Deferred[None]":
@@ -237,6 +245,7 @@ class Gateway:
     @param resume: where streams are logged for C{Last-Event-ID} replay;
         None when C{[sse] resume = off}.
     @param access_log: takes each access-log line; None when C{[log] access = off}.
+    @param limits: the counts of C{[limits]} (default: in this process).
     """
 
     def __init__(
@@ -248,6 +257,7 @@ class Gateway:
         resume: Optional[ResumeLog] = None,
         access_log: Optional[Callable[[str], None]] = None,
         metrics: Optional["GatewayMetrics"] = None,
+        limits: Optional[LimitStore] = None,
     ) -> None:
         """@param metrics: the process's figures; None: none are kept."""
         self.streams = OpenStreams(reactor)
@@ -257,8 +267,9 @@ class Gateway:
         if isinstance(resume, MemoryResumeLog):
             # The memory log's global cap drops detached streams' logs before open ones'.
             resume.detached = self.detached
+        self.limits = limits if limits is not None else MemoryLimits(reactor)
         self._services = Services(
-            reactor, client, history, resume, self.streams, access_log, self.detached, metrics
+            reactor, client, history, resume, self.streams, access_log, self.detached, metrics, self.limits
         )
         self.pipeline = build_pipeline(config, self._services)
 

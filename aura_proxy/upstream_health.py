@@ -117,6 +117,16 @@ class UpstreamProber(Service):
         self._loop: Optional[LoopingCall] = None
         self._round: Optional[Deferred[Any]] = None
 
+    def use_routes(self, routes: Sequence[RouteConfig]) -> None:
+        """Probe C{routes} from now on (a reload); the results of upstreams kept are kept."""
+        self.routes = tuple(routes)
+        wanted = {upstream_address(route) for route in self.routes}
+        for address in list(self.results):
+            if address not in wanted:
+                del self.results[address]
+        for host, port in wanted:
+            self.results.setdefault((host, port), ProbeResult(host, port))
+
     def startService(self) -> None:
         Service.startService(self)
         loop = self._loop = LoopingCall(self.probe_all)

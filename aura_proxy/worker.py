@@ -11,7 +11,11 @@ admin port (the parent serves it), and with its own history spool directory
 (fd 4), so it runs exactly what the parent checked.  It stops on SIGTERM or
 SIGINT, and also when its parent disappears (its stdin pipe, whose other end
 only the parent holds, reaches end of file), so a killed parent never leaves
-orphans holding the port.
+orphans holding the port.  On that same pipe the parent sends a new
+configuration text on reload (L{aura_proxy.workers.config_frame}), which the
+worker applies (L{aura_proxy.reload.Reloader.apply_text}); it ignores SIGHUP
+itself (a terminal's hang-up reaches the whole process group: the parent
+reloads, and tells it).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from aura_proxy.assembly import GatewayService, gateway_service
+from aura_proxy.reload import Reloader
 from aura_proxy.twisted_internals import accept_one_at_a_time
 from aura_proxy.config import DEFAULT_CONFIG_NAME, Config, ConfigError, default_config_text, parse_config
 from aura_proxy.workers import LISTEN_FD
@@ -97,7 +102,8 @@ def worker_service(
     """
     The gateway of worker C{index}, accepting on the inherited C{listen_fd}
     (and serving its figures on the Unix socket C{metrics_socket} for its
-    parent to sum, when given).
+    parent to sum, when given); its reloader gives every new configuration
+    the worker's spool directory.
     """
     metrics_listen = None
     if metrics_socket is not None:
@@ -108,13 +114,16 @@ def worker_service(
             pass
         escaped = metrics_socket.replace("\\", "\\\\").replace(":", "\\:")
         metrics_listen = f"unix:{escaped}:mode=600"
-    return gateway_service(
+    service = gateway_service(
         worker_config(config, index),
         reactor,
         listener=lambda site: _AdoptedPort(reactor, listen_fd, site),
         admin=False,
         metrics_listen=metrics_listen,
+        reload_signal=False,
     )
+    service.reloader = Reloader(service.gateway, lambda c: worker_config(c, index))
+    return service
 
 
 @implementer(ILogObserver)
@@ -131,13 +140,41 @@ class _NamedObserver:
         self._observer(dict(event, log_system=named))
 
 
+class ConfigFrames:
+    """Cuts what the parent writes on stdin into configuration texts (L{config_frame})."""
+
+    def __init__(self, received: Callable[[str], object]) -> None:
+        self._received = received
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the pipe: each whole frame's text goes to C{received}."""
+        self._buffer += data
+        while True:
+            head, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                return
+            size = int(head)
+            if len(rest) < size:
+                return
+            text, self._buffer = rest[:size], rest[size:]
+            try:
+                self._received(text.decode("utf-8"))
+            except Exception:
+                log.failure("applying the configuration from the parent failed")
+
+
 @implementer(IReadDescriptor)
 class _ParentWatch:
-    """Reads the worker's stdin; end of file means the parent is gone."""
+    """
+    Reads the worker's stdin: configuration texts on reload (to C{frames});
+    end of file means the parent is gone.
+    """
 
-    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
+    def __init__(self, fd: int, gone: Callable[[], None], frames: Optional[ConfigFrames] = None) -> None:
         self._fd = fd
         self._gone = gone
+        self._frames = frames
         os.set_blocking(fd, False)
 
     def fileno(self) -> int:
@@ -153,7 +190,11 @@ class _ParentWatch:
             return None
         except OSError:
             return CONNECTION_LOST
-        return None if data else CONNECTION_DONE
+        if not data:
+            return CONNECTION_DONE
+        if self._frames is not None:
+            self._frames.feed(data)
+        return None
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor has removed this reader already.
@@ -237,6 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # SIGTERM after a terminal's SIGINT) must not stop it twice.
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             service.startService()
         except Exception:
@@ -245,7 +288,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stop()
             return
         if args.watch_parent:
-            reactor.addReader(_ParentWatch(0, parent_gone))  # type: ignore[attr-defined,arg-type]
+            frames = ConfigFrames(service.reloader.apply_text)
+            reactor.addReader(_ParentWatch(0, parent_gone, frames))  # type: ignore[attr-defined,arg-type]
         log.info("{name} serving (pid {pid})", name=name, pid=os.getpid())
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]

@@ -18,6 +18,11 @@ I{parent}):
     C{GET /readyz}: ready while at least one worker runs);
   - forwards SIGUSR1 (reopen the access log file, after logrotate) to
     every worker (L{signal_workers});
+  - on reload (SIGHUP, C{POST /reload}: L{WorkerSupervisor.reload}) checks
+    the file again and, if it is valid, writes its text to every worker on
+    the worker's stdin pipe (L{config_frame}), each of which applies it as a
+    single-process gateway does (L{aura_proxy.reload}); a worker started
+    later gets the new text;
   - with C{[metrics]} on, gives each worker a Unix socket in a directory
     only this user may enter (made at start, removed at stop), where the
     worker serves its own figures; the parent's C{GET /metrics} scrapes the
@@ -37,7 +42,7 @@ import shutil
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
@@ -51,7 +56,8 @@ from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from aura_proxy.config import Config
+from aura_proxy.config import Config, ConfigError, parse_config
+from aura_proxy.reload import ReloadResult, read_text, restart_only_changes, tell
 from aura_proxy.twisted_internals import tcp_endpoint_address
 
 __all__ = [
@@ -61,6 +67,7 @@ __all__ = [
     "WorkerState",
     "WorkerSupervisor",
     "bind_socket",
+    "config_frame",
     "listen_address",
 ]
 
@@ -82,6 +89,12 @@ DEFAULT_STABLE_AFTER = 10.0
 #: The child's file descriptors: the shared listening socket and the config pipe.
 LISTEN_FD = 3
 CONFIG_FD = 4
+
+
+def config_frame(text: str) -> bytes:
+    """A configuration text as the parent writes it to a worker's stdin: its length, a line break, the text."""
+    data = text.encode("utf-8")
+    return b"%d\n" % len(data) + data
 
 
 # -- the shared socket ---------------------------------------------------------
@@ -228,6 +241,8 @@ class WorkerSupervisor(Service):
         self._executable = executable
         self._socket: Optional[socket.socket] = None
         self._stopping = False
+        #: Called with each configuration reloaded (the parent's dashboard).
+        self.reload_listeners: list[Callable[[Config], object]] = []
         # Where the workers serve their figures (made at start): None when [metrics] is off.
         self._metrics_dir: Optional[str] = None
         self._metrics_sum: Any = None
@@ -287,6 +302,48 @@ class WorkerSupervisor(Service):
         workers = [w.summary() for w in self.workers]
         ok = any(w["alive"] for w in workers)
         return {"status": "ok" if ok else "unavailable", "workers": workers}
+
+    def reload(self) -> ReloadResult:
+        """
+        Check the configuration file again; if it is valid, hand its text to
+        every running worker (and to workers started later).  Keys that need
+        a restart are reported (L{aura_proxy.reload.RESTART_ONLY}).
+        """
+        source = self.config.source
+        try:
+            text = read_text(source)
+            new = parse_config(text, source)
+        except ConfigError as e:
+            log.warn(
+                "reload of {source} refused, the configuration in use stays:\n{problems}",
+                source=source, problems=str(e),
+            )
+            return ReloadResult(False, source, tuple(e.problems))
+        merged, needs_restart = restart_only_changes(self.config, new)
+        self.config = merged
+        self.config_text = text
+        tell(self.reload_listeners, merged)
+        frame = config_frame(text)
+        told = 0
+        for worker in self.workers:
+            if worker.process is None:
+                continue
+            try:
+                worker.process.writeToChild(0, frame)
+            except Exception:
+                log.failure("worker {index}: cannot hand it the new configuration", index=worker.index)
+                continue
+            told += 1
+        log.info(
+            "reloaded {source}: {routes} routes, handed to {told} workers",
+            source=source, routes=len(merged.routes), told=told,
+        )
+        if needs_restart:
+            log.warn(
+                "reload of {source}: needs restart, kept as they were: {keys}",
+                source=source, keys=", ".join(needs_restart),
+            )
+        return ReloadResult(True, source, needs_restart=needs_restart, routes=len(merged.routes), workers=told)
 
     # -- service ---------------------------------------------------------------
 

@@ -96,13 +96,13 @@ class TreeTests(SynchronousTestCase):
     def test_single_process_children(self) -> None:
         """
         Process tuning first, then history, the access log, the drain of
-        open streams, the public listener and the admin site; the public
-        port serves the gateway's site, the admin port another one.
+        open streams, the SIGHUP reload, the public listener and the admin
+        site; the public port serves the gateway's site, the admin port another one.
         """
         fake = MemoryReactorClock()
         tree = gateway_service(parse_config(ini(history="dsn = sqlite:///x.db"), "gw.ini"), fake)
         self.assertEqual(names(tree), [
-            "ProcessTuning", "HistoryService", "AccessLogService", "_Drain",
+            "ProcessTuning", "HistoryService", "AccessLogService", "_Drain", "SighupReload",
             "StreamServerEndpointService", "AdminService",
         ])
         # The admin site: the dashboard (and its upstream prober), then the listener.
@@ -141,7 +141,7 @@ class TreeTests(SynchronousTestCase):
             parse_config(ini(), "gw.ini"), fake, listener=listener, site_factory=OwnSite,
             admin=False, tuning=False,
         )
-        self.assertEqual(names(tree), ["AccessLogService", "_Drain", "Service"])
+        self.assertEqual(names(tree), ["AccessLogService", "_Drain", "SighupReload", "Service"])
         self.assertEqual(made, [tree.site])
         self.assertIsInstance(tree.site, OwnSite)
         tree.privilegedStartService()
@@ -243,9 +243,11 @@ class DecisionTests(SynchronousTestCase):
         text = ini("workers = 2")
         tree = make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock(), demo=True)
         self.assertNotIsInstance(tree, GatewayService)
-        # The supervisor, the SIGUSR1 forwarder (the access log is on), the demo agent, the admin site.
+        # The supervisor, its SIGHUP reload, the SIGUSR1 forwarder (the access log is on), the demo agent,
+        # the admin site.
         self.assertEqual(
-            names(tree), ["WorkerSupervisor", "_ForwardUsr1", "StreamServerEndpointService", "AdminService"])
+            names(tree),
+            ["WorkerSupervisor", "SighupReload", "_ForwardUsr1", "StreamServerEndpointService", "AdminService"])
         [supervisor] = [s for s in tree if isinstance(s, WorkerSupervisor)]
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config_text, text)

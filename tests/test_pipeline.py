@@ -181,8 +181,8 @@ class PipelineTests(TestCase):
         h = Harness(Echo())
         self.assertEqual(
             [type(s).__name__ for s in h.gateway.pipeline.stages],
-            ["Tenant", "Identity", "ParsePath", "Preflight", "Route", "Authenticate", "RequiredHeaders", "Resume",
-             "Forward"],
+            ["Tenant", "Identity", "ParsePath", "Preflight", "Route", "Authenticate", "RequiredHeaders", "Limits",
+             "Resume", "Forward"],
         )
         self.assertEqual([type(s).__name__ for s in h.gateway.pipeline.ended], ["Record"])
 

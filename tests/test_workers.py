@@ -305,15 +305,15 @@ class SupervisorTests(TestCase):
 
     def test_parent_serves_admin_only(self) -> None:
         """
-        The parent's tree is the supervisor, the forwarder of SIGUSR1 to the
-        workers (the access log is on) and the admin site (listening on
+        The parent's tree is the supervisor, its SIGHUP reload, the forwarder
+        of SIGUSR1 to the workers (the access log is on) and the admin site (listening on
         admin_listen through the reactor): no gateway, no process tuning; the
         public socket is the supervisor's own.
         """
         supervisor, fake = self.make()
         self.assertIsInstance(self.tree, StopInOrder)
         self.assertEqual(
-            [type(s).__name__ for s in self.tree], ["WorkerSupervisor", "_ForwardUsr1", "AdminService"])
+            [type(s).__name__ for s in self.tree], ["WorkerSupervisor", "SighupReload", "_ForwardUsr1", "AdminService"])
         self.assertEqual(len(fake.tcpServers), 1)
         self.assertEqual(fake.tcpServers[0][3], "127.0.0.1")
 

@@ -350,8 +350,16 @@ class DashboardService(MultiService):
         super().__init__()
         self.dashboard = dashboard
         self._reader = reader
+        self._prober = prober
         if prober is not None:
             prober.setServiceParent(self)
+
+    def use_routes(self, routes: Sequence[RouteConfig]) -> None:
+        """Show (and probe) C{routes} from now on: the gateway reloaded its configuration."""
+        self.dashboard.routes = tuple(routes)
+        use = getattr(self._prober, "use_routes", None)
+        if use is not None:
+            use(routes)
 
     def startService(self) -> None:
         super().startService()
