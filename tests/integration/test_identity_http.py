@@ -59,16 +59,17 @@ class IdentityHeaderTests(TestCase):
     async def test_control_characters_in_other_headers(self) -> None:
         """
         A NUL or a bare CR inside another header's value never reaches the
-        upstream: 400, from twisted.web's parser (recent releases refuse
-        them before the gateway sees the request) or from the Identity stage
-        (its unit tests). A tab or another control character passes.
+        upstream: a JSON 400, from twisted.web's parser (recent releases
+        refuse them before the gateway sees the request: C{bad_request}) or
+        from the Identity stage (C{invalid_header}). A tab or another control character passes.
         """
         for value in (b"a\x00b", b"a\rb"):
             status, _, body = await self.exchange(
                 b"GET /api/aura/echo HTTP/1.1\r\nX-Tenant-ID: t1\r\nX-Note: " + value + b"\r\n")
             self.assertEqual(status, 400, (value, body))
-            if body.startswith(b"{"):
-                self.assertEqual(error_of(body)["code"], "invalid_header", value)
+            # The parser's refusal is the gateway's JSON bad_request (with a
+            # request id); the Identity stage's names the header.
+            self.assertIn(error_of(body)["code"], ("bad_request", "invalid_header"), value)
         status, _, body = await self.exchange(
             b"GET /api/aura/echo HTTP/1.1\r\nX-Tenant-ID: t1\r\nX-Note: a\tb\x01c\r\n")
         self.assertEqual(status, 200, body)
