@@ -30,7 +30,6 @@ import itertools
 import math
 import uuid
 from typing import Any, Optional, Union
-from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -38,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aura_proxy.config import LimitsConfig
+from aura_proxy.redis_url import redis_address
 
 __all__ = ["Decision", "LimitStore", "MemoryLimits", "RedisLimits", "Slot", "make_limits"]
 
@@ -265,14 +265,9 @@ class RedisLimits(LimitStore, _SlotOwner):
         reply_timeout: float = 1.0,
         connect_timeout: float = 1.0,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"not a redis:// URL: {url!r}")
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 6379
-        path = parts.path.strip("/")
-        self._dbid: Optional[int] = int(path) if path else None
-        self._password = unquote(parts.password) if parts.password else None
+        address = redis_address(url)
+        self._host, self._port = address.host, address.port
+        self._dbid, self._password = address.dbid, address.password
         self._clock = clock
         self._lease_ms = max(1, int(lease * 1000))
         self._renew_every = max(lease / 3, 0.01)

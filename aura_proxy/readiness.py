@@ -11,13 +11,14 @@ Readiness (C{GET /readyz} on the admin site): named checks run together.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional, Union
-from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from aura_proxy.redis_url import redis_address
 
 if TYPE_CHECKING:
     from twisted.web.server import Site as _Site
@@ -99,8 +100,8 @@ def _resume_check(config: "Config", reactor: Any) -> Optional[Check]:
         return None
     if resume == "memory":
         return lambda: {"ok": True, "store": "memory"}
-    parts = urlsplit(resume)
-    where = f"redis {parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+    address = redis_address(resume)
+    where = f"redis {address.host}:{address.port}"
 
     async def check() -> dict[str, object]:
         try:
@@ -229,11 +230,9 @@ def redis_ping(reactor: Any, url: str, timeout: float = REDIS_PING_TIMEOUT) -> "
     C{PONG}; fail on an error reply, a refused connection or after
     C{timeout} seconds, whichever comes first.  The connection is closed.
     """
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or 6379
-    password = unquote(parts.password) if parts.password else None
-    protocol = _Ping(password)
+    address = redis_address(url)
+    host, port = address.host, address.port
+    protocol = _Ping(address.password)
     factory = Factory.forProtocol(lambda: protocol)
     factory.noisy = False  # a probe every few seconds is not news
     d: Deferred[Any] = HostnameEndpoint(reactor, host, port, timeout=timeout).connect(factory)

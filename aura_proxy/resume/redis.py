@@ -68,7 +68,6 @@ import secrets
 from collections import deque
 from functools import partial
 from typing import Any, Callable, Optional
-from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -77,6 +76,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aura_proxy.redis_url import redis_address
 from aura_proxy.resume.log import FOREIGN, Attachment, Subscriber
 
 __all__ = ["RedisResumeLog"]
@@ -365,14 +365,9 @@ class RedisResumeLog:
             an instance that died are seen cut short.
         @param instance: this instance's name in Redis (default: random).
         """
-        parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"not a redis:// URL: {url!r}")
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 6379
-        path = parts.path.strip("/")
-        self._dbid: Optional[int] = int(path) if path else None
-        self._password = unquote(parts.password) if parts.password else None
+        address = redis_address(url)
+        self._host, self._port = address.host, address.port
+        self._dbid, self._password = address.dbid, address.password
         self._clock = clock
         self._ttl = ttl
         self._open_ms = max(1, int(ttl * 1500))
