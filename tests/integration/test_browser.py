@@ -41,6 +41,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from aura_proxy.sse import parse_gateway_id
+from tests.integration.cdp import FLAGS
 from tests.integration.gateway import Tracking, listen, reactor, start_site, twistd_ini
 from tests.integration.upstream_app import token_text
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
@@ -49,17 +50,8 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 COUNT = 30
 CUT_AFTER = 10
 
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
+# The flags of every headless chromium the tests start (tests/integration/cdp.py).
+CHROMIUM_FLAGS = FLAGS
 
 # The page: one EventSource on a path of the same origin, the tenant in the
 # query (an EventSource cannot set X-Tenant-ID).  Every event's type, data

@@ -26,29 +26,13 @@ from aura_proxy.history.postgres import PostgresBackend
 from aura_proxy.history.schema import COLUMNS, load_migrations, to_row
 from tests.history_helpers import make_stream_record
 from tests.integration.test_history_gateway import TWISTD, GatewayHistory, wait_for
+from tests.integration.test_history_gateway import gateway_config as history_gateway_config
 from tests.integration.upstreams import free_port, start_fastapi_upstream, start_process
 
 
 def gateway_config(listen: int, admin: int, upstream: int, dsn: str, table: str, spool: str) -> str:
     """A gateway on C{listen} with SQLite history, the shipped SSE defaults and a 1 KB body limit."""
-    return f"""\
-[gateway]
-listen = tcp:{listen}:interface=127.0.0.1
-admin_listen = tcp:{admin}:interface=127.0.0.1
-max_request_body = 1024
-[route:aura]
-path = /api/aura/**
-upstream = http://127.0.0.1:{upstream}
-[headers]
-default.X-DWP-Source = FRONTEND
-default.X-DWP-Caller-Type = USER
-[history]
-dsn = {dsn}
-table = {table}
-spool_dir = {spool}
-flush_interval = 0.2
-batch_size = 100
-"""
+    return history_gateway_config(listen, admin, upstream, dsn, table, spool, gateway="max_request_body = 1024")
 
 
 def events_in(body: bytes) -> list[bytes]:

@@ -27,12 +27,15 @@ from tests.integration.upstreams import free_port, start_fastapi_upstream, start
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
-def gateway_config(listen: int, admin: int, upstream: int, dsn: str, table: str, spool: str) -> str:
+def gateway_config(
+    listen: int, admin: int, upstream: int, dsn: str, table: str, spool: str, gateway: str = "drain_timeout = 0.5"
+) -> str:
+    """A gateway on C{listen} with history in C{dsn}; C{gateway}: more lines of its C{[gateway]} section."""
     return f"""\
 [gateway]
 listen = tcp:{listen}:interface=127.0.0.1
 admin_listen = tcp:{admin}:interface=127.0.0.1
-drain_timeout = 0.5
+{gateway}
 [route:aura]
 path = /api/aura/**
 upstream = http://127.0.0.1:{upstream}
