@@ -108,9 +108,16 @@ class FakeBackend:
         self.slow = False
         self.pending: List[Any] = []
         self.closed = False
+        #: A connection that takes its time: connect() waits until connected().
+        self.slow_connect = False
+        self.pending_connects: List["Deferred[None]"] = []
 
     def connect(self) -> "Deferred[None]":
         self.connects += 1
+        if self.slow_connect:
+            d: Deferred[None] = Deferred()
+            self.pending_connects.append(d)
+            return d
         if not self.up:
             return fail(ConnectionLost("database down"))
         return succeed(None)
@@ -121,6 +128,13 @@ class FakeBackend:
             self.pending.append((list(rows), d))
             return d
         return self._commit(rows)
+
+    def connected(self) -> None:
+        """Let the connection attempts waiting on C{slow_connect} succeed."""
+        self.slow_connect = False
+        pending, self.pending_connects = self.pending_connects, []
+        for d in pending:
+            d.callback(None)
 
     def release(self) -> None:
         """Commit the inserts waiting on the slow database, in order."""

@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from aura_proxy.config import HistoryConfig
 from aura_proxy.history import CallRecord, HistoryService, make_history
+from aura_proxy.history.service import FINAL_WRITE_BUDGET
 from tests.history_helpers import (
     FakeBackend,
     history_config,
@@ -239,6 +240,88 @@ class ServiceTests(TestCase):
         self.successResultOf(svc.stopService())
         self.assertEqual(svc.stats()["spooled"], 7)
         self.assertEqual(len(segments(self.spool_dir)), 1)
+
+    def test_stop_waits_for_a_connection_in_flight(self) -> None:
+        """
+        A service stopped while its first connection is still being made
+        (a worker stopped right after it started) waits for it, then stores
+        the rows it spooled meanwhile and those still queued, in order: the
+        table has every row, the spool none.
+        """
+        self.backend.slow_connect = True
+        svc = self.service(batch_size=100)
+        for i in range(5):
+            svc.record(make_record(i))
+        self.successResultOf(svc.flush())
+        self.assertEqual(svc.stats()["spooled"], 5)
+        for i in range(5, 8):
+            svc.record(make_record(i))
+        d = svc.stopService()
+        self.assertNoResult(d)
+        self.backend.connected()
+        self.successResultOf(d)
+        self.assertEqual(self.backend.order, [f"req-{i:06d}" for i in range(8)])
+        self.assertEqual(svc.stats()["replayed"], 5)
+        self.assertEqual(segments(self.spool_dir), [])
+
+    def test_stop_tries_a_down_database_once_more(self) -> None:
+        """
+        A service waiting to retry a database that failed makes one more
+        attempt when it stops: if the database is back, the spool and the
+        queue reach the table instead of waiting for the next start.
+        """
+        self.backend.up = False
+        svc = self.service(batch_size=100)
+        for i in range(4):
+            svc.record(make_record(i))
+        self.successResultOf(svc.flush())
+        self.assertEqual(svc.stats()["spooled"], 4)
+        svc.record(make_record(4))
+        self.backend.up = True
+        self.successResultOf(svc.stopService())
+        self.assertEqual(self.backend.order, [f"req-{i:06d}" for i in range(5)])
+        self.assertEqual(segments(self.spool_dir), [])
+
+    def test_stop_gives_up_on_a_connection_after_the_budget(self) -> None:
+        """
+        A connection that never comes holds the shutdown for
+        FINAL_WRITE_BUDGET seconds at most; the rows are then in the spool.
+        """
+        self.backend.slow_connect = True
+        svc = self.service(batch_size=100)
+        for i in range(3):
+            svc.record(make_record(i))
+        d = svc.stopService()
+        self.clock.advance(FINAL_WRITE_BUDGET - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertEqual(self.backend.order, [])
+        self.assertEqual(svc.stats()["spooled"], 3)
+        self.assertEqual(len(segments(self.spool_dir)), 1)
+
+    def test_stop_replays_the_spool_within_the_budget(self) -> None:
+        """
+        With the database up, a stopping service replays what its spool
+        holds before it writes its queue (order kept), while the budget
+        lasts; what the budget does not cover stays spooled, behind it.
+        """
+        self.backend.up = False
+        svc = self.service(batch_size=2)
+        for i in range(6):
+            svc.record(make_record(i))
+        self.successResultOf(svc.flush())
+        self.assertEqual(svc.stats()["spooled"], 6)
+        self.backend.up = True
+        self.backend.slow = True
+        svc.record(make_record(6))
+        d = svc.stopService()
+        # The first chunk is in flight; a slow database uses the budget up.
+        self.clock.advance(FINAL_WRITE_BUDGET)
+        self.backend.release()
+        self.successResultOf(d)
+        self.assertEqual(self.backend.order, ["req-000000", "req-000001"])
+        self.assertEqual(svc.stats()["spool_pending"], 5)
 
     def test_record_after_stop_is_spooled(self) -> None:
         """A call finishing after shutdown is still kept, in the spool."""

@@ -41,6 +41,12 @@ __all__ = ["HistoryService", "backend_for"]
 
 T = TypeVar("T")
 
+#: Seconds a stopping service keeps trying to put its rows in the table
+#: (waiting for a connection attempt, replaying the spool) before it leaves
+#: the rest in the spool for the next start.  The parent of C{workers = N}
+#: gives a worker C{drain_timeout} + 15 s, systemd's unit more.
+FINAL_WRITE_BUDGET = 5.0
+
 
 def backend_for(config: HistoryConfig, reactor: Any, clock: Clock) -> Backend:
     """The backend named by C{config.dsn} (C{sqlite:///...} or C{postgresql://...})."""
@@ -228,8 +234,8 @@ class HistoryService(Service):
 
     # -- connection ------------------------------------------------------------
 
-    def _connect(self) -> None:
-        if self._connecting or self._db_up or self._stopping:
+    def _connect(self, final: bool = False) -> None:
+        if self._connecting or self._db_up or (self._stopping and not final):
             return
         self._connecting = True
         done: Deferred[None] = Deferred()
@@ -237,9 +243,12 @@ class HistoryService(Service):
 
         def up(_: object) -> None:
             self._connecting = False
-            if self._stopping:
+            if self._stopped:
                 return
             self._db_up = True
+            if self._stopping:
+                # The shutdown writes what is left itself.
+                return
             self._retry_delay = self._retry_initial
             self.log.info("history: {backend} database up", backend=self._backend.name)
             self._kick()
@@ -247,6 +256,13 @@ class HistoryService(Service):
         def failed(f: Failure) -> None:
             self._connecting = False
             self._counters["connect_failures"] += 1
+            if self._stopping:
+                self.log.warn(
+                    "history: {backend} database unavailable at shutdown ({why}); "
+                    "rows left go to the spool", backend=self._backend.name,
+                    why=f.getErrorMessage(),
+                )
+                return
             self.log.warn(
                 "history: {backend} database unavailable ({why}); retrying in {delay}s",
                 backend=self._backend.name, why=f.getErrorMessage(), delay=self._retry_delay,
@@ -318,17 +334,8 @@ class HistoryService(Service):
                     await self._spill(self._take(len(self._queue)))
                 return
             if self._spool_rows > 0:
-                chunk: Optional[Chunk] = await self._io(self._spool.read, batch)
-                if chunk is None:
-                    self._spool_rows = 0  # nothing there after all
-                    continue
-                if chunk.rows and not await self._store(chunk.rows):
+                if not await self._replay_chunk():
                     return  # database down: the chunk stays in the spool
-                # Only now may the rows leave the spool (the segment may be deleted).
-                await self._io(self._spool.ack, chunk)
-                self._spool_rows -= len(chunk.rows) + chunk.bad
-                self._counters["replayed"] += len(chunk.rows)
-                self._counters["dropped"] += chunk.bad
                 continue
             if self._queue and (self._flush_rows or len(self._queue) >= batch):
                 rows = self._take(batch)
@@ -338,6 +345,24 @@ class HistoryService(Service):
                     return
                 continue
             return
+
+    async def _replay_chunk(self) -> bool:
+        """
+        Store the spool's oldest chunk, then let it leave the spool; False
+        when the database is unavailable (the chunk stays).
+        """
+        chunk: Optional[Chunk] = await self._io(self._spool.read, self.config.batch_size)
+        if chunk is None:
+            self._spool_rows = 0  # nothing there after all
+            return True
+        if chunk.rows and not await self._store(chunk.rows):
+            return False
+        # Only now may the rows leave the spool (the segment may be deleted).
+        await self._io(self._spool.ack, chunk)
+        self._spool_rows -= len(chunk.rows) + chunk.bad
+        self._counters["replayed"] += len(chunk.rows)
+        self._counters["dropped"] += chunk.bad
+        return True
 
     async def _store(self, rows: List[Row]) -> bool:
         """
@@ -423,6 +448,15 @@ class HistoryService(Service):
             waiter: Deferred[None] = Deferred()
             self._idle_waiters.append(waiter)
             await waiter
+        deadline = self._clock.seconds() + FINAL_WRITE_BUDGET
+        if not self._db_up:
+            # A worker that stops before its first connection came up, or
+            # while it waits to retry, still gets its rows into the table.
+            self._connect(final=True)
+            await self._until(self._attempt, deadline)
+        while self._db_up and self._spool_rows > 0 and self._clock.seconds() < deadline:
+            if not await self._replay_chunk():
+                break
         rows = self._take(len(self._queue))
         # Rows may go straight to the table only if the spool holds nothing
         # older; otherwise they join its tail (replayed at next start).
@@ -452,6 +486,26 @@ class HistoryService(Service):
         self.log.info("history: stopped {stats}", stats=self.stats())
 
     # -- helpers ---------------------------------------------------------------
+
+    def _until(self, d: "Deferred[None]", deadline: float) -> "Deferred[None]":
+        """Fires when C{d} has, or at C{deadline}, whichever comes first; C{d} runs on."""
+        waiter: Deferred[None] = Deferred()
+
+        def done(result: object) -> object:
+            if not waiter.called:
+                waiter.callback(None)
+            return result
+
+        timer = self._clock.callLater(max(0.0, deadline - self._clock.seconds()), done, None)
+        d.addBoth(done)
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        waiter.addBoth(stop_timer)
+        return waiter
 
     def _io(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         """Run spool I/O in the spool thread (in submission order), or inline."""

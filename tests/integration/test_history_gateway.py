@@ -170,6 +170,31 @@ class SqliteHistoryTests(GatewayHistory, SynchronousTestCase):
             if os.path.isdir(self.spool) else []
         self.assertEqual(spooled, [])
 
+    def test_database_locked_until_sigterm(self) -> None:
+        """
+        A gateway whose database is locked from its start until just before
+        SIGTERM (another writer holds the file) still puts every call in the
+        table as it stops, not in the spool: the stopping history service
+        waits for its connection and writes.
+        """
+        lock = sqlite3.connect(self.db, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            process, port = self.start_gateway()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for i in range(3):
+                self.assertEqual(call(conn, "GET", f"/api/aura/json?i={i}")[0], 200)
+            conn.close()
+            time.sleep(0.5)  # a flush tick: the rows go to the spool while locked
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        self.stop_gateway(process)
+        self.assertEqual(sorted(r["query_string"] for r in self.rows()), ["i=0", "i=1", "i=2"])
+        spooled = [n for n in os.listdir(self.spool) if os.path.getsize(os.path.join(self.spool, n))] \
+            if os.path.isdir(self.spool) else []
+        self.assertEqual(spooled, [])
+
 
 class PostgresHistoryTests(GatewayHistory, SynchronousTestCase):
     """PostgreSQL in production: faults lose and double nothing."""
