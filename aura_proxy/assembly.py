@@ -45,6 +45,7 @@ from aura_proxy.config import (
 )
 from aura_proxy.dashboard import dashboard_service
 from aura_proxy.history import HistoryService, make_history
+from aura_proxy.history.spool import gather_orphans
 from aura_proxy.metrics import GatewayMetrics, exposition
 from aura_proxy.limits import make_limits
 from aura_proxy.process import ProcessTuning
@@ -390,9 +391,26 @@ def make_service(config: Config, config_text: str, reactor: Any, *, demo: bool =
             "anyone who reaches that address can read it",
             listen=config.gateway.admin_listen,
         )
+    if config.history.enabled:
+        _gather_spools(config)
     if config.gateway.workers > 1:
         return supervisor_service(config, config_text, reactor, demo=demo)
     return gateway_service(config, reactor, demo=demo)
+
+
+def _gather_spools(config: Config) -> None:
+    """
+    Rows spooled under another C{workers} setting (a single process's spool,
+    or a worker's that this run does not start) go where this run replays them.
+    """
+    try:
+        gather_orphans(config.history.spool_dir, config.gateway.workers)
+    except OSError as e:
+        _log.error(
+            "history: spool segments in {dir} left by another process layout not moved ({why}); "
+            "they are replayed once the gateway runs with that layout again",
+            dir=config.history.spool_dir, why=e,
+        )
 
 
 def _loopback_only(listen: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from contextlib import redirect_stderr
 from typing import Any
 
@@ -28,6 +29,8 @@ from aura_proxy.assembly import (
     service_from_file,
 )
 from aura_proxy.config import DEFAULT_CONFIG_NAME, ConfigError, default_config_text, parse_config
+from aura_proxy.history.schema import row_from_json
+from aura_proxy.history.spool import Spool
 from aura_proxy.process import ProcessTuning
 from aura_proxy.site import GatewaySite
 from aura_proxy.workers import WorkerSupervisor
@@ -252,6 +255,26 @@ class DecisionTests(SynchronousTestCase):
         self.assertEqual(len(supervisor.workers), 2)
         self.assertEqual(supervisor.config_text, text)
         self.assertFalse(any(isinstance(s, ProcessTuning) for s in tree))
+
+    def test_spools_of_another_layout_are_gathered(self) -> None:
+        """
+        Starting with C{workers = 2} moves a single process's spooled rows,
+        and those of a worker beyond 2, into worker 1's spool, which replays
+        them; with history off, nothing is touched.
+        """
+        spool = os.path.abspath(self.mktemp())
+        for directory in (spool, os.path.join(spool, "worker-3")):
+            left = Spool(directory)
+            left.append([row_from_json({"id": directory})])
+            left.close()
+        history = f"dsn = sqlite:///{spool}/h.db\nspool_dir = {spool}"
+        text = ini("workers = 2", history=history + "\nenabled = false")
+        make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock())
+        self.assertTrue(os.path.isdir(os.path.join(spool, "worker-3")))
+        text = ini("workers = 2", history=history)
+        make_service(parse_config(text, "gw.ini"), text, MemoryReactorClock())
+        self.assertEqual(sorted(os.listdir(spool)), ["worker-1"])
+        self.assertEqual(len(os.listdir(os.path.join(spool, "worker-1"))), 2)
 
 
 class StartWarningTests(SynchronousTestCase):

@@ -8,7 +8,7 @@ import os
 from twisted.trial.unittest import TestCase
 
 from aura_proxy.history.schema import COLUMNS, ID, Row, row_from_json
-from aura_proxy.history.spool import Spool
+from aura_proxy.history.spool import Spool, gather_orphans
 from tests.history_helpers import segments
 
 
@@ -140,3 +140,64 @@ class OlderSpoolTests(TestCase):
         for column in ("stream_id", "resumed_after", "detached_event_count", "detached_ms"):
             self.assertIsNone(named[column], column)
         self.assertEqual(chunk.bad, 0)
+
+
+class GatherOrphansTests(TestCase):
+    """L{gather_orphans}: rows spooled under another C{workers} setting are not stranded."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def spool_with(self, directory: str, *batches: tuple[str, ...]) -> None:
+        """A spool in C{directory} left with one sealed segment per batch."""
+        for batch in batches:
+            spool = Spool(directory)
+            spool.append(rows(*batch))
+            spool.close()
+
+    def replayed(self, directory: str) -> list[str]:
+        """Every id a new process's spool in C{directory} replays, in order."""
+        spool = Spool(directory)
+        spool.open()
+        out: list[str] = []
+        while (chunk := spool.read(100)) is not None:
+            out.extend(r[ID] for r in chunk.rows)
+            spool.ack(chunk)
+        return out
+
+    def test_single_process_takes_its_former_workers_spools(self) -> None:
+        """
+        Back to one process after C{workers = 3}: the workers' segments move
+        into the spool it replays, after its own, each worker's in order; the
+        emptied worker directories go.
+        """
+        self.spool_with(self.dir, ("own",))
+        self.spool_with(os.path.join(self.dir, "worker-1"), ("w1a",), ("w1b",))
+        self.spool_with(os.path.join(self.dir, "worker-3"), ("w3",))
+        self.assertEqual(gather_orphans(self.dir, 1), 3)
+        self.assertEqual(self.replayed(self.dir), ["own", "w1a", "w1b", "w3"])
+        self.assertEqual(sorted(os.listdir(self.dir)), [])
+
+    def test_workers_take_the_single_process_spool_and_those_beyond_n(self) -> None:
+        """
+        C{workers = 2} after one process and after C{workers = 4}: worker 1
+        gets the top-level segments and those of workers 3 and 4; worker 2
+        keeps its own, untouched.
+        """
+        self.spool_with(self.dir, ("top",))
+        self.spool_with(os.path.join(self.dir, "worker-1"), ("w1",))
+        self.spool_with(os.path.join(self.dir, "worker-2"), ("w2",))
+        self.spool_with(os.path.join(self.dir, "worker-4"), ("w4",))
+        self.assertEqual(gather_orphans(self.dir, 2), 2)
+        self.assertEqual(self.replayed(os.path.join(self.dir, "worker-1")), ["w1", "top", "w4"])
+        self.assertEqual(self.replayed(os.path.join(self.dir, "worker-2")), ["w2"])
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "worker-4")))
+        self.assertEqual(segments(self.dir), [])
+
+    def test_nothing_to_move(self) -> None:
+        """A spool of this layout, or none at all, is left as it is."""
+        self.assertEqual(gather_orphans(os.path.join(self.dir, "absent"), 2), 0)
+        self.spool_with(self.dir, ("own",))
+        self.assertEqual(gather_orphans(self.dir, 1), 0)
+        self.assertEqual(segments(self.dir), ["history-0000000000000000.jsonl"])

@@ -30,9 +30,10 @@ from twisted.logger import Logger
 
 from aura_proxy.history.schema import Row, row_from_json, row_to_json
 
-__all__ = ["Spool", "Chunk"]
+__all__ = ["Spool", "Chunk", "gather_orphans"]
 
 _SEGMENT = re.compile(r"^history-(\d{16})\.jsonl$")
+_WORKER_DIR = re.compile(r"^worker-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,67 @@ class Spool:
 
     def _fsync_dir(self) -> None:
         # Make file creation/deletion itself durable, not only file contents.
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_directory(self.directory)
+
+
+def gather_orphans(spool_dir: str, workers: int) -> int:
+    """
+    Move segments that no process of this run would replay into a spool that
+    will: a single process (C{workers} 1) takes those its former workers left
+    in C{spool_dir/worker-K}; with C{workers = N}, worker 1's spool takes
+    those a single process left in C{spool_dir} and those of workers beyond
+    N.  Run by the parent (or the single process) at start, before any
+    worker opens its spool.  Each segment keeps its rows and their order;
+    it gets the next free name in its new directory.  Returns how many
+    segments moved.
+    """
+    if not os.path.isdir(spool_dir):
+        return 0
+    if workers > 1:
+        into = os.path.join(spool_dir, "worker-1")
+        sources = [spool_dir] + [
+            os.path.join(spool_dir, name) for name, index in _worker_dirs(spool_dir) if index > workers
+        ]
+    else:
+        into = spool_dir
+        sources = [os.path.join(spool_dir, name) for name, _ in _worker_dirs(spool_dir)]
+    found = [(source, sorted(n for n in os.listdir(source) if _SEGMENT.match(n))) for source in sources]
+    if not any(names for _, names in found):
+        return 0
+    os.makedirs(into, exist_ok=True)
+    taken = sorted(n for n in os.listdir(into) if _SEGMENT.match(n))
+    seq = int(_SEGMENT.match(taken[-1]).group(1)) + 1 if taken else 0  # type: ignore[union-attr]
+    moved = 0
+    for source, names in found:
+        for name in names:
+            os.rename(os.path.join(source, name), os.path.join(into, f"history-{seq:016d}.jsonl"))
+            seq += 1
+            moved += 1
+        if names:
+            _fsync_directory(source)
+        if source != spool_dir and not os.listdir(source):
+            os.rmdir(source)
+    _fsync_directory(into)
+    Spool.log.info(
+        "history: {n} spool segments left by another process layout moved to {dir} for replay",
+        n=moved, dir=into,
+    )
+    return moved
+
+
+def _worker_dirs(spool_dir: str) -> List[tuple[str, int]]:
+    """The C{worker-K} directories in C{spool_dir}, by K."""
+    found = []
+    for name in os.listdir(spool_dir):
+        match = _WORKER_DIR.match(name)
+        if match and os.path.isdir(os.path.join(spool_dir, name)):
+            found.append((name, int(match.group(1))))
+    return sorted(found, key=lambda item: item[1])
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
