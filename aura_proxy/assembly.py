@@ -213,7 +213,7 @@ def gateway_service(
     admin: bool = True,
     tuning: bool = True,
     registry: Optional[CollectorRegistry] = None,
-    metrics_listen: Optional[str] = None,
+    private_listen: Optional[str] = None,
     reload_signal: bool = True,
 ) -> GatewayService:
     """
@@ -237,9 +237,9 @@ def gateway_service(
     @param registry: the process's metrics (L{aura_proxy.metrics}, with
         C{[metrics]} on), which C{/metrics} and the admin site's dashboard
         read (default: a new one; one per process, never the global one).
-    @param metrics_listen: where a worker serves its own C{/metrics} for its
-        parent to sum (a private C{unix:} endpoint); None: nowhere but the
-        admin site.
+    @param private_listen: where a worker answers its parent (a private
+        C{unix:} endpoint): its own C{/readyz}, and C{/metrics} for the
+        parent to sum; None: nowhere but the admin site.
     @param reload_signal: whether SIGHUP reloads the configuration (a worker
         process is told by its parent instead).
     """
@@ -296,9 +296,12 @@ def gateway_service(
             readiness=gateway_readiness(config, site, history, reactor), token=config.admin.token,
             metrics=text, reload=top.reloader.reload,
         ).setServiceParent(top)
-    if metrics_listen is not None and text is not None:
-        # The worker's own figures, for its parent only (no dashboard, no log).
-        admin_service(metrics_listen, lambda: {"status": "ok"}, reactor, metrics=text).setServiceParent(top)
+    if private_listen is not None:
+        # The worker's own readiness and figures, for its parent only (no dashboard, no log).
+        admin_service(
+            private_listen, lambda: {"status": "ok"}, reactor,
+            readiness=gateway_readiness(config, site, history, reactor), metrics=text,
+        ).setServiceParent(top)
     return top
 
 

@@ -26,7 +26,6 @@ from fixed lists; never paths, tenants or ids.
 from __future__ import annotations
 
 import os
-import tempfile
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -625,11 +624,6 @@ def sum_families(processes: Iterable[Iterable[Metric]]) -> list[Metric]:
             family.add_sample(sample_name, dict(labels), value)
         out.append(family)
     return out
-
-
-def private_socket_dir() -> str:
-    """A new directory only this user may enter, for the workers' metrics sockets."""
-    return tempfile.mkdtemp(prefix="aura-proxy-metrics-")
 
 
 def metrics_resource_answer(request: Request, body: bytes) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional, Union
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -162,16 +162,41 @@ def supervisor_readiness(config: "Config", supervisor: "WorkerSupervisor", react
     """
     The readiness checks of the parent of C{workers > 1}: C{config},
     C{listening} (the shared socket is bound), C{workers} (at least one
-    worker process runs; each is listed) and C{resume} (Redis answers).
+    worker process runs, and every running one is ready by its own checks:
+    its history database up, its resume store answering; those that are not
+    are listed with their failing checks) and C{resume} (Redis answers).
     """
     checks: dict[str, Check] = {"config": _config_check(config)}
 
     def listening() -> dict[str, object]:
         return {"ok": supervisor.listening, "listen": config.gateway.listen}
 
-    def workers() -> dict[str, object]:
-        alive = sum(1 for w in supervisor.workers if w.alive)
-        return {"ok": alive > 0, "alive": alive, "workers": len(supervisor.workers)}
+    async def workers() -> dict[str, object]:
+        running = [w for w in supervisor.workers if w.alive]
+        reports = await gatherResults([supervisor.worker_readiness(w) for w in running])
+        not_ready: list[dict[str, object]] = []
+        for worker, report in zip(running, reports):
+            if report.get("status") != "ready":
+                entry: dict[str, object] = {
+                    "worker": worker.index, "pid": worker.pid, "failing": report.get("failing", []),
+                }
+                checks_of = report.get("checks")
+                if isinstance(checks_of, dict):
+                    errors = {name: c.get("error") for name, c in checks_of.items()
+                              if isinstance(c, dict) and not c.get("ok")}
+                    entry["errors"] = errors
+                elif "error" in report:
+                    entry["error"] = report["error"]
+                not_ready.append(entry)
+        result: dict[str, object] = {
+            "ok": bool(running) and not not_ready,
+            "alive": len(running),
+            "ready": len(running) - len(not_ready),
+            "workers": len(supervisor.workers),
+        }
+        if not_ready:
+            result["not_ready"] = not_ready
+        return result
 
     checks["listening"] = listening
     checks["workers"] = workers

@@ -97,29 +97,29 @@ def _accept_one_at_a_time(port: Any) -> None:
 
 
 def worker_service(
-    config: Config, index: int, reactor: Any, listen_fd: int = LISTEN_FD, metrics_socket: Optional[str] = None
+    config: Config, index: int, reactor: Any, listen_fd: int = LISTEN_FD, private_socket: Optional[str] = None
 ) -> GatewayService:
     """
     The gateway of worker C{index}, accepting on the inherited C{listen_fd}
-    (and serving its figures on the Unix socket C{metrics_socket} for its
-    parent to sum, when given); its reloader gives every new configuration
-    the worker's spool directory.
+    (and answering its parent on the Unix socket C{private_socket}, when
+    given: its readiness, and its figures for the parent to sum); its
+    reloader gives every new configuration the worker's spool directory.
     """
-    metrics_listen = None
-    if metrics_socket is not None:
+    private_listen = None
+    if private_socket is not None:
         # A socket a dead predecessor left behind would refuse the bind.
         try:
-            os.unlink(metrics_socket)
+            os.unlink(private_socket)
         except FileNotFoundError:
             pass
-        escaped = metrics_socket.replace("\\", "\\\\").replace(":", "\\:")
-        metrics_listen = f"unix:{escaped}:mode=600"
+        escaped = private_socket.replace("\\", "\\\\").replace(":", "\\:")
+        private_listen = f"unix:{escaped}:mode=600"
     service = gateway_service(
         worker_config(config, index),
         reactor,
         listener=lambda site: _AdoptedPort(reactor, listen_fd, site),
         admin=False,
-        metrics_listen=metrics_listen,
+        private_listen=private_listen,
         reload_signal=False,
     )
     service.reloader = Reloader(service.gateway, lambda c: worker_config(c, index))
@@ -213,8 +213,8 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     source.add_argument("--config", help="read the configuration from this file (default: embedded)")
     parser.add_argument("--source", default=None, help="the configuration's file name, for messages")
     parser.add_argument(
-        "--metrics-socket", default=None,
-        help="serve this worker's /metrics on this Unix socket (for the parent to sum)",
+        "--private-socket", default=None,
+        help="answer the parent on this Unix socket: this worker's /readyz, and /metrics for it to sum",
     )
     parser.add_argument(
         "--watch-parent", action="store_true",
@@ -267,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stop()
 
     try:
-        service = worker_service(config, args.index, reactor, args.listen_fd, args.metrics_socket)
+        service = worker_service(config, args.index, reactor, args.listen_fd, args.private_socket)
         service.privilegedStartService()
     except Exception:
         log.failure("{name}: cannot start", name=name)

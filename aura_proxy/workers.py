@@ -23,10 +23,12 @@ I{parent}):
     the worker's stdin pipe (L{config_frame}), each of which applies it as a
     single-process gateway does (L{aura_proxy.reload}); a worker started
     later gets the new text;
-  - with C{[metrics]} on, gives each worker a Unix socket in a directory
-    only this user may enter (made at start, removed at stop), where the
-    worker serves its own figures; the parent's C{GET /metrics} scrapes the
-    running workers and sums them (L{WorkerSupervisor.metrics});
+  - gives each worker a private Unix socket in a directory only this user
+    may enter (made at start, removed at stop), where the worker answers its
+    own C{/readyz} and, with C{[metrics]} on, its figures; the parent's
+    C{GET /metrics} scrapes the running workers and sums them
+    (L{WorkerSupervisor.metrics}), and its C{GET /readyz} asks each running
+    worker (L{WorkerSupervisor.worker_readiness});
   - on shutdown (SIGTERM/SIGINT to twistd) sends SIGTERM to every worker and
     waits for them to end (each ends its open streams and flushes its history
     like a single-process gateway), then SIGKILLs whatever is left after
@@ -37,17 +39,20 @@ The worker process itself is L{aura_proxy.worker}.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -75,6 +80,8 @@ log = Logger("aura_proxy.workers")
 
 #: Seconds the parent waits for one worker's figures before counting it down.
 METRICS_SCRAPE_TIMEOUT = 5.0
+#: Seconds the parent's C{/readyz} waits for one worker's own before counting it not ready.
+READINESS_TIMEOUT = 2.0
 #: Seconds between the parent's own readings of its workers' figures (for the dashboard).
 METRICS_REFRESH = 5.0
 #: Seconds the parent waits for its workers after SIGTERM before SIGKILL.
@@ -243,8 +250,8 @@ class WorkerSupervisor(Service):
         self._stopping = False
         #: Called with each configuration reloaded (the parent's dashboard).
         self.reload_listeners: list[Callable[[Config], object]] = []
-        # Where the workers serve their figures (made at start): None when [metrics] is off.
-        self._metrics_dir: Optional[str] = None
+        # Where the workers answer the parent (made at start, gone at stop).
+        self._private_dir: Optional[str] = None
         self._metrics_sum: Any = None
         self._metrics_refresh: Any = None
         if config.metrics.enabled:
@@ -257,11 +264,36 @@ class WorkerSupervisor(Service):
                 config.gateway.fast_path, registry,
             )
 
-    def metrics_socket(self, worker: WorkerState) -> Optional[str]:
-        """The Unix socket where C{worker} serves its figures, or None when C{[metrics]} is off."""
-        if self._metrics_dir is None:
+    def private_socket(self, worker: WorkerState) -> Optional[str]:
+        """
+        The Unix socket where C{worker} answers its parent (its C{/readyz},
+        and its figures with C{[metrics]} on); None before start.
+        """
+        if self._private_dir is None:
             return None
-        return os.path.join(self._metrics_dir, f"worker-{worker.index}.sock")
+        return os.path.join(self._private_dir, f"worker-{worker.index}.sock")
+
+    def worker_readiness(self, worker: WorkerState) -> "Deferred[dict[str, object]]":
+        """
+        C{worker}'s own C{/readyz} report (L{aura_proxy.readiness.gateway_readiness}),
+        asked over its private socket; a worker that does not answer within
+        L{READINESS_TIMEOUT} is reported not ready, its error named.
+        """
+        path = self.private_socket(worker)
+        if path is None:
+            return succeed({"status": "not_ready", "failing": ["answer"], "error": "not started"})
+        agent = Agent.usingEndpointFactory(self._reactor, _UnixSocket(self._reactor, path))
+        d = agent.request(b"GET", b"http://worker/readyz")
+        d.addCallback(readBody)
+        d.addTimeout(READINESS_TIMEOUT, self._reactor)
+        d.addCallback(json.loads)
+
+        def unanswered(f: Failure) -> dict[str, object]:
+            why = f"no answer within {READINESS_TIMEOUT:g} s" if f.check(TimeoutError, CancelledError) \
+                else f.getErrorMessage() or repr(f.value)
+            return {"status": "not_ready", "failing": ["answer"], "error": why}
+
+        return d.addErrback(unanswered)
 
     def metrics(self) -> "Deferred[bytes]":
         """
@@ -274,7 +306,7 @@ class WorkerSupervisor(Service):
 
     def _scrape_worker(self, index: int) -> "Deferred[Optional[str]]":
         """Worker C{index}'s own figures (its text), over its private socket."""
-        path = self.metrics_socket(self.workers[index - 1])
+        path = self.private_socket(self.workers[index - 1])
         if path is None:
             return succeed(None)
         agent = Agent.usingEndpointFactory(self._reactor, _UnixSocket(self._reactor, path))
@@ -360,12 +392,11 @@ class WorkerSupervisor(Service):
         self._bind()
         super().startService()
         self._stopping = False
-        if self._metrics_sum is not None and self._metrics_dir is None:
+        if self._private_dir is None:
+            self._private_dir = tempfile.mkdtemp(prefix="aura-proxy-workers-")
+        if self._metrics_sum is not None and self._metrics_refresh is None:
             from twisted.internet.task import LoopingCall
 
-            from aura_proxy.metrics import private_socket_dir
-
-            self._metrics_dir = private_socket_dir()
             self._metrics_refresh = LoopingCall(self._metrics_sum.render)
             self._metrics_refresh.clock = self._reactor
             self._metrics_refresh.start(METRICS_REFRESH, now=False)
@@ -398,7 +429,7 @@ class WorkerSupervisor(Service):
             refresh.stop()
 
         def forget_sockets(result: object) -> None:
-            directory, self._metrics_dir = self._metrics_dir, None
+            directory, self._private_dir = self._private_dir, None
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
 
@@ -416,9 +447,9 @@ class WorkerSupervisor(Service):
             "--source", self.config.source,
             "--watch-parent",
         ]
-        path = self.metrics_socket(worker)
+        path = self.private_socket(worker)
         if path is not None:
-            argv += ["--metrics-socket", path]
+            argv += ["--private-socket", path]
         return argv
 
     def _spawn(self, worker: WorkerState) -> None:
@@ -523,7 +554,7 @@ class WorkerSupervisor(Service):
 
 @implementer(IAgentEndpointFactory)
 class _UnixSocket:
-    """Every URL an agent asks for, over one Unix socket (a worker's figures)."""
+    """Every URL an agent asks for, over one Unix socket (a worker's private one)."""
 
     def __init__(self, reactor: Any, path: str) -> None:
         self._reactor = reactor

@@ -11,11 +11,13 @@ import json
 import os
 import signal
 import socket
+import shutil
 from contextlib import redirect_stderr
 from typing import Any, Optional
 from unittest import mock
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -280,6 +282,7 @@ class SupervisorTests(TestCase):
         self.tree.privilegedStartService()
         self.tree.startService()
         self.addCleanup(lambda: supervisor._socket.close() if supervisor._socket is not None else None)
+        self.addCleanup(lambda: shutil.rmtree(supervisor._private_dir or "/nonexistent", ignore_errors=True))
         return supervisor, fake
 
     def process(self, supervisor: WorkerSupervisor, index: int) -> FakeProcess:
@@ -400,9 +403,22 @@ class SupervisorTests(TestCase):
     async def test_admin_readyz(self) -> None:
         """
         The parent's /readyz names its checks: ready while the socket is
-        bound and at least one worker runs; 503 naming C{workers} once none does.
+        bound and at least one worker runs, every running one ready by its
+        own checks; 503 naming C{workers} when one is not (its failing checks
+        and errors listed), and once none runs.
         """
         supervisor, fake = self.make()
+        reports: dict[int, dict[str, object]] = {
+            1: {"status": "ready", "failing": [], "checks": {}},
+            2: {"status": "ready", "failing": [], "checks": {}},
+        }
+        asked: list[int] = []
+
+        def worker_readiness(worker: Any) -> "Deferred[dict[str, object]]":
+            asked.append(worker.index)
+            return succeed(reports[worker.index])
+
+        supervisor.worker_readiness = worker_readiness  # type: ignore[method-assign]
         [(_, site, _, _)] = fake.tcpServers
         http = StubTreq(site.resource)
         response = await http.get("http://admin/readyz")
@@ -410,7 +426,19 @@ class SupervisorTests(TestCase):
         body = json.loads(await response.text())
         self.assertEqual(body["status"], "ready")
         self.assertEqual(list(body["checks"]), ["config", "listening", "workers"])
-        self.assertEqual(body["checks"]["workers"], {"ok": True, "alive": 2, "workers": 2})
+        self.assertEqual(body["checks"]["workers"], {"ok": True, "alive": 2, "ready": 2, "workers": 2})
+        self.assertEqual(sorted(asked), [1, 2])
+        reports[2] = {"status": "not_ready", "failing": ["history"], "checks": {
+            "history": {"ok": False, "error": "the history database is unavailable"},
+            "config": {"ok": True}}}
+        response = await http.get("http://admin/readyz")
+        self.assertEqual(response.code, 503)
+        workers = json.loads(await response.text())["checks"]["workers"]
+        self.assertEqual((workers["ok"], workers["ready"]), (False, 1))
+        self.assertEqual(workers["not_ready"], [{
+            "worker": 2, "pid": self.process(supervisor, 2).pid, "failing": ["history"],
+            "errors": {"history": "the history database is unavailable"}}])
+        reports[2] = {"status": "ready", "failing": [], "checks": {}}
         self.process(supervisor, 1).end(signal=9)
         self.assertEqual((await http.get("http://admin/readyz")).code, 200)
         self.process(supervisor, 2).end(signal=9)

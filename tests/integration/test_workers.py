@@ -10,12 +10,15 @@ cannot accept, so every request must then be served by the one left running.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
 import sqlite3
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +128,33 @@ class WorkersTests(TestCase):
             with open(f"/proc/{w['pid']}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             self.assertEqual(ppid, self.gateway.pid)
+
+    def readyz(self) -> tuple[int, Any]:
+        """The parent's C{/readyz}: its status and JSON body."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/readyz", timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def test_readyz_asks_every_worker(self) -> None:
+        """
+        The parent's /readyz is 200 when both workers answer their own
+        /readyz as ready (over their private sockets); with one frozen, it is
+        503 naming that worker, which did not answer; thawed, 200 again.
+        """
+        self.wait_for(lambda: self.readyz()[0] == 200, "/readyz 200")
+        status, body = self.readyz()
+        self.assertEqual(body["checks"]["workers"], {"ok": True, "alive": 2, "ready": 2, "workers": 2})
+        frozen = self.serving_pids()[1]
+        self.freeze(frozen)
+        status, body = self.readyz()
+        self.assertEqual((status, body["failing"]), (503, ["workers"]))
+        [entry] = body["checks"]["workers"]["not_ready"]
+        self.assertEqual((entry["pid"], entry["failing"]), (frozen, ["answer"]))
+        self.assertIn("no answer within", entry["error"])
+        self.thaw(frozen)
+        self.wait_for(lambda: self.readyz()[0] == 200, "/readyz 200 after thaw")
 
     def test_each_worker_serves(self) -> None:
         """
