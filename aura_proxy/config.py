@@ -104,7 +104,7 @@ class GatewayConfig:
     drain_timeout: float = 30.0
     max_request_body: int = 10485760
     max_idle_connections: int = 100
-    #: Processes sharing the listening socket (C{auto} is resolved to
+    #: Processes sharing the listening sockets (C{auto} is resolved to
     #: C{os.cpu_count()} when the file is parsed); see L{aura_proxy.workers}.
     workers: int = 1
     #: The hot path's fast paths (C modules, the lean epoll loop, direct

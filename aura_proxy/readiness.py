@@ -161,7 +161,7 @@ def gateway_readiness(
 def supervisor_readiness(config: "Config", supervisor: "WorkerSupervisor", reactor: Any) -> Readiness:
     """
     The readiness checks of the parent of C{workers > 1}: C{config},
-    C{listening} (the shared socket is bound), C{workers} (at least one
+    C{listening} (every shared socket is bound), C{workers} (at least one
     worker process runs; each is listed) and C{resume} (Redis answers).
     """
     checks: dict[str, Check] = {"config": _config_check(config)}
