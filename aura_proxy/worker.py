@@ -12,8 +12,7 @@ ALPN, as Twisted's own C{ssl:} listener does).  It runs without the admin
 port (the parent serves it), and with its own history spool directory
 (C{spool_dir/worker-INDEX}).  It reads its configuration text from a pipe
 (the descriptor after the sockets), so it runs exactly what the parent
-checked.  It stops on SIGTERM or
-SIGINT, and also when its parent disappears (its stdin pipe, whose other end
+checked.  It stops on SIGTERM or SIGINT, and also when its parent disappears (its stdin pipe, whose other end
 only the parent holds, reaches end of file), so a killed parent never leaves
 orphans holding the port.  On that same pipe the parent sends a new
 configuration text on reload (L{aura_proxy.workers.config_frame}), which the
@@ -34,9 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
-from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -116,6 +114,8 @@ def adopted_ports(reactor: Any, listen_fd: int, listen: Sequence[str], site: Sit
     """
     ports = _AdoptedPorts()
     for offset, description in enumerate(listen):
+        # The parent shares only the bound socket: TLS lives in each worker
+        # (a TLS session cannot cross processes), so a description is read here.
         tls = listen_address(description).tls
         factory: IProtocolFactory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
         _AdoptedPort(reactor, listen_fd + offset, factory).setServiceParent(ports)
