@@ -104,7 +104,7 @@ class GatewayConfig:
     drain_timeout: float = 30.0
     max_request_body: int = 10485760
     max_idle_connections: int = 100
-    #: Processes sharing the listening socket (C{auto} is resolved to
+    #: Processes sharing the listening sockets (C{auto} is resolved to
     #: C{os.cpu_count()} when the file is parsed); see L{aura_proxy.workers}.
     workers: int = 1
     #: The hot path's fast paths (C modules, the lean epoll loop, direct
@@ -465,12 +465,14 @@ def _workers(text: str) -> int:
     return value
 
 
-def _is_plain_tcp(text: str) -> bool:
-    from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+def _shareable(text: str) -> bool:
+    # What the parent of workers can bind and hand on: tcp: and ssl:
+    # (aura_proxy.workers.listen_address reads them the same way).
+    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
     from twisted.internet.testing import MemoryReactor
 
     try:
-        return type(serverFromString(MemoryReactor(), text)) is TCP4ServerEndpoint
+        return type(serverFromString(MemoryReactor(), text)) in (TCP4ServerEndpoint, SSL4ServerEndpoint)
     except Exception:
         return False
 
@@ -1275,13 +1277,14 @@ def _check_workers(reader: _Reader, gateway: GatewayConfig, sse: SseConfig, limi
             "would count only its own streams and requests; set [limits] store = "
             "redis://host:port/db, or workers = 1",
         )
-    if len(gateway.listen) != 1 or not _is_plain_tcp(gateway.listen[0]):
+    refused = [description for description in gateway.listen if not _shareable(description)]
+    if refused:
         reader.problem(
             "gateway", "listen",
-            f"{workers} needs one plain tcp: endpoint (tcp:PORT[:interface=ADDRESS]"
-            f"[:backlog=N]) that the parent process binds and shares, got "
-            f"{', '.join(gateway.listen)!r} (TLS and several listeners need workers = 1; "
-            "docs/operations.md)",
+            f"{workers} needs tcp: or ssl: endpoints (tcp:PORT[:interface=ADDRESS]"
+            "[:backlog=N], ssl:PORT:privateKey=KEY:certKey=CERT[...]) that the parent "
+            f"process binds and shares, got {', '.join(refused)!r} (tcp6:, unix: and other "
+            "endpoints need workers = 1; docs/operations.md)",
         )
 
 

@@ -161,7 +161,7 @@ def gateway_readiness(
 def supervisor_readiness(config: "Config", supervisor: "WorkerSupervisor", reactor: Any) -> Readiness:
     """
     The readiness checks of the parent of C{workers > 1}: C{config},
-    C{listening} (the shared socket is bound), C{workers} (at least one
+    C{listening} (every shared socket is bound), C{workers} (at least one
     worker process runs, and every running one is ready by its own checks:
     its history database up, its resume store answering; those that are not
     are listed with their failing checks) and C{resume} (Redis answers).

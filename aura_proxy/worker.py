@@ -4,12 +4,15 @@ started by the supervisor (L{aura_proxy.workers.WorkerSupervisor}), never by han
 
 A worker builds the gateway through the same assembly as a single process
 (L{aura_proxy.assembly.gateway_service}, process tuning included), with the
-listener replaced by C{reactor.adoptStreamPort} on the inherited socket (the
-kernel spreads connections over the processes accepting on it), without the
-admin port (the parent serves it), and with its own history spool directory
+listeners replaced by C{reactor.adoptStreamPort} on the inherited sockets, one
+per C{listen} endpoint from fd 3 on (the kernel spreads connections over the
+processes accepting on each); an C{ssl:} one's connections are wrapped in TLS
+(L{twisted.protocols.tls.TLSMemoryBIOFactory}, offering h2 and http/1.1 by
+ALPN, as Twisted's own C{ssl:} listener does).  It runs without the admin
+port (the parent serves it), and with its own history spool directory
 (C{spool_dir/worker-INDEX}).  It reads its configuration text from a pipe
-(fd 4), so it runs exactly what the parent checked.  It stops on SIGTERM or
-SIGINT, and also when its parent disappears (its stdin pipe, whose other end
+(the descriptor after the sockets), so it runs exactly what the parent
+checked.  It stops on SIGTERM or SIGINT, and also when its parent disappears (its stdin pipe, whose other end
 only the parent holds, reaches end of file), so a killed parent never leaves
 orphans holding the port.  On that same pipe the parent sends a new
 configuration text on reload (L{aura_proxy.workers.config_frame}), which the
@@ -28,11 +31,12 @@ import sys
 from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import ILogObserver, LogEvent, Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -41,9 +45,9 @@ from aura_proxy.assembly import GatewayService, gateway_service
 from aura_proxy.reload import Reloader
 from aura_proxy.twisted_internals import accept_one_at_a_time
 from aura_proxy.config import DEFAULT_CONFIG_NAME, Config, ConfigError, default_config_text, parse_config
-from aura_proxy.workers import LISTEN_FD
+from aura_proxy.workers import LISTEN_FD, listen_address
 
-__all__ = ["main", "worker_config", "worker_service"]
+__all__ = ["adopted_ports", "main", "worker_config", "worker_service"]
 
 log = Logger("aura_proxy.worker")
 
@@ -57,7 +61,7 @@ def worker_config(config: Config, index: int) -> Config:
 class _AdoptedPort(Service):
     """Accepts on an inherited listening socket (the parent's) while running."""
 
-    def __init__(self, reactor: Any, fd: int, factory: Site) -> None:
+    def __init__(self, reactor: Any, fd: int, factory: IProtocolFactory) -> None:
         self._reactor = reactor
         self._fd = fd
         self._factory = factory
@@ -96,15 +100,45 @@ def _accept_one_at_a_time(port: Any) -> None:
     accept_one_at_a_time(port)
 
 
+class _AdoptedPorts(MultiService):
+    """A worker's listeners: one L{_AdoptedPort} per inherited socket."""
+
+
+def adopted_ports(reactor: Any, listen_fd: int, listen: Sequence[str], site: Site) -> _AdoptedPorts:
+    """
+    The listeners of a worker whose parent bound C{listen} (endpoint
+    descriptions) as C{listen_fd}, C{listen_fd + 1}, ...: an C{ssl:}
+    socket serves C{site} through TLS with the context the description
+    gives (h2 and http/1.1 by ALPN: the site offers both), a C{tcp:} one
+    serves it as it is.
+    """
+    ports = _AdoptedPorts()
+    for offset, description in enumerate(listen):
+        # The parent shares only the bound socket: TLS lives in each worker
+        # (a TLS session cannot cross processes), so a description is read here.
+        tls = listen_address(description).tls
+        factory: IProtocolFactory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        _AdoptedPort(reactor, listen_fd + offset, factory).setServiceParent(ports)
+    return ports
+
+
 def worker_service(
-    config: Config, index: int, reactor: Any, listen_fd: int = LISTEN_FD, private_socket: Optional[str] = None
+    config: Config,
+    index: int,
+    reactor: Any,
+    listen_fd: int = LISTEN_FD,
+    private_socket: Optional[str] = None,
+    listen: Optional[Sequence[str]] = None,
 ) -> GatewayService:
     """
-    The gateway of worker C{index}, accepting on the inherited C{listen_fd}
-    (and answering its parent on the Unix socket C{private_socket}, when
-    given: its readiness, and its figures for the parent to sum); its
-    reloader gives every new configuration the worker's spool directory.
+    The gateway of worker C{index}, accepting on the inherited sockets from
+    C{listen_fd} on, one per description of C{listen} (default: the
+    configuration's), and answering its parent on the Unix socket
+    C{private_socket}, when given (its readiness, and its figures for the
+    parent to sum); its reloader gives every new configuration the worker's
+    spool directory.
     """
+    descriptions = tuple(listen) if listen is not None else config.gateway.listen
     private_listen = None
     if private_socket is not None:
         # A socket a dead predecessor left behind would refuse the bind.
@@ -117,7 +151,7 @@ def worker_service(
     service = gateway_service(
         worker_config(config, index),
         reactor,
-        listener=lambda site: _AdoptedPort(reactor, listen_fd, site),
+        listener=lambda site: adopted_ports(reactor, listen_fd, descriptions, site),
         admin=False,
         private_listen=private_listen,
         reload_signal=False,
@@ -207,7 +241,15 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         description="One aura-proxy worker process (started by the gateway when [gateway] workers > 1).",
     )
     parser.add_argument("--index", type=int, required=True, help="the worker's index, from 1")
-    parser.add_argument("--listen-fd", type=int, default=LISTEN_FD, help="the inherited listening socket")
+    parser.add_argument(
+        "--listen-fd", type=int, default=LISTEN_FD,
+        help="the first inherited listening socket (the others follow it)",
+    )
+    parser.add_argument(
+        "--listen", action="append", default=None, metavar="DESCRIPTION",
+        help="the endpoint the parent bound as the next inherited socket, in order "
+             "(default: [gateway] listen of the configuration)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config-fd", type=int, help="read the configuration text from this descriptor")
     source.add_argument("--config", help="read the configuration from this file (default: embedded)")
@@ -267,7 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stop()
 
     try:
-        service = worker_service(config, args.index, reactor, args.listen_fd, args.private_socket)
+        service = worker_service(
+            config, args.index, reactor, args.listen_fd, args.private_socket, args.listen
+        )
         service.privilegedStartService()
     except Exception:
         log.failure("{name}: cannot start", name=name)

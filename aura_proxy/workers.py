@@ -5,11 +5,14 @@ With C{workers > 1}, the assembly (L{aura_proxy.assembly.make_service}) runs a
 L{WorkerSupervisor} instead of the gateway itself.  The supervisor (the
 I{parent}):
 
-  - binds the public C{listen} socket (a plain C{tcp:} endpoint) once;
+  - binds every public C{listen} socket (each a C{tcp:} or C{ssl:}
+    endpoint) once;
   - spawns N worker processes, C{python -m aura_proxy.worker}, handing each
-    the listening socket as file descriptor 3 and the configuration text on a
-    pipe (fd 4), so every worker runs exactly the configuration the parent
-    checked even if the file changes later;
+    the listening sockets as file descriptors 3, 4, ... (in C{listen}
+    order; a worker wraps an C{ssl:} one's connections in TLS itself) and
+    the configuration text on a pipe (the next descriptor), so every worker
+    runs exactly the configuration the parent checked even if the file
+    changes later;
   - restarts a worker that ends while the parent is running, after a delay
     that doubles for each worker that dies soon after it started (so a worker
     that cannot start does not spin);
@@ -63,15 +66,15 @@ from zope.interface import implementer
 
 from aura_proxy.config import Config, ConfigError, parse_config
 from aura_proxy.reload import ReloadResult, read_text, restart_only_changes, tell
-from aura_proxy.twisted_internals import tcp_endpoint_address
+from aura_proxy.twisted_internals import ssl_endpoint_parts, tcp_endpoint_address
 
 __all__ = [
-    "CONFIG_FD",
     "LISTEN_FD",
     "ListenAddress",
     "WorkerState",
     "WorkerSupervisor",
     "bind_socket",
+    "config_fd",
     "config_frame",
     "listen_address",
 ]
@@ -93,9 +96,13 @@ DEFAULT_MAX_DELAY = 30.0
 #: A worker that ran at least this many seconds restarts after MIN_DELAY again.
 DEFAULT_STABLE_AFTER = 10.0
 
-#: The child's file descriptors: the shared listening socket and the config pipe.
+#: The child's first shared listening socket; the others follow it, in listen order.
 LISTEN_FD = 3
-CONFIG_FD = 4
+
+
+def config_fd(listeners: int) -> int:
+    """The child's descriptor of the config pipe: the first after its C{listeners} sockets."""
+    return LISTEN_FD + listeners
 
 
 def config_frame(text: str) -> bytes:
@@ -104,35 +111,43 @@ def config_frame(text: str) -> bytes:
     return b"%d\n" % len(data) + data
 
 
-# -- the shared socket ---------------------------------------------------------
+# -- the shared sockets --------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ListenAddress:
-    """Where a plain C{tcp:} endpoint description listens."""
+    """Where a C{tcp:} or C{ssl:} endpoint description listens, and its TLS settings."""
 
     port: int
     interface: str
     backlog: int
     family: socket.AddressFamily
+    #: An C{ssl:} endpoint's context factory (Twisted's, from the same
+    #: description a single process listens on); None for C{tcp:}.
+    tls: Any = None
 
 
 def listen_address(description: str) -> ListenAddress:
     """
-    Parse a plain C{tcp:PORT[:interface=ADDRESS][:backlog=N]} description
-    (the same syntax, and the same defaults, as Twisted's C{tcp:} endpoint).
+    Parse a C{tcp:PORT[:interface=ADDRESS][:backlog=N]} or C{ssl:PORT:...}
+    description (the same syntax, and the same defaults, as Twisted's
+    endpoints; an C{ssl:} one's key and certificate files are read).
 
     @raise ValueError: for any other kind of endpoint.
     """
-    from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
     from twisted.internet.testing import MemoryReactor
 
     endpoint = serverFromString(MemoryReactor(), description)
-    if type(endpoint) is not TCP4ServerEndpoint:
-        raise ValueError(f"workers need a plain tcp: endpoint, got {description!r}")
-    port, interface, backlog = tcp_endpoint_address(endpoint, description)
+    tls = None
+    if type(endpoint) is TCP4ServerEndpoint:
+        port, interface, backlog = tcp_endpoint_address(endpoint, description)
+    elif type(endpoint) is SSL4ServerEndpoint:
+        port, interface, backlog, tls = ssl_endpoint_parts(endpoint, description)
+    else:
+        raise ValueError(f"workers need tcp: or ssl: endpoints, got {description!r}")
     family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
-    return ListenAddress(port, interface, backlog, family)
+    return ListenAddress(port, interface, backlog, family, tls)
 
 
 def bind_socket(address: ListenAddress) -> socket.socket:
@@ -195,8 +210,9 @@ class _WorkerProtocol(ProcessProtocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.writeToChild(CONFIG_FD, self._supervisor.config_text.encode("utf-8"))
-        self.transport.closeChildFD(CONFIG_FD)
+        fd = self._supervisor.config_fd
+        self.transport.writeToChild(fd, self._supervisor.config_text.encode("utf-8"))
+        self.transport.closeChildFD(fd)
 
     def processEnded(self, reason: Failure) -> None:
         self._supervisor._ended(self._worker, reason)
@@ -213,7 +229,7 @@ def _child_environment() -> dict[str, str]:
 
 class WorkerSupervisor(Service):
     """
-    The parent process of C{workers > 1}: owns the listening socket, runs,
+    The parent process of C{workers > 1}: owns the listening sockets, runs,
     restarts and drains the worker processes.  (The parent's admin site, and
     the demo agent, are its siblings in the tree L{aura_proxy.assembly} builds.)
 
@@ -238,7 +254,10 @@ class WorkerSupervisor(Service):
         """
         self.config = config
         self.config_text = config_text
-        self.address = listen_address(config.gateway.listen[0])
+        #: What the parent binds, in listen order (a worker's fds 3, 4, ...):
+        #: fixed at start, as C{listen} needs a restart to change.
+        self.descriptions = config.gateway.listen
+        self.addresses = [listen_address(d) for d in self.descriptions]
         self.workers = [WorkerState(i) for i in range(1, config.gateway.workers + 1)]
         self.stop_timeout = stop_timeout
         self.min_delay = min_delay
@@ -246,7 +265,7 @@ class WorkerSupervisor(Service):
         self.stable_after = stable_after
         self._reactor = reactor
         self._executable = executable
-        self._socket: Optional[socket.socket] = None
+        self._sockets: list[socket.socket] = []
         self._stopping = False
         #: Called with each configuration reloaded (the parent's dashboard).
         self.reload_listeners: list[Callable[[Config], object]] = []
@@ -317,8 +336,13 @@ class WorkerSupervisor(Service):
 
     @property
     def listening(self) -> bool:
-        """Whether the shared listening socket is bound (from start to stop)."""
-        return self._socket is not None
+        """Whether every shared listening socket is bound (from start to stop)."""
+        return len(self._sockets) == len(self.addresses)
+
+    @property
+    def config_fd(self) -> int:
+        """The worker's descriptor of the config pipe (after its listening sockets)."""
+        return config_fd(len(self.addresses))
 
     def signal_workers(self, number: int) -> None:
         """
@@ -380,8 +404,18 @@ class WorkerSupervisor(Service):
     # -- service ---------------------------------------------------------------
 
     def _bind(self) -> None:
-        if self._socket is None:
-            self._socket = bind_socket(self.address)
+        if self._sockets:
+            return
+        # All or none: a port already taken fails the start, leaving nothing bound.
+        sockets: list[socket.socket] = []
+        try:
+            for address in self.addresses:
+                sockets.append(bind_socket(address))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._sockets = sockets
 
     def privilegedStartService(self) -> None:
         # Bind before twistd drops privileges (--uid), as strports does.
@@ -400,12 +434,11 @@ class WorkerSupervisor(Service):
             self._metrics_refresh = LoopingCall(self._metrics_sum.render)
             self._metrics_refresh.clock = self._reactor
             self._metrics_refresh.start(METRICS_REFRESH, now=False)
-        assert self._socket is not None
-        host, port = self._socket.getsockname()[:2]
-        log.info(
-            "aura-proxy: {n} workers sharing {host}:{port}",
-            n=len(self.workers), host=host, port=port,
+        where = ", ".join(
+            ("tls " if address.tls is not None else "") + "%s:%d" % sock.getsockname()[:2]
+            for address, sock in zip(self.addresses, self._sockets)
         )
+        log.info("aura-proxy: {n} workers sharing {where}", n=len(self.workers), where=where)
         for worker in self.workers:
             self._spawn(worker)
 
@@ -416,12 +449,12 @@ class WorkerSupervisor(Service):
                 worker.restart_call.cancel()
             worker.restart_call = None
         Service.stopService(self)
-        # The parent's copy of the listening socket goes first: once every
-        # worker has closed its own (each drains with its listener closed),
+        # The parent's copies of the listening sockets go first: once every
+        # worker has closed its own (each drains with its listeners closed),
         # new connections are refused, so a load balancer sends them to
         # another instance instead of queueing them here.
-        sock, self._socket = self._socket, None
-        if sock is not None:
+        sockets, self._sockets = self._sockets, []
+        for sock in sockets:
             sock.close()
 
         refresh, self._metrics_refresh = self._metrics_refresh, None
@@ -443,17 +476,34 @@ class WorkerSupervisor(Service):
             self._executable, "-m", "aura_proxy.worker",
             "--index", str(worker.index),
             "--listen-fd", str(LISTEN_FD),
-            "--config-fd", str(CONFIG_FD),
+            "--config-fd", str(self.config_fd),
             "--source", self.config.source,
             "--watch-parent",
         ]
+        # What each inherited socket is, in fd order: the worker reads it here,
+        # not from its configuration text, whose listen a reload may have
+        # changed (a restart-only key) before this worker (re)started.
+        for description in self.descriptions:
+            argv += ["--listen", description]
         path = self.private_socket(worker)
         if path is not None:
             argv += ["--private-socket", path]
         return argv
 
+    def child_fds(self) -> dict[int, Union[int, str]]:
+        """
+        A worker's descriptors: 0, a pipe only the parent holds (EOF: the
+        parent is gone); 1 and 2, the parent's own output; from 3, the
+        listening sockets, in listen order; then the config pipe.
+        """
+        fds: dict[int, Union[int, str]] = {0: "w", 1: 1, 2: 2}
+        for offset, sock in enumerate(self._sockets):
+            fds[LISTEN_FD + offset] = sock.fileno()
+        fds[self.config_fd] = "w"
+        return fds
+
     def _spawn(self, worker: WorkerState) -> None:
-        assert self._socket is not None
+        assert self._sockets
         worker.restart_call = None
         worker.started_at = self._reactor.seconds()
         try:
@@ -462,9 +512,7 @@ class WorkerSupervisor(Service):
                 self._executable,
                 self.worker_argv(worker),
                 env=_child_environment(),
-                # 0: a pipe only the parent holds (EOF = the parent is gone);
-                # 1, 2: the parent's own output; 3: the socket; 4: the config.
-                childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self._socket.fileno(), CONFIG_FD: "w"},
+                childFDs=self.child_fds(),
             )
         except Exception:
             log.failure("worker {index}: cannot start", index=worker.index)

@@ -303,11 +303,11 @@ class WorkersKeyTests(TestCase):
         self.assertTrue(found[0].startswith("gw.ini: [gateway] workers: workers = 2 cannot be used "
                                             "with [sse] resume = memory"), found)
 
-    def test_plain_tcp_required(self) -> None:
+    def test_tcp_or_ssl_required(self) -> None:
         """workers > 1 with a unix: listen is refused, naming [gateway] listen."""
         found = problems(MINIMAL + "[gateway]\nworkers = 2\nlisten = unix:/tmp/gw.sock\n[sse]\nresume = off\n")
         self.assertEqual(len(found), 1)
-        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs one plain tcp: endpoint"),
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs tcp: or ssl: endpoints"),
                         found)
 
     def test_check_command_reports_workers(self) -> None:

@@ -235,7 +235,7 @@ class WorkersTests(TestCase):
         supervisor = WorkerSupervisor(parse_config(text, str(path)), text, FakeReactor())
         supervisor.privilegedStartService()
         supervisor.startService()
-        self.addCleanup(lambda: supervisor._socket.close() if supervisor._socket is not None else None)
+        self.addCleanup(lambda: [s.close() for s in supervisor._sockets])
         return supervisor
 
     def test_every_worker_gets_the_text(self) -> None:

@@ -69,15 +69,23 @@ class ListenTests(TestCase):
         self.assertEqual(len(found), 1, found)
         self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: 'ssl:8443"), found)
 
-    def test_workers_need_one_plain_tcp(self) -> None:
-        """workers > 1 refuses several listeners and ssl: (the parent shares one tcp socket)."""
+    def test_workers_take_tcp_and_ssl(self) -> None:
+        """
+        workers > 1 takes several listeners and ssl: (the parent binds each
+        socket, every worker wraps the ssl: ones in TLS); unix: stays refused.
+        """
         ssl = f"ssl:8443:privateKey={self.pki.server_key}:certKey={self.pki.server_cert}"
         for listen in (f"tcp:8080, {ssl}", ssl, "tcp:8080, tcp:8081"):
-            found = problems(
+            config = parse_config(
                 f"[gateway]\nlisten = {listen}\nworkers = 2\n[sse]\nresume = off\n"
-                + ROUTE.format(upstream="http://127.0.0.1:9000", extra=""))
-            self.assertEqual(len(found), 1, found)
-            self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs one plain tcp:"), found)
+                + ROUTE.format(upstream="http://127.0.0.1:9000", extra=""), "gw.ini")
+            self.assertEqual(len(config.gateway.listen), len(listen.split(", ")))
+        found = problems(
+            f"[gateway]\nlisten = {ssl}, unix:/tmp/gw.sock\nworkers = 2\n[sse]\nresume = off\n"
+            + ROUTE.format(upstream="http://127.0.0.1:9000", extra=""))
+        self.assertEqual(len(found), 1, found)
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs tcp: or ssl:"), found)
+        self.assertIn("'unix:/tmp/gw.sock'", found[0])
 
 
 class RouteTlsTests(TestCase):

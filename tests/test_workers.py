@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import shutil
+import ssl
 from contextlib import redirect_stderr
 from typing import Any, Optional
 from unittest import mock
@@ -21,24 +22,30 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from treq.testing import StubTreq
 
 from aura_proxy.assembly import StopInOrder, supervisor_service
 from aura_proxy.config import parse_config
-from aura_proxy.worker import _AdoptedPort, main, worker_config, worker_service
+from aura_proxy.worker import _AdoptedPort, _AdoptedPorts, adopted_ports, main, worker_config, worker_service
 from aura_proxy.workers import (
-    CONFIG_FD,
     LISTEN_FD,
     WorkerSupervisor,
     bind_socket,
+    config_fd,
     listen_address,
 )
 from tests.integration.gateway import sleep
 from tests.test_config import problems
+from tests.tls_certs import TestPki, make_pki
 
 ROUTE = """
 [route:aura]
@@ -47,12 +54,20 @@ upstream = http://127.0.0.1:9000
 """
 
 
-def ini(gateway: str = "", sse: str = "resume = off", history: str = "enabled = false") -> str:
-    """A small configuration with the given [gateway], [sse] and [history] bodies."""
+def ini(
+    gateway: str = "", sse: str = "resume = off", history: str = "enabled = false",
+    listen: str = "tcp:0:interface=127.0.0.1",
+) -> str:
+    """A small configuration with the given [gateway], [sse] and [history] bodies, and listen."""
     return (
-        "[gateway]\nlisten = tcp:0:interface=127.0.0.1\nadmin_listen = tcp:0:interface=127.0.0.1\n"
+        f"[gateway]\nlisten = {listen}\nadmin_listen = tcp:0:interface=127.0.0.1\n"
         f"{gateway}\n{ROUTE}\n[sse]\n{sse}\n[history]\n{history}\n"
     )
+
+
+def ssl_listen(pki: TestPki, port: int = 0, interface: str = "127.0.0.1") -> str:
+    """An ssl: description with the test PKI's server key and certificate."""
+    return f"ssl:{port}:interface={interface}:privateKey={pki.server_key}:certKey={pki.server_cert}"
 
 
 class ConfigTests(TestCase):
@@ -114,13 +129,40 @@ class ConfigTests(TestCase):
             config = parse_config(ini("workers = 4", sse=f"resume = {resume}"), "gw.ini")
             self.assertEqual(config.gateway.workers, 4)
 
-    def test_listen_must_be_plain_tcp(self) -> None:
-        """workers > 1 refuses a listen that is not a plain tcp: endpoint (unix, tcp6)."""
-        for listen in ("unix:/tmp/aura.sock", "tcp6:8080"):
-            text = ini("workers = 2").replace("listen = tcp:0:interface=127.0.0.1\nadmin", f"listen = {listen}\nadmin")
-            found = [p for p in problems(text) if "[gateway] listen:" in p]
-            self.assertEqual(len(found), 1, (listen, problems(text)))
-            self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs one plain tcp:"))
+    def test_listen_must_be_tcp_or_ssl(self) -> None:
+        """
+        workers > 1 refuses an endpoint that is neither tcp: nor ssl: (unix,
+        tcp6), alone or next to a tcp: one; the message names only the refused.
+        """
+        for listen in ("unix:/tmp/aura.sock", "tcp6:8080", "tcp:0:interface=127.0.0.1, unix:/tmp/aura.sock"):
+            found = [p for p in problems(ini("workers = 2", listen=listen)) if "[gateway] listen:" in p]
+            self.assertEqual(len(found), 1, (listen, found))
+            self.assertTrue(
+                found[0].startswith("gw.ini: [gateway] listen: workers = 2 needs tcp: or ssl: endpoints"), found)
+            self.assertNotIn("tcp:0:interface", found[0])
+            self.assertIn(listen.split(", ")[-1], found[0])
+
+    def test_tcp_and_ssl_listeners_accepted(self) -> None:
+        """workers > 1 takes several tcp: and ssl: endpoints, in their order."""
+        pki = make_pki(self.mktemp())
+        listen = f"tcp:0:interface=127.0.0.1, {ssl_listen(pki)}, tcp:0:interface=127.0.0.2"
+        config = parse_config(ini("workers = 2", listen=listen), "gw.ini")
+        self.assertEqual(config.gateway.workers, 2)
+        self.assertEqual(
+            [d.split(":", 1)[0] for d in config.gateway.listen], ["tcp", "ssl", "tcp"])
+
+    def test_missing_key_file_is_a_config_error(self) -> None:
+        """
+        An ssl: listener whose key file is missing is refused when the file
+        is checked (naming file, section, key and the missing path), not in a worker.
+        """
+        pki = make_pki(self.mktemp())
+        missing = os.path.join(self.mktemp(), "gone.key")
+        listen = ssl_listen(pki).replace(pki.server_key, missing)
+        found = problems(ini("workers = 2", listen=listen))
+        self.assertEqual(len(found), 1, found)
+        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: "), found)
+        self.assertIn(missing, found[0])
 
     def test_listen_anything_with_one_worker(self) -> None:
         """With one worker, listen may be any endpoint, as before."""
@@ -139,8 +181,19 @@ class SocketTests(TestCase):
         self.assertEqual((b.port, b.interface, b.backlog), (0, "127.0.0.1", 7))
         self.assertEqual(listen_address(r"tcp:8080:interface=\:\:1").family, socket.AF_INET6)
 
+    def test_listen_address_tls(self) -> None:
+        """
+        An ssl: description gives its address and the context factory
+        Twisted's ssl: endpoint would use; a tcp: one has none.
+        """
+        pki = make_pki(self.mktemp())
+        a = listen_address(ssl_listen(pki, 8443) + ":backlog=9")
+        self.assertEqual((a.port, a.interface, a.backlog, a.family), (8443, "127.0.0.1", 9, socket.AF_INET))
+        self.assertIsInstance(a.tls, CertificateOptions)
+        self.assertIsNone(listen_address("tcp:8080").tls)
+
     def test_listen_address_refuses_others(self) -> None:
-        """Anything but tcp: is a ValueError."""
+        """Anything but tcp: and ssl: is a ValueError."""
         for description in ("unix:/tmp/x.sock", "tcp6:8080"):
             self.assertRaises(ValueError, listen_address, description)
 
@@ -176,6 +229,48 @@ class SocketTests(TestCase):
         await service.stopService()  # type: ignore[misc]
 
 
+    def test_adopted_ports(self) -> None:
+        """
+        A worker adopts one port per inherited socket, from the first fd on,
+        in listen order: an ssl: one serves the site through TLS (with the
+        description's context), a tcp: one serves the site itself.
+        """
+        pki = make_pki(self.mktemp())
+        site = Site(Resource())
+        ports = adopted_ports(MemoryReactorClock(), 7, ["tcp:0", ssl_listen(pki), "tcp:0:interface=127.0.0.2"], site)
+        self.assertIsInstance(ports, _AdoptedPorts)
+        children = list(ports)
+        self.assertEqual([p._fd for p in children], [7, 8, 9])  # type: ignore[attr-defined]
+        self.assertIs(children[0]._factory, site)  # type: ignore[attr-defined]
+        tls = children[1]._factory  # type: ignore[attr-defined]
+        self.assertIsInstance(tls, TLSMemoryBIOFactory)
+        self.assertIs(tls.wrappedFactory, site)
+        self.assertIs(children[2]._factory, site)  # type: ignore[attr-defined]
+
+    async def test_adopted_tls_port_offers_h2(self) -> None:
+        """
+        An adopted ssl: socket completes a TLS handshake with a client
+        verifying the test CA, and ALPN picks h2 when the client offers it
+        (the site offers h2 and http/1.1, as Twisted's ssl: listener does).
+        """
+        pki = make_pki(self.mktemp())
+        sock = bind_socket(listen_address("tcp:0:interface=127.0.0.1"))
+        self.addCleanup(sock.close)
+        ports = adopted_ports(reactor, os.dup(sock.fileno()), [ssl_listen(pki)], Site(Resource()))
+        ports.startService()
+        self.addCleanup(ports.stopService)
+        context = ssl.create_default_context(cafile=pki.ca)
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        address = sock.getsockname()
+
+        def connect() -> Optional[str]:
+            with socket.create_connection(address, timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    return tls.selected_alpn_protocol()
+
+        self.assertEqual(await deferToThread(connect), "h2")
+
+
 class ConfigForWorkerTests(TestCase):
     """What each worker changes in the configuration."""
 
@@ -197,11 +292,23 @@ class ConfigForWorkerTests(TestCase):
         tree = worker_service(config, 3, fake, listen_fd=99)
         self.assertEqual(
             [type(s).__name__ for s in tree],
-            ["ProcessTuning", "HistoryService", "AccessLogService", "_Drain", "_AdoptedPort"])
-        [port] = [s for s in tree if isinstance(s, _AdoptedPort)]
+            ["ProcessTuning", "HistoryService", "AccessLogService", "_Drain", "_AdoptedPorts"])
+        [ports] = [s for s in tree if isinstance(s, _AdoptedPorts)]
+        [port] = list(ports)
+        assert isinstance(port, _AdoptedPort)
         self.assertEqual(port._fd, 99)
         self.assertIs(port._factory, tree.site)
         self.assertEqual(tree.gateway.config.history.spool_dir, os.path.join("/var/spool/aura", "worker-3"))
+
+    def test_worker_listens_where_the_parent_bound(self) -> None:
+        """
+        Given the descriptions its parent bound (--listen), a worker adopts
+        those, not its configuration's listen (a reload may have changed it).
+        """
+        config = parse_config(ini(listen="tcp:0:interface=127.0.0.1, tcp:0:interface=127.0.0.2"), "gw.ini")
+        tree = worker_service(config, 1, MemoryReactorClock(), listen=["tcp:0:interface=127.0.0.3"])
+        [ports] = [s for s in tree if isinstance(s, _AdoptedPorts)]
+        self.assertEqual([p._fd for p in ports], [LISTEN_FD])  # type: ignore[attr-defined]
 
     def test_worker_main_refuses_bad_config(self) -> None:
         """A worker given an invalid configuration exits 2 with the usual messages."""
@@ -271,17 +378,19 @@ class FakeReactor(MemoryReactorClock):
 class SupervisorTests(TestCase):
     """L{WorkerSupervisor} with a fake reactor: no real process is started."""
 
-    def make(self, workers: int = 2, **kwargs: Any) -> tuple[WorkerSupervisor, FakeReactor]:
+    def make(
+        self, workers: int = 2, listen: str = "tcp:0:interface=127.0.0.1", **kwargs: Any
+    ) -> tuple[WorkerSupervisor, FakeReactor]:
         """A started supervisor of C{workers} fake workers (the parent's tree, as the assembly builds it)."""
         fake = FakeReactor()
-        text = ini(f"workers = {workers}")
+        text = ini(f"workers = {workers}", listen=listen)
         # Starting the tree handles SIGUSR1 (forwarded to the workers): put trial's back after.
         self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
         self.tree = supervisor_service(parse_config(text, "gw.ini"), text, fake, **kwargs)
         [supervisor] = [s for s in self.tree if isinstance(s, WorkerSupervisor)]
         self.tree.privilegedStartService()
         self.tree.startService()
-        self.addCleanup(lambda: supervisor._socket.close() if supervisor._socket is not None else None)
+        self.addCleanup(lambda: [s.close() for s in supervisor._sockets])
         self.addCleanup(lambda: shutil.rmtree(supervisor._private_dir or "/nonexistent", ignore_errors=True))
         return supervisor, fake
 
@@ -295,16 +404,77 @@ class SupervisorTests(TestCase):
         """Start spawns N workers, each given the socket as fd 3, the config on fd 4, its index."""
         supervisor, fake = self.make(3)
         self.assertEqual(len(fake.spawned), 3)
-        assert supervisor._socket is not None
+        [sock] = supervisor._sockets
         for i, (process, argv, fds) in enumerate(fake.spawned, start=1):
             self.assertEqual(argv[1:3], ["-m", "aura_proxy.worker"])
             self.assertEqual(argv[argv.index("--index") + 1], str(i))
             self.assertIn("--watch-parent", argv)
-            self.assertEqual(fds[LISTEN_FD], supervisor._socket.fileno())
-            self.assertEqual((fds[0], fds[1], fds[2], fds[CONFIG_FD]), ("w", 1, 2, "w"))
-            self.assertEqual(process.written[CONFIG_FD].decode(), supervisor.config_text)
-            self.assertIn(CONFIG_FD, process.closed)
+            self.assertEqual(argv[argv.index("--config-fd") + 1], "4")
+            self.assertEqual(fds, {0: "w", 1: 1, 2: 2, LISTEN_FD: sock.fileno(), 4: "w"})
+            self.assertEqual(process.written[4].decode(), supervisor.config_text)
+            self.assertIn(4, process.closed)
         self.assertEqual([w.pid for w in supervisor.workers], [p.pid for p, _, _ in fake.spawned])
+
+    def test_every_socket_to_every_worker(self) -> None:
+        """
+        With tcp:, ssl: and tcp: listeners the parent binds three sockets
+        (listening on each) and hands every worker all of them as fds 3, 4
+        and 5 in listen order, their descriptions in the same order, and the
+        config on fd 6; stopping closes all three.
+        """
+        pki = make_pki(self.mktemp())
+        listen = f"tcp:0:interface=127.0.0.1, {ssl_listen(pki)}, tcp:0:interface=127.0.0.2"
+        supervisor, fake = self.make(2, listen=listen)
+        self.assertEqual(len(supervisor._sockets), 3)
+        self.assertTrue(supervisor.listening)
+        self.assertEqual(config_fd(3), 6)
+        for sock in supervisor._sockets:
+            with socket.create_connection(sock.getsockname()[:2], timeout=2):
+                pass
+        self.assertEqual([s.getsockname()[0] for s in supervisor._sockets], ["127.0.0.1", "127.0.0.1", "127.0.0.2"])
+        for process, argv, fds in fake.spawned:
+            self.assertEqual(
+                fds, {0: "w", 1: 1, 2: 2, 3: supervisor._sockets[0].fileno(),
+                      4: supervisor._sockets[1].fileno(), 5: supervisor._sockets[2].fileno(), 6: "w"})
+            self.assertEqual(argv[argv.index("--listen-fd") + 1], "3")
+            self.assertEqual(argv[argv.index("--config-fd") + 1], "6")
+            self.assertEqual(
+                [argv[i + 1] for i, a in enumerate(argv) if a == "--listen"], list(supervisor.config.gateway.listen))
+            self.assertEqual(process.written[6].decode(), supervisor.config_text)
+            self.assertIn(6, process.closed)
+        sockets = list(supervisor._sockets)
+        for process, _, _ in fake.spawned:
+            process.signals.clear()
+        self.tree.stopService()
+        self.assertFalse(supervisor.listening)
+        self.assertEqual([s.fileno() for s in sockets], [-1, -1, -1])
+
+    def test_bind_is_all_or_nothing(self) -> None:
+        """
+        When one listener's port is taken, starting fails and the sockets
+        bound before it are closed: nothing is left listening, no worker spawned.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        text = ini("workers = 2", listen=f"tcp:0:interface=127.0.0.2, tcp:{port}:interface=127.0.0.1")
+        fake = FakeReactor()
+        supervisor = WorkerSupervisor(parse_config(text, "gw.ini"), text, fake)
+        opened: list[socket.socket] = []
+        real_bind = bind_socket
+
+        def bind(address: Any) -> socket.socket:
+            sock = real_bind(address)
+            opened.append(sock)
+            return sock
+
+        with mock.patch("aura_proxy.workers.bind_socket", bind):
+            self.assertRaises(OSError, supervisor.privilegedStartService)
+        self.assertFalse(supervisor.listening)
+        self.assertEqual([s.fileno() for s in opened], [-1])
+        self.assertEqual(fake.spawned, [])
 
     def test_parent_serves_admin_only(self) -> None:
         """
@@ -474,7 +644,7 @@ class SupervisorTests(TestCase):
         fake.advance(100)
         self.assertEqual(len(fake.spawned), 2)
         self.assertEqual((first.signals, second.signals), (["TERM"], ["TERM"]))
-        self.assertIsNone(supervisor._socket)
+        self.assertEqual(supervisor._sockets, [])
 
     def test_stop_closes_the_socket_before_workers_end(self) -> None:
         """
@@ -484,7 +654,7 @@ class SupervisorTests(TestCase):
         """
         supervisor, fake = self.make()
         self.tree.stopService()
-        self.assertIsNone(supervisor._socket)
+        self.assertEqual(supervisor._sockets, [])
         self.assertEqual(self.process(supervisor, 1).signals, ["TERM"])
 
     def test_stop_timeout_follows_drain_timeout(self) -> None:

@@ -1,6 +1,8 @@
 """
 C{[gateway] workers = 2} as operators run it: C{twistd -n aura-proxy --config
-FILE} in front of the FastAPI upstream, with history in one SQLite file.
+FILE} in front of the FastAPI upstream, with history in one SQLite file
+(L{WorkersTests}), and on a C{tcp:} and an C{ssl:} listener at once, with
+C{curl --http2} over TLS (L{TlsWorkersTests}).
 
 Which worker accepts a connection is the kernel's choice, so the tests prove
 that each worker serves by freezing the other one (SIGSTOP): a stopped process
@@ -15,6 +17,7 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 import urllib.error
@@ -22,10 +25,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.integration.gateway import HOT_PATH, twistd_ini
+from tests.integration.test_tls import _curl_http2
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
+from tests.tls_certs import make_pki
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
@@ -50,25 +55,22 @@ def gone(pid: int) -> bool:
     return state(pid) in ("", "Z", "X")
 
 
-class WorkersTests(TestCase):
-    """One twistd with two workers per test."""
+class _TwistdWorkers:
+    """A twistd with two workers: start it, ask its admin port, freeze and thaw workers."""
 
-    timeout = 60
+    admin: int
+    gateway: Any
 
-    def setUp(self) -> None:
-        self.workdir = Path(self.mktemp()).resolve()
-        self.workdir.mkdir(parents=True)
-        self.listen, self.admin = free_port(), free_port()
-        upstream = start_fastapi_upstream(self)
-        path = self.workdir / "gateway.ini"
-        path.write_text(config_text(self.listen, self.admin, upstream, self.workdir))
+    def start_gateway(self, text: str) -> None:
+        """Start twistd on the configuration C{text}; return once both workers run."""
+        path = self.workdir / "gateway.ini"  # type: ignore[attr-defined]
+        path.write_text(text)
         self.gateway = start_process(
-            self,
+            self,  # type: ignore[arg-type]
             [TWISTD, "-n", "--pidfile=", "aura-proxy", "--config", str(path)],
             f"http://127.0.0.1:{self.admin}/healthz",
-            cwd=self.workdir,
+            cwd=self.workdir,  # type: ignore[attr-defined]
         )
-        self.requests = 0
         self.wait_for(lambda: len(self.serving_pids()) == 2, "both workers up")
 
     def health(self) -> Any:
@@ -81,8 +83,36 @@ class WorkersTests(TestCase):
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}; log:\n{Path(self.gateway.log_path).read_text()[-3000:]}")  # type: ignore[attr-defined]
+                log = Path(self.gateway.log_path).read_text()[-3000:]
+                self.fail(f"timed out waiting for {what}; log:\n{log}")  # type: ignore[attr-defined]
             time.sleep(0.05)
+
+    def freeze(self, pid: int) -> None:
+        """Stop C{pid} (SIGSTOP): it accepts no connection until thawed (at cleanup at the latest)."""
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.thaw, pid)  # type: ignore[attr-defined]
+        self.wait_for(lambda: state(pid) in ("T", "t"), f"pid {pid} stopped")
+
+    def thaw(self, pid: int) -> None:
+        """Let C{pid} run again (SIGCONT)."""
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+class WorkersTests(_TwistdWorkers, TestCase):
+    """One twistd with two workers per test."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir.mkdir(parents=True)
+        self.listen, self.admin = free_port(), free_port()
+        upstream = start_fastapi_upstream(self)
+        self.requests = 0
+        self.start_gateway(config_text(self.listen, self.admin, upstream, self.workdir))
 
     def get(self, path: str = "/api/aura/json") -> int:
         """One request on a new connection; its status."""
@@ -95,17 +125,6 @@ class WorkersTests(TestCase):
             return response.status
         finally:
             conn.close()
-
-    def freeze(self, pid: int) -> None:
-        os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(self.thaw, pid)
-        self.wait_for(lambda: state(pid) in ("T", "t"), f"pid {pid} stopped")
-
-    def thaw(self, pid: int) -> None:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
     def test_workers_are_tuned(self) -> None:
         """Each worker process tunes itself for the hot path (lean epoll loop, GC) and says so."""
@@ -229,3 +248,83 @@ class WorkersTests(TestCase):
         spool = self.workdir / "spool"
         names = {p.name for p in spool.iterdir()} if spool.exists() else set()
         self.assertLessEqual(names, {"worker-1", "worker-2"})
+
+
+class TlsWorkersTests(_TwistdWorkers, TestCase):
+    """twistd with workers = 2 on a tcp: and an ssl: listener; curl over HTTP/2 and HTTP/1.1."""
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        curl = _curl_http2()
+        if curl is None:
+            raise SkipTest("curl with HTTP/2 is not installed")
+        self.curl = curl
+        self.workdir = Path(self.mktemp()).resolve()
+        self.workdir.mkdir(parents=True)
+        self.pki = make_pki(self.workdir / "pki")
+        self.plain, self.secure, self.admin = free_port(), free_port(), free_port()
+        upstream = start_fastapi_upstream(self)
+        text = twistd_ini(self.plain, self.admin, upstream, gateway="workers = 2\n", sections=(
+            "[history]\nenabled = false\n\n[sse]\ninject_ids = false\nresume = off\n"))
+        text = text.replace(
+            f"listen = tcp:{self.plain}:interface=127.0.0.1\n",
+            f"listen = tcp:{self.plain}:interface=127.0.0.1, ssl:{self.secure}:interface=127.0.0.1"
+            f":privateKey={self.pki.server_key}:certKey={self.pki.server_cert}\n",
+        )
+        self.start_gateway(text)
+
+    def curl_get(self, *args: str) -> tuple[str, str, str]:
+        """curl C{args} (one request, on a new connection); its response head, body and HTTP version."""
+        done = subprocess.run(
+            [self.curl, "-sS", "-N", "--max-time", "20", "--cacert", self.pki.ca, "-H", "X-Tenant-ID: t1",
+             "-D", "-", "-w", "\n%{http_version}", *args],
+            capture_output=True, text=True, timeout=30,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        # Text mode: curl's CRLFs are LFs here.
+        head, _, rest = done.stdout.replace("\r\n", "\n").partition("\n\n")
+        body, _, version = rest.rpartition("\n")
+        return head, body, version
+
+    def assert_h2_stream(self) -> None:
+        """An SSE stream over TLS and HTTP/2 (ALPN) on the ssl: port: every event, no HTTP/1.1 headers."""
+        head, body, version = self.curl_get(
+            "--http2", f"https://127.0.0.1:{self.secure}/api/aura/stream?count=5&interval=0.02")
+        self.assertEqual(version, "2", head)
+        self.assertTrue(head.startswith("HTTP/2 200"), head)
+        lower = head.lower()
+        self.assertIn("content-type: text/event-stream", lower)
+        self.assertNotIn("transfer-encoding:", lower)
+        self.assertEqual(body.count("event: token"), 5, body)
+        self.assertIn("event: done", body)
+
+    def assert_plain_http1(self) -> None:
+        """A JSON document over plain HTTP/1.1 on the tcp: port."""
+        _, body, version = self.curl_get(f"http://127.0.0.1:{self.plain}/api/aura/json")
+        self.assertEqual((version, json.loads(body)["ok"]), ("1.1", True))
+
+    def test_tls_http2_and_plain_http1(self) -> None:
+        """
+        With workers = 2 and listen = tcp:P1, ssl:P2: an SSE stream over
+        HTTP/2 on the TLS port, HTTP/1.1 over TLS on the same port (ALPN
+        offers both), and plain HTTP/1.1 on the tcp: port.
+        """
+        self.assert_h2_stream()
+        _, body, version = self.curl_get("--http1.1", f"https://127.0.0.1:{self.secure}/api/aura/json")
+        self.assertEqual((version, json.loads(body)["ok"]), ("1.1", True))
+        self.assert_plain_http1()
+        self.assertIn("tls 127.0.0.1:%d" % self.secure, Path(self.gateway.log_path).read_text())
+
+    def test_each_worker_serves_tls(self) -> None:
+        """
+        With either worker frozen (SIGSTOP), the other alone accepts on both
+        shared sockets: HTTP/2 streams over TLS and plain HTTP/1.1 all succeed.
+        """
+        first, second = self.serving_pids()
+        for frozen in (first, second):
+            self.freeze(frozen)
+            for _ in range(3):
+                self.assert_h2_stream()
+                self.assert_plain_http1()
+            self.thaw(frozen)
