@@ -53,9 +53,8 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -304,15 +303,18 @@ class WorkerSupervisor(Service):
         agent = Agent.usingEndpointFactory(self._reactor, _UnixSocket(self._reactor, path))
         d = agent.request(b"GET", b"http://worker/readyz")
         d.addCallback(readBody)
-        d.addTimeout(READINESS_TIMEOUT, self._reactor)
         d.addCallback(json.loads)
 
-        def unanswered(f: Failure) -> dict[str, object]:
-            why = f"no answer within {READINESS_TIMEOUT:g} s" if f.check(TimeoutError, CancelledError) \
-                else f.getErrorMessage() or repr(f.value)
+        def unanswered(why: str) -> dict[str, object]:
             return {"status": "not_ready", "failing": ["answer"], "error": why}
 
-        return d.addErrback(unanswered)
+        # The agent reports its cancelled request as ResponseNeverReceived:
+        # name the timeout here, where it is known.
+        d.addTimeout(
+            READINESS_TIMEOUT, self._reactor,
+            onTimeoutCancel=lambda result, timeout: unanswered(f"no answer within {timeout:g} s"),
+        )
+        return d.addErrback(lambda f: unanswered(f.getErrorMessage() or repr(f.value)))
 
     def metrics(self) -> "Deferred[bytes]":
         """
