@@ -235,7 +235,7 @@ class GatewayMetrics(EndStage):
         _observe(self._request_seconds, route, REQUEST_BUCKETS, now - call.started)
         relay._meter(GAP_BUCKETS, self.stall_after, event_source)
         self._relays[relay] = _Stream(route, call.started)
-        relay.on_detach = lambda: self.stream_ended(relay, "detached")
+        relay.notify_on_detach(lambda detached: self.stream_ended(detached, "detached"))
 
     def stream_ended(self, relay: "Relay", reason: str) -> None:
         """
@@ -246,7 +246,6 @@ class GatewayMetrics(EndStage):
         stream = self._relays.pop(relay, None)
         if stream is None:
             return
-        relay.on_detach = None
         route = stream.route
         now = self._seconds()
         relay.note_stall(now)

@@ -240,7 +240,11 @@ class Relay(_RelayCore, Protocol):
         self._detach_seconds = detach_seconds
         self._orphan_call: Optional[IDelayedCall] = None
         self._describe = describe
-        self._on_detach = on_detach
+        # Called in order when the relay detaches: the caps (given here),
+        # then whoever asked later (metrics end the client's stream there).
+        self._detach_observers: list[Callable[["Relay"], None]] = (
+            [on_detach] if on_detach is not None else []
+        )
         self.done: Deferred[str] = Deferred()
         self.sent = 0
         self.first_write_at: Optional[float] = None
@@ -269,12 +273,16 @@ class Relay(_RelayCore, Protocol):
         self._stopped = False
         #: Heartbeats written to the client.
         self.heartbeats = 0
-        #: Called once when the client leaves and the stream detaches (the
-        #: upstream is still read, into the stream log); metrics end the
-        #: client's stream there.
-        self.on_detach: Optional[Callable[[], None]] = None
         # Metering is off until _meter (aura_proxy.metrics) turns it on.
         self._metered = False
+
+    def notify_on_detach(self, observer: Callable[["Relay"], None]) -> None:
+        """
+        Call C{observer} with this relay if it detaches (its client left, its
+        upstream is still read into the stream log), after the callers
+        before it.
+        """
+        self._detach_observers.append(observer)
 
     @property
     def events(self) -> Optional[int]:
@@ -396,10 +404,8 @@ class Relay(_RelayCore, Protocol):
             self._orphan_call = self._clock.callLater(
                 self._detach_seconds, self.stop, "client_disconnect"
             )
-            if self._on_detach is not None:
-                self._on_detach(self)
-            if self.on_detach is not None:
-                self.on_detach()
+            for observer in self._detach_observers:
+                observer(self)
             return
         self.stop("client_disconnect")
 
