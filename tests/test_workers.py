@@ -34,7 +34,7 @@ from treq.testing import StubTreq
 
 from aura_proxy.assembly import StopInOrder, supervisor_service
 from aura_proxy.config import ConfigError, load_config, parse_config
-from aura_proxy.tls_listen import TlsPems
+from aura_proxy.tls_listen import TlsFileError, TlsPems
 from aura_proxy.worker import (
     ConfigFrames,
     _AdoptedPort,
@@ -54,6 +54,7 @@ from aura_proxy.workers import (
 )
 from tests.integration.gateway import sleep
 from tests.test_config import problems
+from tests.test_tls_listen import serial_of
 from tests.tls_certs import TestPki, make_pki
 
 ROUTE = """
@@ -187,6 +188,42 @@ class ConfigTests(TestCase):
         """With one worker, listen may be any endpoint, as before."""
         text = ini().replace("listen = tcp:0:interface=127.0.0.1\nadmin", "listen = unix:/tmp/aura.sock\nadmin")
         self.assertEqual(parse_config(text, "gw.ini").gateway.listen, ("unix:/tmp/aura.sock",))
+
+
+class WorkerCertificateTests(TestCase):
+    """A worker's TLS comes from the bytes its parent read, never from the key files."""
+
+    def test_worker_builds_tls_from_given_bytes(self) -> None:
+        """
+        Given the parent's bytes, a worker serves them on its adopted ssl:
+        socket although the files it names do not exist (so need not be
+        readable), and takes new bytes for new connections.
+        """
+        pki, renewed = make_pki(self.mktemp()), make_pki(self.mktemp())
+        listen = "ssl:0:interface=127.0.0.1:privateKey=/nowhere/key.pem:certKey=/nowhere/cert.pem"
+        pems = TlsPems(open(pki.server_key, "rb").read(), open(pki.server_cert, "rb").read())
+        config = parse_config(ini(listen=listen), "gw.ini")
+        tree = worker_service(config, 1, MemoryReactorClock(), listen_fd=99, pems={listen: pems})
+        [ports] = [s for s in tree if isinstance(s, _AdoptedPorts)]
+        [port] = list(ports)
+        factory = port._factory  # type: ignore[attr-defined]
+        self.assertIsInstance(factory, TLSMemoryBIOFactory)
+        self.assertIs(factory.wrappedFactory, tree.site)
+        context = tree.certificates[listen].context
+        self.assertEqual(context.options.certificate.get_serial_number(), serial_of(pki.server_cert))
+        self.assertIsNone(tree.reloader.certificates)
+        new = TlsPems(open(renewed.server_key, "rb").read(), open(renewed.server_cert, "rb").read())
+        self.assertEqual(tree.certificates.use({listen: new}), ())
+        self.assertEqual(context.options.certificate.get_serial_number(), serial_of(renewed.server_cert))
+
+    def test_worker_without_bytes_reads_the_files(self) -> None:
+        """Started by hand (no parent's bytes), a worker reads the files; a missing one stops its start."""
+        pki = make_pki(self.mktemp())
+        config = parse_config(ini(listen=ssl_listen(pki)), "gw.ini")
+        tree = worker_service(config, 1, MemoryReactorClock(), listen_fd=99)
+        self.assertEqual(tree.certificates.pems()[ssl_listen(pki)].cert, open(pki.server_cert, "rb").read())
+        os.remove(pki.server_key)
+        self.assertRaises(TlsFileError, worker_service, config, 1, MemoryReactorClock(), listen_fd=99)
 
 
 class SocketTests(TestCase):
