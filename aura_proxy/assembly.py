@@ -41,6 +41,7 @@ from aura_proxy.config import (
     ConfigError,
     SseConfig,
     default_config_text,
+    load_certificates,
     parse_config,
 )
 from aura_proxy.dashboard import dashboard_service
@@ -54,7 +55,7 @@ from aura_proxy.proxy import Gateway
 from aura_proxy.readiness import gateway_readiness, supervisor_readiness
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
-from aura_proxy.tls_listen import ListenerCertificates, is_ssl, load_certificates, tls_server
+from aura_proxy.tls_listen import ListenerCertificates, is_ssl, tls_server
 from aura_proxy.upstream import UpstreamClient
 from aura_proxy.upstream_tls import UpstreamTlsPolicy
 from aura_proxy.workers import DEFAULT_STOP_TIMEOUT, WorkerSupervisor

@@ -14,12 +14,15 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
-from typing import Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, TypeVar, Union
 
 from hyperlink import URL, DecodedURL
 
 from aura_proxy.routes import PathPattern, PatternError
 from aura_proxy.upstream_trust import KeyFileError, TrustKey, load_keys
+
+if TYPE_CHECKING:
+    from aura_proxy.tls_listen import ListenerCertificates, TlsPems
 
 __all__ = [
     "AdminConfig",
@@ -1343,7 +1346,21 @@ def load_config(path: Optional[str] = None) -> Config:
         raise ConfigError([f"{path}: cannot read ({e})"])
     config = parse_config(text, os.fspath(path))
     # The ssl: listeners' key, certificate and chain, as the start reads them.
-    from aura_proxy.tls_listen import load_certificates
-
     load_certificates(config)
     return config
+
+
+def load_certificates(config: Config, pems: Optional[Mapping[str, "TlsPems"]] = None) -> "ListenerCertificates":
+    """
+    The certificates of C{config}'s C{ssl:} listeners
+    (L{aura_proxy.tls_listen.ListenerCertificates.load}: from C{pems} where
+    given, else from the files).
+
+    @raise ConfigError: naming file, section and key, and the TLS file, as C{check} does.
+    """
+    from aura_proxy.tls_listen import ListenerCertificates, TlsFileError
+
+    try:
+        return ListenerCertificates.load(config.gateway.listen, pems)
+    except TlsFileError as e:
+        raise ConfigError([f"{config.source}: [gateway] listen: {e}"]) from None

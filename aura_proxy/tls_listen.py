@@ -37,8 +37,6 @@ from aura_proxy.descriptions import split_description
 if TYPE_CHECKING:
     from twisted.internet.ssl import CertificateOptions
 
-    from aura_proxy.config import Config
-
 __all__ = [
     "ListenerCertificate",
     "ListenerCertificates",
@@ -48,7 +46,6 @@ __all__ = [
     "TlsPems",
     "certificate_options",
     "is_ssl",
-    "load_certificates",
     "parse_ssl_listen",
     "read_pems",
     "tls_server",
@@ -340,20 +337,6 @@ class ListenerCertificates:
                 )
                 problems.append(str(e))
         return tuple(problems)
-
-
-def load_certificates(config: "Config", pems: Optional[Mapping[str, TlsPems]] = None) -> ListenerCertificates:
-    """
-    The certificates of C{config}'s C{ssl:} listeners (L{ListenerCertificates.load}).
-
-    @raise ConfigError: naming file, section and key, and the TLS file, as C{check} does.
-    """
-    from aura_proxy.config import ConfigError
-
-    try:
-        return ListenerCertificates.load(config.gateway.listen, pems)
-    except TlsFileError as e:
-        raise ConfigError([f"{config.source}: [gateway] listen: {e}"]) from None
 
 
 def tls_server(certificate: ListenerCertificate, site: IProtocolFactory, reactor: Any) -> IService:

@@ -64,9 +64,9 @@ from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from aura_proxy.config import Config, ConfigError, parse_config
+from aura_proxy.config import Config, ConfigError, load_certificates, parse_config
 from aura_proxy.reload import ReloadResult, read_text, restart_only_changes, tell
-from aura_proxy.tls_listen import SslListen, TlsPems, is_ssl, load_certificates, parse_ssl_listen
+from aura_proxy.tls_listen import SslListen, TlsPems, is_ssl, parse_ssl_listen
 from aura_proxy.twisted_internals import tcp_endpoint_address
 
 __all__ = [
