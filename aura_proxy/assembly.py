@@ -41,6 +41,7 @@ from aura_proxy.config import (
     ConfigError,
     SseConfig,
     default_config_text,
+    load_certificates,
     parse_config,
 )
 from aura_proxy.dashboard import dashboard_service
@@ -54,6 +55,7 @@ from aura_proxy.proxy import Gateway
 from aura_proxy.readiness import gateway_readiness, supervisor_readiness
 from aura_proxy.resume.log import MemoryResumeLog, ResumeLog
 from aura_proxy.site import GatewaySite
+from aura_proxy.tls_listen import ListenerCertificates, is_ssl, tls_server
 from aura_proxy.upstream import UpstreamClient
 from aura_proxy.upstream_tls import UpstreamTlsPolicy
 from aura_proxy.workers import DEFAULT_STOP_TIMEOUT, WorkerSupervisor
@@ -159,6 +161,8 @@ class GatewayService(StopInOrder):
     @ivar resume: the stream log, or None when resume is off.
     @ivar access_log: the access log, or None when C{[log] access = off}.
     @ivar reloader: reloads the configuration (SIGHUP, C{POST /reload}).
+    @ivar certificates: the certificates of the C{ssl:} listeners (none
+        until a listener is made).
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class GatewayService(StopInOrder):
         self.resume = resume
         self.access_log = access_log
         self.reloader = Reloader(gateway)
+        self.certificates = ListenerCertificates()
 
 
 def make_resume_log(config: SseConfig, reactor: Any, fast_path: bool = True) -> Optional[ResumeLog]:
@@ -225,7 +230,9 @@ def gateway_service(
 
     @param demo: also serve the demo agent on 127.0.0.1:9000.
     @param listener: makes the public listener's service for the site
-        (default: C{[gateway] listen} through strports); a worker process
+        (default: C{[gateway] listen}, C{ssl:} ones with reloadable
+        certificates, L{aura_proxy.tls_listen}, the others through
+        strports); a worker process
         adopts its parent's socket instead (L{aura_proxy.worker}).
     @param site_factory: makes the client-facing site (the integration tests
         use one that tracks its connections).
@@ -242,6 +249,9 @@ def gateway_service(
         parent to sum; None: nowhere but the admin site.
     @param reload_signal: whether SIGHUP reloads the configuration (a worker
         process is told by its parent instead).
+    @raise ConfigError: if an C{ssl:} listener's key, certificate or chain
+        cannot be loaded (read here: twistd builds the tree before it drops
+        privileges).
     """
     g = config.gateway
     if registry is None:
@@ -281,9 +291,16 @@ def gateway_service(
     if demo:
         _demo(reactor, config).setServiceParent(top)
     if listener is None:
-        # One listener per endpoint of [gateway] listen, all serving one site.
+        # One listener per endpoint of [gateway] listen, all serving one site;
+        # an ssl: one with a certificate that reloads (strports' cannot).
+        certificates = load_certificates(config)
+        top.certificates = certificates
+        top.reloader.certificates = certificates.reload
         for description in g.listen:
-            strports.service(description, site, reactor=reactor).setServiceParent(top)
+            if is_ssl(description):
+                tls_server(certificates[description], site, reactor).setServiceParent(top)
+            else:
+                strports.service(description, site, reactor=reactor).setServiceParent(top)
     else:
         listener(site).setServiceParent(top)
     text = _metrics_text(metrics)

@@ -14,12 +14,15 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
-from typing import Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, TypeVar, Union
 
 from hyperlink import URL, DecodedURL
 
 from aura_proxy.routes import PathPattern, PatternError
 from aura_proxy.upstream_trust import KeyFileError, TrustKey, load_keys
+
+if TYPE_CHECKING:
+    from aura_proxy.tls_listen import ListenerCertificates, TlsPems
 
 __all__ = [
     "AdminConfig",
@@ -468,13 +471,33 @@ def _workers(text: str) -> int:
 def _shareable(text: str) -> bool:
     # What the parent of workers can bind and hand on: tcp: and ssl:
     # (aura_proxy.workers.listen_address reads them the same way).
-    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
+    from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
     from twisted.internet.testing import MemoryReactor
 
+    from aura_proxy.tls_listen import is_ssl
+
+    if is_ssl(text):
+        return True  # its syntax is checked by _listen
     try:
-        return type(serverFromString(MemoryReactor(), text)) in (TCP4ServerEndpoint, SSL4ServerEndpoint)
+        return type(serverFromString(MemoryReactor(), text)) is TCP4ServerEndpoint
     except Exception:
         return False
+
+
+def _listen_endpoint(text: str) -> None:
+    # An ssl: listener's files are not read here: a reload must be able to
+    # keep the certificate in use when they are bad (and apply the rest), and
+    # a worker may not be allowed to read the key.  load_config (check) and
+    # the start read them (aura_proxy.tls_listen).
+    from aura_proxy.tls_listen import is_ssl, parse_ssl_listen
+
+    if not is_ssl(text):
+        _endpoint(text)
+        return
+    try:
+        parse_ssl_listen(text)
+    except ValueError as e:
+        raise _Invalid(f"{text!r} is not a Twisted server endpoint description ({e})")
 
 
 def _listen(text: str) -> tuple[str, ...]:
@@ -487,7 +510,7 @@ def _listen(text: str) -> tuple[str, ...]:
         raise _Invalid(f"an empty endpoint description in {text!r} (endpoints are separated by single commas)")
     out: list[str] = []
     for item in items:
-        _endpoint(item)
+        _listen_endpoint(item)
         kind = item.split(":", 1)[0]
         if kind in ("tcp", "tcp6") and "backlog=" not in item:
             item = f"{item}:backlog={DEFAULT_BACKLOG}"
@@ -1308,7 +1331,9 @@ def default_config_text() -> str:
 
 def load_config(path: Optional[str] = None) -> Config:
     """
-    Load a configuration file, or the embedded defaults when C{path} is None.
+    Load a configuration file, or the embedded defaults when C{path} is None;
+    the key, certificate and chain files of its C{ssl:} listeners are loaded
+    too (which L{parse_config} leaves to the start and to reloads).
 
     @raise ConfigError: when the file cannot be read or is not valid.
     """
@@ -1319,4 +1344,23 @@ def load_config(path: Optional[str] = None) -> Config:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: cannot read ({e})"])
-    return parse_config(text, os.fspath(path))
+    config = parse_config(text, os.fspath(path))
+    # The ssl: listeners' key, certificate and chain, as the start reads them.
+    load_certificates(config)
+    return config
+
+
+def load_certificates(config: Config, pems: Optional[Mapping[str, "TlsPems"]] = None) -> "ListenerCertificates":
+    """
+    The certificates of C{config}'s C{ssl:} listeners
+    (L{aura_proxy.tls_listen.ListenerCertificates.load}: from C{pems} where
+    given, else from the files).
+
+    @raise ConfigError: naming file, section and key, and the TLS file, as C{check} does.
+    """
+    from aura_proxy.tls_listen import ListenerCertificates, TlsFileError
+
+    try:
+        return ListenerCertificates.load(config.gateway.listen, pems)
+    except TlsFileError as e:
+        raise ConfigError([f"{config.source}: [gateway] listen: {e}"]) from None

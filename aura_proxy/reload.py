@@ -7,7 +7,11 @@ if it is valid, serves new requests on a pipeline built from it
 (L{aura_proxy.proxy.Gateway.use}): routes, header rules, CORS, auth (its
 keys and JWKS are fetched anew), upstream signing, limits and timeouts of
 new requests change.  Requests and streams already in flight finish on the
-pipeline they started on, untouched.
+pipeline they started on, untouched.  The key, certificate and chain files
+of every C{ssl:} listener are read again too (L{aura_proxy.tls_listen}): new
+connections get the new certificate, open ones keep theirs; files that
+cannot be loaded leave the certificate in use and are reported
+(L{ReloadResult.tls_problems}).
 
 What the process built once at start cannot change live (L{RESTART_ONLY}:
 the listeners, the number of workers, the upstream pool, call history, the
@@ -63,6 +67,9 @@ class ReloadResult:
     @ivar problems: why it was refused (the lines of C{check}).
     @ivar needs_restart: C{"[section] key"} of each new value kept out
         until a restart.
+    @ivar tls_problems: one line per C{ssl:} listener whose new key,
+        certificate or chain could not be loaded (naming it and the file):
+        it keeps the certificate it had; the rest of the reload is applied.
     """
 
     ok: bool
@@ -71,6 +78,7 @@ class ReloadResult:
     needs_restart: tuple[str, ...] = ()
     routes: int = 0
     workers: int = field(default=0)
+    tls_problems: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         """The admin endpoint's answer."""
@@ -80,6 +88,8 @@ class ReloadResult:
             body["needs_restart"] = list(self.needs_restart)
             if self.workers:
                 body["workers"] = self.workers
+            if self.tls_problems:
+                body["tls_problems"] = list(self.tls_problems)
         else:
             body["problems"] = list(self.problems)
         return body
@@ -144,6 +154,10 @@ class Reloader:
         self._adapt = adapt
         #: Called with each configuration put in use (the dashboard's routes).
         self.listeners: list[Callable[[Config], object]] = []
+        #: Reads the C{ssl:} listeners' files again, for new connections;
+        #: the problems (L{aura_proxy.tls_listen.ListenerCertificates.reload}).
+        #: None where the process is handed its certificates (a worker).
+        self.certificates: Optional[Callable[[], tuple[str, ...]]] = None
 
     def reload(self) -> ReloadResult:
         """Read the configuration's file again and use it (L{apply_text})."""
@@ -169,6 +183,9 @@ class Reloader:
             log.failure("reload of {source} failed; the configuration in use stays", source=source)
             return ReloadResult(False, source, ("the new configuration could not be applied (see the log)",))
         tell(self.listeners, merged)
+        # The certificates of the listeners kept (listen is restart-only),
+        # read again on every reload: certbot renews the files in place.
+        tls_problems = self.certificates() if self.certificates is not None else ()
         log.info(
             "reloaded {source}: {routes} routes; new requests use it, open streams keep theirs",
             source=source, routes=len(merged.routes),
@@ -178,7 +195,9 @@ class Reloader:
                 "reload of {source}: needs restart, kept as they were: {keys}",
                 source=source, keys=", ".join(needs_restart),
             )
-        return ReloadResult(True, source, needs_restart=needs_restart, routes=len(merged.routes))
+        return ReloadResult(
+            True, source, needs_restart=needs_restart, routes=len(merged.routes), tls_problems=tls_problems
+        )
 
     def _refused(self, source: str, error: ConfigError) -> ReloadResult:
         log.warn(

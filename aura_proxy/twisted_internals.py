@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, List, MutableMapping, NamedTuple, Option
 from twisted.internet import abstract, tcp
 from twisted.web.http_headers import Headers
 
+from aura_proxy.descriptions import split_description
+
 __all__ = [
     "Internal",
     "INTERNALS",
@@ -49,7 +51,6 @@ __all__ = [
     "stop_stream_body",
     "hold_connection_timeout",
     "tcp_endpoint_address",
-    "ssl_endpoint_parts",
     "accept_one_at_a_time",
     "quiet_pool",
 ]
@@ -578,123 +579,15 @@ def tcp_endpoint_address(endpoint: Any, description: str) -> tuple[int, str, int
     return _parse_tcp_description(description)
 
 
-def _split_description(description: str, kind: str) -> tuple[list[str], dict[str, str]]:
-    # Twisted's syntax: KIND:ARG:ARG..., each ARG positional or key=value,
-    # with backslash-escaped colons (an IPv6 interface, a Windows path).
-    parts: list[str] = [""]
-    escaped = False
-    for char in description:
-        if escaped:
-            parts[-1] += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("")
-        else:
-            parts[-1] += char
-    if parts[0] == kind:
-        parts = parts[1:]
-    positional: list[str] = []
-    named: dict[str, str] = {}
-    for part in parts:
-        key, sep, value = part.partition("=")
-        if sep:
-            named[key] = value
-        else:
-            positional.append(key)
-    return positional, named
-
-
 def _parse_tcp_description(description: str) -> tuple[int, str, int]:
     # tcp:PORT[:interface=ADDRESS][:backlog=N], or tcp:port=PORT:...; the
     # positional order is Twisted's (_parseTCP: port, interface, backlog).
-    positional, named = _split_description(description, "tcp")
+    positional, named = split_description(description, "tcp")
     args = dict(zip(("port", "interface", "backlog"), positional))
     args.update(named)
     if "port" not in args:
         raise ValueError(f"no port in {description!r}")
     return int(args["port"]), args.get("interface", ""), int(args.get("backlog", 50))
-
-
-def _check_ssl_endpoint() -> Optional[str]:
-    from twisted.internet.endpoints import SSL4ServerEndpoint
-    from twisted.internet.testing import MemoryReactor
-
-    options = object()
-    endpoint = SSL4ServerEndpoint(MemoryReactor(), 8124, options, backlog=7, interface="127.0.0.2")  # type: ignore[arg-type]
-    found = tuple(getattr(endpoint, n, None) for n in ("_port", "_interface", "_backlog", "_sslContextFactory"))
-    if found != (8124, "127.0.0.2", 7, options):
-        return (
-            "an ssl: server endpoint keeps (port, interface, backlog, context factory) "
-            f"elsewhere (found {found[:3]!r})"
-        )
-    return None
-
-
-_probe(
-    "ssl_endpoint", "SSL4ServerEndpoint._port, _interface, _backlog, _sslContextFactory",
-    "reading an ssl: listen description for workers (else aura-proxy parses it and loads the "
-    "certificate itself)", _check_ssl_endpoint,
-)
-
-
-def ssl_endpoint_parts(endpoint: Any, description: str) -> tuple[int, str, int, Any]:
-    """
-    The port, interface, backlog and TLS context factory of C{endpoint}, an
-    C{ssl:} server endpoint made from C{description} (a worker process wraps
-    its inherited socket's site in TLS with that context factory).
-    """
-    if available("ssl_endpoint"):
-        return endpoint._port, endpoint._interface, endpoint._backlog, endpoint._sslContextFactory
-    return _parse_ssl_description(description)
-
-
-#: The positional arguments of an ssl: description, in Twisted's order (_parseSSL).
-_SSL_ARGUMENTS = (
-    "port", "privateKey", "certKey", "sslmethod", "interface", "backlog", "extraCertChain", "dhParameters",
-)
-
-
-def _parse_ssl_description(description: str) -> tuple[int, str, int, Any]:
-    # What Twisted's ssl: parser builds, from public names only: the key and
-    # certificate (certKey defaults to privateKey), the chain, DH parameters.
-    import re
-
-    from OpenSSL import SSL
-    from twisted.internet.ssl import Certificate, CertificateOptions, DiffieHellmanParameters, PrivateCertificate
-    from twisted.python.filepath import FilePath
-
-    positional, named = _split_description(description, "ssl")
-    args = dict(zip(_SSL_ARGUMENTS, positional))
-    args.update(named)
-    if "port" not in args:
-        raise ValueError(f"no port in {description!r}")
-    private_key = args.get("privateKey", "server.pem")
-    cert_pem = FilePath(args.get("certKey", private_key)).getContent()
-    key_pem = FilePath(private_key).getContent()
-    certificate = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-    chain = None
-    if "extraCertChain" in args:
-        blocks = re.findall(
-            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-            FilePath(args["extraCertChain"]).getContent(), flags=re.DOTALL,
-        )
-        if not blocks:
-            raise ValueError(f"{args['extraCertChain']!r} holds no PEM certificate")
-        chain = [Certificate.loadPEM(block).original for block in blocks]
-    extra: dict[str, Any] = {}
-    if "sslmethod" in args:
-        extra["method"] = getattr(SSL, args["sslmethod"])
-    if "dhParameters" in args:
-        extra["dhParameters"] = DiffieHellmanParameters.fromFile(FilePath(args["dhParameters"]))
-    options = CertificateOptions(
-        privateKey=certificate.privateKey.original,
-        certificate=certificate.original,
-        extraCertChain=chain,
-        **extra,
-    )
-    return int(args["port"]), args.get("interface", ""), int(args.get("backlog", 50)), options
 
 
 def _check_accepts() -> Optional[str]:

@@ -8,7 +8,9 @@ listeners replaced by C{reactor.adoptStreamPort} on the inherited sockets, one
 per C{listen} endpoint from fd 3 on (the kernel spreads connections over the
 processes accepting on each); an C{ssl:} one's connections are wrapped in TLS
 (L{twisted.protocols.tls.TLSMemoryBIOFactory}, offering h2 and http/1.1 by
-ALPN, as Twisted's own C{ssl:} listener does).  It runs without the admin
+ALPN, as Twisted's own C{ssl:} listener does) with a certificate built from
+the bytes the parent read (L{aura_proxy.tls_listen}): a worker never opens
+the key files, and takes new bytes on reload.  It runs without the admin
 port (the parent serves it), and with its own history spool directory
 (C{spool_dir/worker-INDEX}).  It reads its configuration text from a pipe
 (the descriptor after the sockets), so it runs exactly what the parent
@@ -29,7 +31,7 @@ import signal
 import socket
 import sys
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -45,7 +47,8 @@ from aura_proxy.assembly import GatewayService, gateway_service
 from aura_proxy.reload import Reloader
 from aura_proxy.twisted_internals import accept_one_at_a_time
 from aura_proxy.config import DEFAULT_CONFIG_NAME, Config, ConfigError, default_config_text, parse_config
-from aura_proxy.workers import LISTEN_FD, listen_address
+from aura_proxy.tls_listen import ListenerCertificates, TlsPems, is_ssl
+from aura_proxy.workers import LISTEN_FD, read_tls_frame
 
 __all__ = ["adopted_ports", "main", "worker_config", "worker_service"]
 
@@ -104,20 +107,30 @@ class _AdoptedPorts(MultiService):
     """A worker's listeners: one L{_AdoptedPort} per inherited socket."""
 
 
-def adopted_ports(reactor: Any, listen_fd: int, listen: Sequence[str], site: Site) -> _AdoptedPorts:
+def adopted_ports(
+    reactor: Any,
+    listen_fd: int,
+    listen: Sequence[str],
+    site: Site,
+    certificates: Optional[ListenerCertificates] = None,
+) -> _AdoptedPorts:
     """
     The listeners of a worker whose parent bound C{listen} (endpoint
     descriptions) as C{listen_fd}, C{listen_fd + 1}, ...: an C{ssl:}
-    socket serves C{site} through TLS with the context the description
-    gives (h2 and http/1.1 by ALPN: the site offers both), a C{tcp:} one
-    serves it as it is.
+    socket serves C{site} through TLS with its certificate's swappable
+    context from C{certificates} (default: loaded from the description's
+    files), offering h2 and http/1.1 by ALPN (the site offers both); a
+    C{tcp:} one serves it as it is.
     """
+    if certificates is None:
+        certificates = ListenerCertificates.load(listen)
     ports = _AdoptedPorts()
     for offset, description in enumerate(listen):
         # The parent shares only the bound socket: TLS lives in each worker
-        # (a TLS session cannot cross processes), so a description is read here.
-        tls = listen_address(description).tls
-        factory: IProtocolFactory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        # (a TLS session cannot cross processes).
+        factory: IProtocolFactory = site
+        if is_ssl(description):
+            factory = TLSMemoryBIOFactory(certificates[description].context, False, site)
         _AdoptedPort(reactor, listen_fd + offset, factory).setServiceParent(ports)
     return ports
 
@@ -129,6 +142,7 @@ def worker_service(
     listen_fd: int = LISTEN_FD,
     private_socket: Optional[str] = None,
     listen: Optional[Sequence[str]] = None,
+    pems: Optional[Mapping[str, TlsPems]] = None,
 ) -> GatewayService:
     """
     The gateway of worker C{index}, accepting on the inherited sockets from
@@ -137,8 +151,13 @@ def worker_service(
     C{private_socket}, when given (its readiness, and its figures for the
     parent to sum); its reloader gives every new configuration the worker's
     spool directory.
+
+    @param pems: the bytes of the C{ssl:} listeners' files, by description,
+        as the parent read them; the files of one not given are read here.
+    @raise TlsFileError: if an C{ssl:} listener's certificate cannot be loaded.
     """
     descriptions = tuple(listen) if listen is not None else config.gateway.listen
+    certificates = ListenerCertificates.load(descriptions, pems)
     private_listen = None
     if private_socket is not None:
         # A socket a dead predecessor left behind would refuse the bind.
@@ -151,12 +170,14 @@ def worker_service(
     service = gateway_service(
         worker_config(config, index),
         reactor,
-        listener=lambda site: adopted_ports(reactor, listen_fd, descriptions, site),
+        listener=lambda site: adopted_ports(reactor, listen_fd, descriptions, site, certificates),
         admin=False,
         private_listen=private_listen,
         reload_signal=False,
     )
+    # No certificates hook: a worker's come from its parent (ConfigFrames).
     service.reloader = Reloader(service.gateway, lambda c: worker_config(c, index))
+    service.certificates = certificates
     return service
 
 
@@ -175,25 +196,37 @@ class _NamedObserver:
 
 
 class ConfigFrames:
-    """Cuts what the parent writes on stdin into configuration texts (L{config_frame})."""
+    """
+    Cuts what the parent writes (on stdin, and on the config pipe at start)
+    into configuration texts (L{config_frame}) and certificates' bytes
+    (L{tls_frame}), each handed on in the order written.
+    """
 
-    def __init__(self, received: Callable[[str], object]) -> None:
+    def __init__(
+        self, received: Callable[[str], object], tls: Optional[Callable[[dict[str, TlsPems]], object]] = None
+    ) -> None:
         self._received = received
+        self._tls = tls
         self._buffer = b""
 
     def feed(self, data: bytes) -> None:
-        """Bytes from the pipe: each whole frame's text goes to C{received}."""
+        """Bytes from the pipe: each whole frame goes to C{received} (a text) or C{tls}."""
         self._buffer += data
         while True:
             head, newline, rest = self._buffer.partition(b"\n")
             if not newline:
                 return
-            size = int(head)
+            kind, _, size_text = head.rpartition(b" ")
+            size = int(size_text)
             if len(rest) < size:
                 return
-            text, self._buffer = rest[:size], rest[size:]
+            payload, self._buffer = rest[:size], rest[size:]
             try:
-                self._received(text.decode("utf-8"))
+                if kind == b"tls":
+                    if self._tls is not None:
+                        self._tls(read_tls_frame(payload))
+                else:
+                    self._received(payload.decode("utf-8"))
             except Exception:
                 log.failure("applying the configuration from the parent failed")
 
@@ -269,10 +302,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one worker until SIGTERM, SIGINT or its parent's end; the exit status."""
     args = _arguments(argv)
     try:
+        pems: Optional[dict[str, TlsPems]] = None
         if args.config_fd is not None:
             with os.fdopen(args.config_fd, "rb") as pipe:
-                text = pipe.read().decode("utf-8")
-            config = parse_config(text, args.source or DEFAULT_CONFIG_NAME)
+                texts: list[str] = []
+                given: list[dict[str, TlsPems]] = []
+                ConfigFrames(texts.append, given.append).feed(pipe.read())
+            if not texts:
+                raise ConfigError(["the parent handed no configuration"])
+            pems = given[-1] if given else None
+            config = parse_config(texts[-1], args.source or DEFAULT_CONFIG_NAME)
         elif args.config:
             with open(args.config, encoding="utf-8") as f:
                 config = parse_config(f.read(), args.source or args.config)
@@ -310,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         service = worker_service(
-            config, args.index, reactor, args.listen_fd, args.private_socket, args.listen
+            config, args.index, reactor, args.listen_fd, args.private_socket, args.listen, pems
         )
         service.privilegedStartService()
     except Exception:
@@ -332,7 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stop()
             return
         if args.watch_parent:
-            frames = ConfigFrames(service.reloader.apply_text)
+            # On reload the parent sends the certificates, then the text.
+            frames = ConfigFrames(service.reloader.apply_text, service.certificates.use)
             reactor.addReader(_ParentWatch(0, parent_gone, frames))  # type: ignore[attr-defined,arg-type]
         log.info("{name} serving (pid {pid})", name=name, pid=os.getpid())
 

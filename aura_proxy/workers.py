@@ -10,7 +10,8 @@ I{parent}):
   - spawns N worker processes, C{python -m aura_proxy.worker}, handing each
     the listening sockets as file descriptors 3, 4, ... (in C{listen}
     order; a worker wraps an C{ssl:} one's connections in TLS itself) and
-    the configuration text on a pipe (the next descriptor), so every worker
+    the configuration text (after the certificates' bytes) on a pipe (the
+    next descriptor), so every worker
     runs exactly the configuration the parent checked even if the file
     changes later;
   - restarts a worker that ends while the parent is running, after a delay
@@ -49,7 +50,7 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
@@ -63,9 +64,10 @@ from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from aura_proxy.config import Config, ConfigError, parse_config
+from aura_proxy.config import Config, ConfigError, load_certificates, parse_config
 from aura_proxy.reload import ReloadResult, read_text, restart_only_changes, tell
-from aura_proxy.twisted_internals import ssl_endpoint_parts, tcp_endpoint_address
+from aura_proxy.tls_listen import SslListen, TlsPems, is_ssl, parse_ssl_listen
+from aura_proxy.twisted_internals import tcp_endpoint_address
 
 __all__ = [
     "LISTEN_FD",
@@ -76,6 +78,8 @@ __all__ = [
     "config_fd",
     "config_frame",
     "listen_address",
+    "read_tls_frame",
+    "tls_frame",
 ]
 
 log = Logger("aura_proxy.workers")
@@ -110,6 +114,21 @@ def config_frame(text: str) -> bytes:
     return b"%d\n" % len(data) + data
 
 
+def tls_frame(pems: Mapping[str, TlsPems]) -> bytes:
+    """
+    The key, certificate and chain bytes of the C{ssl:} listeners, by
+    description, as the parent writes them to a worker (before the
+    configuration it goes with): C{tls}, its length, a line break, JSON.
+    """
+    data = json.dumps({d: p.to_json() for d, p in pems.items()}).encode("ascii")
+    return b"tls %d\n" % len(data) + data
+
+
+def read_tls_frame(data: bytes) -> dict[str, TlsPems]:
+    """What L{tls_frame} wrote (its JSON)."""
+    return {d: TlsPems.from_json(p) for d, p in json.loads(data).items()}
+
+
 # -- the shared sockets --------------------------------------------------------
 
 
@@ -121,30 +140,31 @@ class ListenAddress:
     interface: str
     backlog: int
     family: socket.AddressFamily
-    #: An C{ssl:} endpoint's context factory (Twisted's, from the same
-    #: description a single process listens on); None for C{tcp:}.
-    tls: Any = None
+    #: An C{ssl:} endpoint's description, parsed (its files are read by
+    #: L{aura_proxy.tls_listen.ListenerCertificates}); None for C{tcp:}.
+    tls: Optional[SslListen] = None
 
 
 def listen_address(description: str) -> ListenAddress:
     """
     Parse a C{tcp:PORT[:interface=ADDRESS][:backlog=N]} or C{ssl:PORT:...}
     description (the same syntax, and the same defaults, as Twisted's
-    endpoints; an C{ssl:} one's key and certificate files are read).
+    endpoints; an C{ssl:} one's files are not read).
 
     @raise ValueError: for any other kind of endpoint.
     """
-    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
+    from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
     from twisted.internet.testing import MemoryReactor
 
-    endpoint = serverFromString(MemoryReactor(), description)
     tls = None
-    if type(endpoint) is TCP4ServerEndpoint:
-        port, interface, backlog = tcp_endpoint_address(endpoint, description)
-    elif type(endpoint) is SSL4ServerEndpoint:
-        port, interface, backlog, tls = ssl_endpoint_parts(endpoint, description)
+    if is_ssl(description):
+        tls = parse_ssl_listen(description)
+        port, interface, backlog = tls.port, tls.interface, tls.backlog
     else:
-        raise ValueError(f"workers need tcp: or ssl: endpoints, got {description!r}")
+        endpoint = serverFromString(MemoryReactor(), description)
+        if type(endpoint) is not TCP4ServerEndpoint:
+            raise ValueError(f"workers need tcp: or ssl: endpoints, got {description!r}")
+        port, interface, backlog = tcp_endpoint_address(endpoint, description)
     family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
     return ListenAddress(port, interface, backlog, family, tls)
 
@@ -210,7 +230,7 @@ class _WorkerProtocol(ProcessProtocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         fd = self._supervisor.config_fd
-        self.transport.writeToChild(fd, self._supervisor.config_text.encode("utf-8"))
+        self.transport.writeToChild(fd, self._supervisor.frames(self._supervisor.config_text))
         self.transport.closeChildFD(fd)
 
     def processEnded(self, reason: Failure) -> None:
@@ -257,6 +277,12 @@ class WorkerSupervisor(Service):
         #: fixed at start, as C{listen} needs a restart to change.
         self.descriptions = config.gateway.listen
         self.addresses = [listen_address(d) for d in self.descriptions]
+        #: The ssl: listeners' certificates, read here (twistd builds the
+        #: tree before it drops privileges, so a key only root may read
+        #: works) and at each reload; the workers get their bytes, never
+        #: opening the files themselves, so every worker, even one
+        #: restarted later, serves the same certificate.
+        self.certificates = load_certificates(config)
         self.workers = [WorkerState(i) for i in range(1, config.gateway.workers + 1)]
         self.stop_timeout = stop_timeout
         self.min_delay = min_delay
@@ -381,7 +407,9 @@ class WorkerSupervisor(Service):
         self.config = merged
         self.config_text = text
         tell(self.reload_listeners, merged)
-        frame = config_frame(text)
+        # Renewed certificates: read by the parent, handed on with the text.
+        tls_problems = self.certificates.reload()
+        frame = self.frames(text)
         told = 0
         for worker in self.workers:
             if worker.process is None:
@@ -401,7 +429,21 @@ class WorkerSupervisor(Service):
                 "reload of {source}: needs restart, kept as they were: {keys}",
                 source=source, keys=", ".join(needs_restart),
             )
-        return ReloadResult(True, source, needs_restart=needs_restart, routes=len(merged.routes), workers=told)
+        return ReloadResult(
+            True, source, needs_restart=needs_restart, routes=len(merged.routes), workers=told,
+            tls_problems=tls_problems,
+        )
+
+    def frames(self, text: str) -> bytes:
+        """
+        What a worker is handed, at its start and on reload: the
+        certificates' bytes (with C{ssl:} listeners), then the configuration
+        C{text}.
+        """
+        frame = config_frame(text)
+        if self.certificates:
+            frame = tls_frame(self.certificates.pems()) + frame
+        return frame
 
     # -- service ---------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from aura_proxy.admin import Admin
 from aura_proxy.config import ConfigError, load_config, parse_config
 from aura_proxy.reload import ReloadResult, Reloader, SighupReload, restart_only_changes
 from aura_proxy.worker import ConfigFrames
-from aura_proxy.workers import WorkerSupervisor, config_frame
+from aura_proxy.tls_listen import TlsPems
+from aura_proxy.workers import WorkerSupervisor, config_frame, tls_frame
 from tests.test_proxy import CONFIG, TENANT, Harness, Stream, without_ids
 from tests.test_workers import FakeReactor, ini
 
@@ -149,6 +150,47 @@ class AssemblyTests(TestCase):
         self.assertEqual(dashboard.dashboard.routes[-1].name, "new")
 
 
+    def test_certificate_reloaded_with_the_file(self) -> None:
+        """
+        A single process's ssl: listener is its own TLS port (not strports'),
+        and a reload reads its renewed files for new connections; a key that
+        is not the certificate's keeps the one in use and is reported, while
+        the rest of the reload (a new route) is applied.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from aura_proxy.assembly import gateway_service
+        from tests.test_tls_listen import renew, serial_of
+        from tests.tls_certs import make_pki
+
+        pki = make_pki(self.mktemp())
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={pki.server_key}:certKey={pki.server_cert}"
+        text = CONFIG.replace("[gateway]\n", f"[gateway]\nlisten = {listen}\n", 1) + "[history]\nenabled = false\n"
+        self.assertIn(listen, text)
+        path = Path(self.mktemp())
+        path.write_text(text)
+        tree = gateway_service(load_config(str(path)), MemoryReactorClock(), tuning=False)
+        self.assertIn("TCPServer", [type(s).__name__ for s in tree])
+        context = tree.certificates[listen].context
+
+        renew(pki, self.mktemp())
+        result = tree.reloader.reload()
+        self.assertEqual((result.ok, result.tls_problems), (True, ()))
+        self.assertEqual(context.options.certificate.get_serial_number(), serial_of(pki.server_cert))
+
+        kept = context.options
+        other = make_pki(self.mktemp())
+        Path(pki.server_key).write_bytes(Path(other.server_key).read_bytes())
+        path.write_text(text + NEW_ROUTE)
+        result = tree.reloader.reload()
+        self.assertTrue(result.ok)
+        [problem] = result.tls_problems
+        self.assertIn(f"{listen!r}: {pki.server_key}: this key is not the one", problem)
+        self.assertIs(context.options, kept)
+        self.assertEqual(tree.gateway.config.routes[-1].name, "new")
+        self.assertEqual(result.to_json()["tls_problems"], [problem])
+
+
 class RestartOnlyTests(TestCase):
     """L{restart_only_changes}."""
 
@@ -171,6 +213,15 @@ class AdminTests(TestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(await response.json(), {
             "status": "reloaded", "source": "gw.ini", "routes": 2, "needs_restart": ["[gateway] listen"]})
+
+    async def test_reloaded_with_tls_problems(self) -> None:
+        """A reload that kept a listener's certificate answers 200, with the TLS problems named."""
+        problem = "'ssl:8443:privateKey=k.pem': k.pem: cannot read (Permission denied)"
+        client = self.client(ReloadResult(True, "gw.ini", routes=2, tls_problems=(problem,)))
+        response = await client.post("http://admin/reload")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await response.json(), {
+            "status": "reloaded", "source": "gw.ini", "routes": 2, "needs_restart": [], "tls_problems": [problem]})
 
     async def test_refused(self) -> None:
         """A refused reload answers 400 with the problems."""
@@ -292,3 +343,59 @@ class WorkersTests(TestCase):
         for i in range(len(data)):
             frames.feed(data[i:i + 1])
         self.assertEqual(texts, ["[a]\nx = é\n", "second"])
+
+    def test_tls_frames(self) -> None:
+        """Certificates' bytes and texts, interleaved and cut anywhere, come out whole, each to its own callback, in order."""
+        seen: list[object] = []
+        frames = ConfigFrames(seen.append, seen.append)
+        pems = {"ssl:1:privateKey=k.pem": TlsPems(b"KEY\n", b"CERT\n"), "ssl:2:a.pem": TlsPems(b"K", b"C", b"CH")}
+        data = tls_frame(pems) + config_frame("text") + tls_frame({})
+        for i in range(len(data)):
+            frames.feed(data[i:i + 1])
+        self.assertEqual(seen, [pems, "text", {}])
+
+    def tls_supervisor(self, path: Path) -> tuple[WorkerSupervisor, Any, str]:
+        from tests.test_workers import ssl_listen
+        from tests.tls_certs import make_pki
+
+        pki = make_pki(self.mktemp())
+        listen = ssl_listen(pki)
+        text = ini("workers = 2", listen=listen)
+        path.write_text(text)
+        supervisor = WorkerSupervisor(parse_config(text, str(path)), text, FakeReactor())
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        self.addCleanup(lambda: [s.close() for s in supervisor._sockets])
+        return supervisor, pki, listen
+
+    def test_certificates_to_every_worker(self) -> None:
+        """
+        On reload the parent reads the renewed files and writes their bytes to
+        every worker before the text; a worker started later gets the same.
+        A key that is not the certificate's keeps the bytes in use (sent
+        again) and is reported, the text still handed on.
+        """
+        from tests.test_tls_listen import renew
+
+        path = Path(self.mktemp())
+        supervisor, pki, listen = self.tls_supervisor(path)
+        old = supervisor.certificates.pems()[listen]
+        renew(pki, self.mktemp())
+        new = TlsPems(Path(pki.server_key).read_bytes(), Path(pki.server_cert).read_bytes())
+        self.assertNotEqual(new, old)
+        text = path.read_text()
+        result = supervisor.reload()
+        self.assertEqual((result.ok, result.workers, result.tls_problems), (True, 2, ()))
+        frame = tls_frame({listen: new}) + config_frame(text)
+        for worker in supervisor.workers:
+            self.assertEqual(worker.process.written[0], frame)  # type: ignore[union-attr]
+        self.assertEqual(supervisor.frames(supervisor.config_text), frame)
+
+        from tests.tls_certs import make_pki
+
+        Path(pki.server_key).write_bytes(Path(make_pki(self.mktemp()).server_key).read_bytes())
+        result = supervisor.reload()
+        self.assertTrue(result.ok)
+        [problem] = result.tls_problems
+        self.assertIn(f"{pki.server_key}: this key is not the one", problem)
+        self.assertEqual(supervisor.frames(text), frame)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from aura_proxy.config import ConfigError, parse_config
+from aura_proxy.config import ConfigError, load_config, parse_config
 from aura_proxy.upstream_tls import UpstreamTlsPolicy
 from tests.tls_certs import TestPki, make_pki
 
@@ -62,12 +62,30 @@ class ListenTests(TestCase):
         self.assertIn("listed twice", found[0])
 
     def test_unreadable_key_file(self) -> None:
-        """An ssl: endpoint whose key file cannot be read is refused at check time."""
-        found = problems(
-            "[gateway]\nlisten = tcp:8080, ssl:8443:privateKey=/nonexistent/key.pem:certKey=/nonexistent/c.pem\n"
-            + ROUTE.format(upstream="http://127.0.0.1:9000", extra=""))
+        """
+        An ssl: endpoint whose key file cannot be read is refused at check
+        time (load_config); the parse alone does not read it (a reload keeps
+        the certificate in use instead, and a worker is handed the bytes).
+        """
+        text = ("[gateway]\nlisten = tcp:8080, ssl:8443:privateKey=/nonexistent/key.pem:certKey=/nonexistent/c.pem\n"
+                + ROUTE.format(upstream="http://127.0.0.1:9000", extra=""))
+        self.assertEqual(len(parse_config(text, "gw.ini").gateway.listen), 2)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        with self.assertRaises(ConfigError) as raised:
+            load_config(path)
+        found = raised.exception.problems
         self.assertEqual(len(found), 1, found)
-        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: 'ssl:8443"), found)
+        self.assertTrue(found[0].startswith(f"{path}: [gateway] listen: 'ssl:8443"), found)
+        self.assertIn("/nonexistent/key.pem: cannot read", found[0])
+
+    def test_bad_ssl_syntax(self) -> None:
+        """An ssl: endpoint with an unknown argument or no port is refused by the parse itself."""
+        for listen in ("ssl:8443:privateKey=k.pem:colour=blue", "ssl:privateKey=k.pem"):
+            found = problems("[gateway]\nlisten = " + listen + "\n" + ROUTE.format(upstream="http://127.0.0.1:9000", extra=""))
+            self.assertEqual(len(found), 1, found)
+            self.assertTrue(found[0].startswith(f"gw.ini: [gateway] listen: {listen!r}"), found)
 
     def test_workers_take_tcp_and_ssl(self) -> None:
         """

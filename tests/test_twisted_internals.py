@@ -11,11 +11,9 @@ and checks that stock Twisted then serves.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 from typing import Any
 import sys
 
-from OpenSSL import SSL
 
 import twisted
 
@@ -23,7 +21,6 @@ from twisted.internet import tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -33,7 +30,6 @@ from twisted.web.http_headers import Headers
 
 from aura_proxy import header_store
 from aura_proxy import twisted_internals as internals
-from tests.tls_certs import make_pki
 
 
 #: The probes known to fail on a tested Twisted version (the floor of the
@@ -132,10 +128,6 @@ class CanaryTests(SynchronousTestCase):
     def test_endpoint_address(self) -> None:
         """A tcp: server endpoint keeps its port, interface and backlog."""
         self.assertProbe("endpoint_address")
-
-    def test_ssl_endpoint(self) -> None:
-        """An ssl: server endpoint keeps its port, interface, backlog and context factory."""
-        self.assertProbe("ssl_endpoint")
 
     def test_accepts(self) -> None:
         """A listening TCP port accepts up to numberAccepts connections a turn."""
@@ -426,46 +418,6 @@ class FallbackTests(SynchronousTestCase):
             (81, "127.0.0.3", 9),
         )
 
-    def test_ssl_endpoint_parsed_alike(self) -> None:
-        """
-        aura-proxy's own parse of an ssl: description agrees with the
-        endpoint's (named and positional arguments, escaped colons), and
-        both context factories complete a handshake sending the chain.
-        """
-        pki = make_pki(self.mktemp())
-        key, cert, ca = (p.replace(":", "\\:") for p in (pki.server_key, pki.server_cert, pki.ca))
-        for description in (
-            f"ssl:8443:privateKey={key}:certKey={cert}:extraCertChain={ca}",
-            f"ssl:port=0:interface=127.0.0.1:backlog=9:privateKey={key}:certKey={cert}:extraCertChain={ca}",
-            f"ssl:8443:{key}:{cert}:interface=\\:\\:1:extraCertChain={ca}",
-        ):
-            endpoint = serverFromString(MemoryReactor(), description)
-            found = internals.ssl_endpoint_parts(endpoint, description)
-            ours = internals._parse_ssl_description(description)
-            self.assertEqual(ours[:3], found[:3], description)
-            for options in (found[3], ours[3]):
-                self.assertEqual(handshake(options, pki.ca), 2, description)
-
-    def test_no_ssl_endpoint(self) -> None:
-        """
-        Without the endpoint's names, the description is parsed and the
-        certificate loaded with public APIs: certKey defaults to privateKey
-        (one PEM holding both), the context completes a handshake.
-        """
-        pki = make_pki(self.mktemp())
-        both = Path(self.mktemp())
-        both.write_bytes(pki.server_pem)
-        switched_off(self, "ssl_endpoint")
-        port, interface, backlog, options = internals.ssl_endpoint_parts(
-            object(), f"ssl:8443:interface=127.0.0.4:privateKey={both}")
-        self.assertEqual((port, interface, backlog), (8443, "127.0.0.4", 50))
-        self.assertIsInstance(options, CertificateOptions)
-        self.assertEqual(handshake(options, pki.ca), 1)
-        self.assertRaises(ValueError, internals.ssl_endpoint_parts, object(), f"ssl:privateKey={both}")
-        self.assertRaises(
-            ValueError, internals.ssl_endpoint_parts, object(),
-            f"ssl:8443:privateKey={both}:extraCertChain={pki.server_key}")
-
     def test_accept_one_at_a_time(self) -> None:
         """A port made to accept one at a time keeps numberAccepts at 1; without the name, unchanged."""
         port = tcp.Port(0, Factory(), reactor=MemoryReactor())
@@ -489,37 +441,6 @@ class FallbackTests(SynchronousTestCase):
         switched_off(self, "pool_factory")
         self.assertFalse(internals.quiet_pool(other))
         self.assertIs(other._factory, factory)
-
-
-def handshake(options: Any, ca: str) -> int:
-    """
-    A TLS handshake in memory between a server with C{options} (a context
-    factory) and a client verifying against C{ca}; the length of the
-    certificate chain the server sent.
-    """
-    server = SSL.Connection(options.getContext(), None)
-    server.set_accept_state()
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.load_verify_locations(ca)
-    context.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
-    client = SSL.Connection(context, None)
-    client.set_tlsext_host_name(b"localhost")
-    client.set_connect_state()
-    for _ in range(20):
-        for one, other in ((client, server), (server, client)):
-            try:
-                one.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                other.bio_write(one.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-    # A completed handshake lets bytes through.
-    client.send(b"ping")
-    server.bio_write(client.bio_read(65536))
-    assert server.recv(4) == b"ping"
-    return len(client.get_peer_cert_chain() or [])
 
 
 def _tcp_server(self) -> tcp.Server:

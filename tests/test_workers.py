@@ -22,7 +22,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -34,17 +33,28 @@ from twisted.web.server import Site
 from treq.testing import StubTreq
 
 from aura_proxy.assembly import StopInOrder, supervisor_service
-from aura_proxy.config import parse_config
-from aura_proxy.worker import _AdoptedPort, _AdoptedPorts, adopted_ports, main, worker_config, worker_service
+from aura_proxy.config import ConfigError, load_config, parse_config
+from aura_proxy.tls_listen import TlsFileError, TlsPems
+from aura_proxy.worker import (
+    ConfigFrames,
+    _AdoptedPort,
+    _AdoptedPorts,
+    adopted_ports,
+    main,
+    worker_config,
+    worker_service,
+)
 from aura_proxy.workers import (
     LISTEN_FD,
     WorkerSupervisor,
     bind_socket,
     config_fd,
+    config_frame,
     listen_address,
 )
 from tests.integration.gateway import sleep
 from tests.test_config import problems
+from tests.test_tls_listen import serial_of
 from tests.tls_certs import TestPki, make_pki
 
 ROUTE = """
@@ -154,20 +164,66 @@ class ConfigTests(TestCase):
     def test_missing_key_file_is_a_config_error(self) -> None:
         """
         An ssl: listener whose key file is missing is refused when the file
-        is checked (naming file, section, key and the missing path), not in a worker.
+        is checked (load_config: naming file, section, key and the missing
+        path) and by the parent at start, not in a worker.
         """
         pki = make_pki(self.mktemp())
         missing = os.path.join(self.mktemp(), "gone.key")
         listen = ssl_listen(pki).replace(pki.server_key, missing)
-        found = problems(ini("workers = 2", listen=listen))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(ini("workers = 2", listen=listen))
+        with self.assertRaises(ConfigError) as raised:
+            load_config(path)
+        found = raised.exception.problems
         self.assertEqual(len(found), 1, found)
-        self.assertTrue(found[0].startswith("gw.ini: [gateway] listen: "), found)
+        self.assertTrue(found[0].startswith(f"{path}: [gateway] listen: "), found)
         self.assertIn(missing, found[0])
+        config = parse_config(ini("workers = 2", listen=listen), "gw.ini")
+        with self.assertRaises(ConfigError) as at_start:
+            supervisor_service(config, "", MemoryReactorClock())
+        self.assertIn(missing, at_start.exception.problems[0])
 
     def test_listen_anything_with_one_worker(self) -> None:
         """With one worker, listen may be any endpoint, as before."""
         text = ini().replace("listen = tcp:0:interface=127.0.0.1\nadmin", "listen = unix:/tmp/aura.sock\nadmin")
         self.assertEqual(parse_config(text, "gw.ini").gateway.listen, ("unix:/tmp/aura.sock",))
+
+
+class WorkerCertificateTests(TestCase):
+    """A worker's TLS comes from the bytes its parent read, never from the key files."""
+
+    def test_worker_builds_tls_from_given_bytes(self) -> None:
+        """
+        Given the parent's bytes, a worker serves them on its adopted ssl:
+        socket although the files it names do not exist (so need not be
+        readable), and takes new bytes for new connections.
+        """
+        pki, renewed = make_pki(self.mktemp()), make_pki(self.mktemp())
+        listen = "ssl:0:interface=127.0.0.1:privateKey=/nowhere/key.pem:certKey=/nowhere/cert.pem"
+        pems = TlsPems(open(pki.server_key, "rb").read(), open(pki.server_cert, "rb").read())
+        config = parse_config(ini(listen=listen), "gw.ini")
+        tree = worker_service(config, 1, MemoryReactorClock(), listen_fd=99, pems={listen: pems})
+        [ports] = [s for s in tree if isinstance(s, _AdoptedPorts)]
+        [port] = list(ports)
+        factory = port._factory  # type: ignore[attr-defined]
+        self.assertIsInstance(factory, TLSMemoryBIOFactory)
+        self.assertIs(factory.wrappedFactory, tree.site)
+        context = tree.certificates[listen].context
+        self.assertEqual(context.options.certificate.get_serial_number(), serial_of(pki.server_cert))
+        self.assertIsNone(tree.reloader.certificates)
+        new = TlsPems(open(renewed.server_key, "rb").read(), open(renewed.server_cert, "rb").read())
+        self.assertEqual(tree.certificates.use({listen: new}), ())
+        self.assertEqual(context.options.certificate.get_serial_number(), serial_of(renewed.server_cert))
+
+    def test_worker_without_bytes_reads_the_files(self) -> None:
+        """Started by hand (no parent's bytes), a worker reads the files; a missing one stops its start."""
+        pki = make_pki(self.mktemp())
+        config = parse_config(ini(listen=ssl_listen(pki)), "gw.ini")
+        tree = worker_service(config, 1, MemoryReactorClock(), listen_fd=99)
+        self.assertEqual(tree.certificates.pems()[ssl_listen(pki)].cert, open(pki.server_cert, "rb").read())
+        os.remove(pki.server_key)
+        self.assertRaises(TlsFileError, worker_service, config, 1, MemoryReactorClock(), listen_fd=99)
 
 
 class SocketTests(TestCase):
@@ -183,13 +239,14 @@ class SocketTests(TestCase):
 
     def test_listen_address_tls(self) -> None:
         """
-        An ssl: description gives its address and the context factory
-        Twisted's ssl: endpoint would use; a tcp: one has none.
+        An ssl: description gives its address and its parsed TLS settings
+        (files named, not read: the parent reads them for its workers); a
+        tcp: one has none.
         """
-        pki = make_pki(self.mktemp())
-        a = listen_address(ssl_listen(pki, 8443) + ":backlog=9")
+        a = listen_address("ssl:8443:interface=127.0.0.1:privateKey=/nowhere/k.pem:certKey=/nowhere/c.pem:backlog=9")
         self.assertEqual((a.port, a.interface, a.backlog, a.family), (8443, "127.0.0.1", 9, socket.AF_INET))
-        self.assertIsInstance(a.tls, CertificateOptions)
+        assert a.tls is not None
+        self.assertEqual((a.tls.private_key, a.tls.cert_key), ("/nowhere/k.pem", "/nowhere/c.pem"))
         self.assertIsNone(listen_address("tcp:8080").tls)
 
     def test_listen_address_refuses_others(self) -> None:
@@ -411,7 +468,7 @@ class SupervisorTests(TestCase):
             self.assertIn("--watch-parent", argv)
             self.assertEqual(argv[argv.index("--config-fd") + 1], "4")
             self.assertEqual(fds, {0: "w", 1: 1, 2: 2, LISTEN_FD: sock.fileno(), 4: "w"})
-            self.assertEqual(process.written[4].decode(), supervisor.config_text)
+            self.assertEqual(process.written[4], config_frame(supervisor.config_text))
             self.assertIn(4, process.closed)
         self.assertEqual([w.pid for w in supervisor.workers], [p.pid for p, _, _ in fake.spawned])
 
@@ -440,7 +497,13 @@ class SupervisorTests(TestCase):
             self.assertEqual(argv[argv.index("--config-fd") + 1], "6")
             self.assertEqual(
                 [argv[i + 1] for i, a in enumerate(argv) if a == "--listen"], list(supervisor.config.gateway.listen))
-            self.assertEqual(process.written[6].decode(), supervisor.config_text)
+            # The ssl: listener's key and certificate, as the parent read them, then the text.
+            texts: list[str] = []
+            pems: list[dict[str, TlsPems]] = []
+            ConfigFrames(texts.append, pems.append).feed(process.written[6])
+            self.assertEqual(texts, [supervisor.config_text])
+            self.assertEqual(pems, [{ssl_listen(pki): TlsPems(
+                open(pki.server_key, "rb").read(), open(pki.server_cert, "rb").read())}])
             self.assertIn(6, process.closed)
         sockets = list(supervisor._sockets)
         for process, _, _ in fake.spawned:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import time
 from typing import Any, Optional
@@ -24,8 +25,13 @@ class SseClient(threading.Thread):
     @ivar gaps: the longest silence between two events, in seconds.
     """
 
-    def __init__(self, port: int, path: str, headers: dict[str, str], timeout: float = 60.0) -> None:
+    def __init__(
+        self, port: int, path: str, headers: dict[str, str], timeout: float = 60.0,
+        tls: Optional[ssl.SSLContext] = None,
+    ) -> None:
+        """C{tls}: read the stream over HTTPS with this client context."""
         super().__init__(daemon=True)
+        self._tls = tls
         self._port = port
         self._path = path
         self._headers = headers
@@ -41,7 +47,11 @@ class SseClient(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = self._conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=self._timeout)
+            if self._tls is not None:
+                conn = self._conn = http.client.HTTPSConnection(
+                    "127.0.0.1", self._port, timeout=self._timeout, context=self._tls)
+            else:
+                conn = self._conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=self._timeout)
             conn.request("GET", self._path, headers=self._headers)
             response = conn.getresponse()
             self.status = response.status

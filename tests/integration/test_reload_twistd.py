@@ -169,3 +169,190 @@ class WorkersTests(ReloadBase):
         self.wait_for(lambda: sum("reloaded" in line and "[worker-" in line
                                   for line in self.log().splitlines()) >= 2, "both workers' reload lines")
         self.assertEqual([self.status("/api/new/json") for _ in range(20)], [200] * 20)
+
+
+def served_serial(port: int, ca: str) -> int:
+    """The serial of the certificate a new TLS connection to C{port} is served (verified against C{ca})."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.create_default_context(cafile=ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+class TlsReloadTests(ReloadBase):
+    """
+    C{listen = ssl:...}: certbot renews the key and certificate in place,
+    SIGHUP, and new connections get the new certificate while an open SSE
+    stream over TLS goes on.
+    """
+
+    #: A stream long enough to outlive the renewal and the reload.
+    STREAM_EVENTS, STREAM_INTERVAL = 120, 0.05
+
+    def setUp(self) -> None:
+        from tests.tls_certs import make_pki
+
+        self.pki = make_pki(Path(self.mktemp()).resolve())
+        super().setUp()
+
+    def text(self, extra: str = "") -> str:
+        plain = f"listen = tcp:{self.listen}:interface=127.0.0.1\n"
+        text = super().text(extra)
+        assert plain in text
+        return text.replace(plain, f"listen = ssl:{self.listen}:interface=127.0.0.1"
+                                   f":privateKey={self.pki.server_key}:certKey={self.pki.server_cert}\n")
+
+    def serial(self) -> int:
+        """The serial a new connection is served now."""
+        return served_serial(self.listen, self.pki.ca)
+
+    def open_stream(self) -> SseClient:
+        """An SSE stream over TLS (verifying the CA of the files, which a renewal keeps)."""
+        import ssl
+
+        client = SseClient(
+            self.listen, f"/api/aura/stream?count={self.STREAM_EVENTS}&interval={self.STREAM_INTERVAL}",
+            {"X-Tenant-ID": "t1", "Accept": "text/event-stream"},
+            tls=ssl.create_default_context(cafile=self.pki.ca),
+        )
+        client.start()
+        self.wait_for(lambda: len(client.indexes) >= 3, "the stream's first events")
+        return client
+
+    def renew(self) -> int:
+        """New key and certificate files, in place (the CA kept); the new serial."""
+        import shutil
+
+        from tests.tls_certs import make_pki
+
+        new = make_pki(Path(self.mktemp()).resolve())
+        # The CA file too: the test's clients verify against the path they know.
+        for source, target in ((new.server_key, self.pki.server_key), (new.server_cert, self.pki.server_cert),
+                               (new.ca, self.pki.ca)):
+            shutil.copyfile(source, target)
+        from tests.test_tls_listen import serial_of
+
+        return serial_of(self.pki.server_cert)
+
+    def assert_stream_went_on(self, client: SseClient, at_reload: int) -> None:
+        """C{client} got events after the reload, and all of them, to its end."""
+        self.wait_for(lambda: len(client.indexes) > at_reload + 5, "events after the reload")
+        client.join(60)
+        self.assertIsNone(client.error)
+        self.assertEqual(client.indexes, list(range(1, self.STREAM_EVENTS + 1)))
+        self.assertTrue(client.done)
+
+    def test_sighup_serves_renewed_certificate(self) -> None:
+        """
+        After the files are renewed and SIGHUP sent, a new connection is
+        served the new certificate (its serial) while the stream opened
+        before keeps receiving its events to the end; a key that is not the
+        certificate's then keeps the renewed one, and POST /reload says so.
+        """
+        from tests.test_tls_listen import serial_of
+
+        old = serial_of(self.pki.server_cert)
+        self.assertEqual(self.serial(), old)
+        client = self.open_stream()
+        new = self.renew()
+        self.assertNotEqual(new, old)
+        os.kill(self.gateway.pid, signal.SIGHUP)
+        at_reload = len(client.indexes)
+        self.wait_for(lambda: self.serial() == new, "the new certificate on a new connection")
+        self.assert_stream_went_on(client, at_reload)
+
+        from tests.tls_certs import make_pki
+
+        Path(self.pki.server_key).write_bytes(Path(make_pki(Path(self.mktemp())).server_key).read_bytes())
+        status, body = post_json(self.admin, "/reload")
+        self.assertEqual((status, body["status"]), (200, "reloaded"))
+        [problem] = body["tls_problems"]
+        self.assertIn(f"{self.pki.server_key}: this key is not the one", problem)
+        self.assertEqual(self.serial(), new)
+        self.assertIn("the certificate in use stays", self.log())
+
+
+class TlsWorkersReloadTests(TlsReloadTests):
+    """The same with C{workers = 2}: both workers, and a worker restarted later, serve the renewed certificate."""
+
+    workers = 2
+
+    def worker_pids(self) -> list[int]:
+        from tests.integration.upstreams import get_json
+
+        return [w["pid"] for w in get_json(f"http://127.0.0.1:{self.admin}/healthz")["workers"] if w["alive"]]
+
+    def alone(self, pid: int) -> Any:
+        """A context in which only C{pid} of the workers accepts (the others frozen by SIGSTOP)."""
+        from contextlib import contextmanager
+
+        from tests.integration.test_workers import state
+
+        @contextmanager
+        def frozen() -> Any:
+            others = [p for p in self.worker_pids() if p != pid]
+            for other in others:
+                os.kill(other, signal.SIGSTOP)
+                self.wait_for(lambda: state(other) in ("T", "t"), f"pid {other} stopped")
+            try:
+                yield
+            finally:
+                for other in others:
+                    os.kill(other, signal.SIGCONT)
+
+        return frozen()
+
+    def test_sighup_serves_renewed_certificate(self) -> None:
+        """
+        After renewal and SIGHUP to the parent, each worker alone (the other
+        frozen) serves the new certificate, the open stream goes on; a
+        worker killed and restarted later serves the parent's certificate,
+        not files changed since without a reload.
+        """
+        from tests.test_tls_listen import serial_of
+
+        old = serial_of(self.pki.server_cert)
+        client = self.open_stream()
+        new = self.renew()
+        os.kill(self.gateway.pid, signal.SIGHUP)
+        at_reload = len(client.indexes)
+        self.wait_for(lambda: sum("new connections get the new certificate" in line and "[worker-" in line
+                                  for line in self.log().splitlines()) >= 2, "both workers' new certificate")
+        first, second = self.worker_pids()
+        for pid in (first, second):
+            with self.alone(pid):
+                self.assertEqual([self.serial() for _ in range(3)], [new] * 3, f"worker pid {pid}")
+        self.assertNotEqual(new, old)
+        self.assert_stream_went_on(client, at_reload)
+
+        # Files renewed again, no reload: a restarted worker still serves
+        # what the parent read (the same as its sibling), not these files.
+        self.renew()
+        os.kill(first, signal.SIGKILL)
+        self.wait_for(lambda: len(self.worker_pids()) == 2 and first not in self.worker_pids(), "the restart")
+        [restarted] = [p for p in self.worker_pids() if p != second]
+        with self.alone(restarted):
+            self.assertEqual(self.serial_unverified(), new)
+
+    def serial_unverified(self) -> int:
+        """The served serial, trusting nothing (the CA file now belongs to files not loaded)."""
+        import socket
+        import ssl
+
+        from cryptography import x509
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", self.listen), timeout=10) as raw:
+            with context.wrap_socket(raw) as tls:
+                der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
