@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from tests.integration.gateway import twistd_ini
 from tests.integration.sse_threads import SseClient, request
 from tests.integration.test_limits_redis import closed_port
-from tests.integration.test_workers import state
+from tests.integration.test_workers import Freezer
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
 from tests.test_resume_log import REDIS_HOST, REDIS_PORT, REDIS_URL, delete_keys, redis_available
 
@@ -132,7 +132,7 @@ class RedisDownTests(LimitsBase):
         self.assertEqual(self.log().count("limits: Redis at"), 1)
 
 
-class WorkersTests(LimitsBase):
+class WorkersTests(Freezer, LimitsBase):
     """workers = 2 sharing the counts in Redis."""
 
     workers = 2
@@ -189,13 +189,3 @@ class WorkersTests(LimitsBase):
         """The third stream of a tenant gets 429 and 200 once one ends, over two workers."""
         self.check_third_refused_until_one_ends()
 
-    def freeze(self, pid: int) -> None:
-        os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(self.thaw, pid)
-        self.wait_for(lambda: state(pid) in ("T", "t"), f"pid {pid} stopped")
-
-    def thaw(self, pid: int) -> None:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass

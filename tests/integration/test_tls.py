@@ -75,6 +75,24 @@ def _curl_http2() -> Optional[str]:
 # -- the upstream in this process ------------------------------------------------------
 
 
+def curl_tls(test: Any, curl: str, ca: str, *args: str) -> tuple[str, str, str]:
+    """
+    curl C{args} (one request, on a new connection, trusting C{ca}, with a
+    tenant); its response head, body and HTTP version. C{test} fails when
+    curl does.
+    """
+    done = subprocess.run(
+        [curl, "-sS", "-N", "--max-time", "20", "--cacert", ca, "-H", "X-Tenant-ID: t1",
+         "-D", "-", "-w", "\n%{http_version}", *args],
+        capture_output=True, text=True, timeout=30,
+    )
+    test.assertEqual(done.returncode, 0, done.stderr)
+    # Text mode: curl's CRLFs are LFs here.
+    head, _, rest = done.stdout.replace("\r\n", "\n").partition("\n\n")
+    body, _, version = rest.rpartition("\n")
+    return head, body, version
+
+
 class _Endless(Resource):
     """An SSE stream with an event every 50 ms until the client leaves; records when it left."""
 
@@ -436,16 +454,7 @@ class TwistdTlsTests(TestCase):
         )
 
         def run(*args: str) -> tuple[str, str, str]:
-            done = subprocess.run(
-                [curl, "-sS", "-N", "--max-time", "20", "--cacert", pki.ca, "-H", "X-Tenant-ID: t1",
-                 "-D", "-", "-w", "\n%{http_version}", *args],
-                capture_output=True, text=True, timeout=30,
-            )
-            self.assertEqual(done.returncode, 0, done.stderr)
-            # Text mode: curl's CRLFs are LFs here.
-            head, _, rest = done.stdout.replace("\r\n", "\n").partition("\n\n")
-            body, _, version = rest.rpartition("\n")
-            return head, body, version
+            return curl_tls(self, curl, pki.ca, *args)
 
         base = f"https://127.0.0.1:{secure}/api/aura"
         head, body, version = run("--http2", f"{base}/json")

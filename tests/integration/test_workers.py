@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import time
 import urllib.error
@@ -28,7 +27,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.integration.gateway import HOT_PATH, twistd_ini
-from tests.integration.test_tls import _curl_http2
+from tests.integration.test_tls import _curl_http2, curl_tls
 from tests.integration.upstreams import free_port, get_json, start_fastapi_upstream, start_process
 from tests.tls_certs import make_pki
 
@@ -55,7 +54,24 @@ def gone(pid: int) -> bool:
     return state(pid) in ("", "Z", "X")
 
 
-class _TwistdWorkers:
+class Freezer:
+    """Freezes and thaws processes (workers) for a test with C{wait_for} and C{addCleanup}."""
+
+    def freeze(self, pid: int) -> None:
+        """Stop C{pid} (SIGSTOP): it accepts no connection until thawed (at cleanup at the latest)."""
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.thaw, pid)  # type: ignore[attr-defined]
+        self.wait_for(lambda: state(pid) in ("T", "t"), f"pid {pid} stopped")  # type: ignore[attr-defined]
+
+    def thaw(self, pid: int) -> None:
+        """Let C{pid} run again (SIGCONT)."""
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+class _TwistdWorkers(Freezer):
     """A twistd with two workers: start it, ask its admin port, freeze and thaw workers."""
 
     admin: int
@@ -86,19 +102,6 @@ class _TwistdWorkers:
                 log = Path(self.gateway.log_path).read_text()[-3000:]
                 self.fail(f"timed out waiting for {what}; log:\n{log}")  # type: ignore[attr-defined]
             time.sleep(0.05)
-
-    def freeze(self, pid: int) -> None:
-        """Stop C{pid} (SIGSTOP): it accepts no connection until thawed (at cleanup at the latest)."""
-        os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(self.thaw, pid)  # type: ignore[attr-defined]
-        self.wait_for(lambda: state(pid) in ("T", "t"), f"pid {pid} stopped")
-
-    def thaw(self, pid: int) -> None:
-        """Let C{pid} run again (SIGCONT)."""
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 class WorkersTests(_TwistdWorkers, TestCase):
@@ -276,16 +279,7 @@ class TlsWorkersTests(_TwistdWorkers, TestCase):
 
     def curl_get(self, *args: str) -> tuple[str, str, str]:
         """curl C{args} (one request, on a new connection); its response head, body and HTTP version."""
-        done = subprocess.run(
-            [self.curl, "-sS", "-N", "--max-time", "20", "--cacert", self.pki.ca, "-H", "X-Tenant-ID: t1",
-             "-D", "-", "-w", "\n%{http_version}", *args],
-            capture_output=True, text=True, timeout=30,
-        )
-        self.assertEqual(done.returncode, 0, done.stderr)
-        # Text mode: curl's CRLFs are LFs here.
-        head, _, rest = done.stdout.replace("\r\n", "\n").partition("\n\n")
-        body, _, version = rest.rpartition("\n")
-        return head, body, version
+        return curl_tls(self, self.curl, self.pki.ca, *args)
 
     def assert_h2_stream(self) -> None:
         """An SSE stream over TLS and HTTP/2 (ALPN) on the ssl: port: every event, no HTTP/1.1 headers."""
