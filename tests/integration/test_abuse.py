@@ -8,6 +8,7 @@ L{tests.integration.abuse}, which also runs the full 10,000 (see there).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,7 +28,8 @@ class AbuseTests(SynchronousTestCase):
         200 kB (dropping detached streams' logs when over), its RSS within
         the bound, and every stream got its first event.
         """
-        workdir = self.mktemp()
+        # Absolute: the attack runs from the repository root, not trial's directory.
+        workdir = os.path.abspath(self.mktemp())
         run = subprocess.run(
             [sys.executable, "-m", "tests.integration.abuse", "--streams", "300", "--tenants", "3",
              "--concurrency", "100", "--max-detached", "50", "--per-tenant", "20",
