@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 from OpenSSL import SSL
 from twisted.application.internet import TCPServer
 from twisted.application.service import IService
-from twisted.internet.interfaces import IOpenSSLContextFactory, IProtocolFactory
+from twisted.internet.interfaces import ILoggingContext, IOpenSSLContextFactory, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -48,6 +48,7 @@ __all__ = [
     "is_ssl",
     "parse_ssl_listen",
     "read_pems",
+    "tls_factory",
     "tls_server",
 ]
 
@@ -209,7 +210,8 @@ def certificate_options(listen: SslListen, pems: TlsPems) -> "CertificateOptions
         # Not secret: read by whoever makes the context (each worker too).
         extra["dhParameters"] = DiffieHellmanParameters.fromFile(FilePath(listen.dh_parameters))
     options = CertificateOptions(
-        privateKey=key.original, certificate=certificate.original, extraCertChain=chain, **extra
+        privateKey=key.original, certificate=certificate.original, extraCertChain=chain,
+        acceptableProtocols=_alpn_protocols(), **extra
     )
     try:
         options.getContext()
@@ -339,6 +341,53 @@ class ListenerCertificates:
         return tuple(problems)
 
 
+def _alpn_protocols() -> list[bytes]:
+    """What the site speaks, for ALPN: h2 (with the h2 package), then http/1.1."""
+    from twisted.web.http import H2_ENABLED
+
+    return [b"h2", b"http/1.1"] if H2_ENABLED else [b"http/1.1"]
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class _SiteBehindTls:
+    """
+    The site as TLS wraps it, without the site's ALPN interface: the
+    protocols are the context's, set when it is made (L{certificate_options}).
+    Twisted before 24.7 sets them again on the shared context for every
+    connection when the wrapped factory offers them, which pyOpenSSL refuses
+    once the context has made a connection ("cannot be mutated again").
+    """
+
+    def __init__(self, site: IProtocolFactory) -> None:
+        #: The site served.
+        self.site = site
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.site.buildProtocol(addr)
+
+    def doStart(self) -> None:
+        # The site counts its ports (readiness: listening).
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.site, "logPrefix", None)
+        return prefix() if callable(prefix) else type(self.site).__name__
+
+
+def tls_factory(
+    certificate: ListenerCertificate, site: IProtocolFactory, clock: Optional[Any] = None
+) -> TLSMemoryBIOFactory:
+    """
+    C{site} through TLS with C{certificate}'s swappable context, offering h2
+    and http/1.1 by ALPN; C{clock} times TLS's write aggregation (default:
+    the reactor).
+    """
+    return TLSMemoryBIOFactory(certificate.context, False, _SiteBehindTls(site), clock=clock)
+
+
 def tls_server(certificate: ListenerCertificate, site: IProtocolFactory, reactor: Any) -> IService:
     """
     The listener of one C{ssl:} endpoint: its TCP port (bound at
@@ -346,8 +395,8 @@ def tls_server(certificate: ListenerCertificate, site: IProtocolFactory, reactor
     with C{certificate}'s swappable context.
     """
     listen = certificate.listen
-    factory = TLSMemoryBIOFactory(certificate.context, False, site)
     service = TCPServer(
-        listen.port, factory, backlog=listen.backlog, interface=listen.interface, reactor=reactor
+        listen.port, tls_factory(certificate, site), backlog=listen.backlog, interface=listen.interface,
+        reactor=reactor,
     )
     return service  # type: ignore[no-any-return]

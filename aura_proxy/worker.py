@@ -38,7 +38,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import ILogObserver, LogEvent, Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -47,7 +46,7 @@ from aura_proxy.assembly import GatewayService, gateway_service
 from aura_proxy.reload import Reloader
 from aura_proxy.twisted_internals import accept_one_at_a_time
 from aura_proxy.config import DEFAULT_CONFIG_NAME, Config, ConfigError, default_config_text, parse_config
-from aura_proxy.tls_listen import ListenerCertificates, TlsPems, is_ssl
+from aura_proxy.tls_listen import ListenerCertificates, TlsPems, is_ssl, tls_factory
 from aura_proxy.workers import LISTEN_FD, read_tls_frame
 
 __all__ = ["adopted_ports", "main", "worker_config", "worker_service"]
@@ -130,7 +129,7 @@ def adopted_ports(
         # (a TLS session cannot cross processes).
         factory: IProtocolFactory = site
         if is_ssl(description):
-            factory = TLSMemoryBIOFactory(certificates[description].context, False, site)
+            factory = tls_factory(certificates[description], site)
         _AdoptedPort(reactor, listen_fd + offset, factory).setServiceParent(ports)
     return ports
 

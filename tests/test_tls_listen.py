@@ -28,6 +28,7 @@ from aura_proxy.tls_listen import (
     certificate_options,
     parse_ssl_listen,
     read_pems,
+    tls_factory,
     tls_server,
 )
 from tests.tls_certs import TestPki, make_pki
@@ -139,8 +140,9 @@ class CertificateTests(SynchronousTestCase):
 
     def factory(self, certificates: ListenerCertificates, description: Optional[str] = None) -> TLSMemoryBIOFactory:
         """A server TLS factory around a site (h2 and http/1.1), as the listeners make it."""
-        context = certificates[description or self.description].context
-        return TLSMemoryBIOFactory(context, False, Site(Resource(), reactor=self.clock), clock=self.clock)
+        return tls_factory(
+            certificates[description or self.description], Site(Resource(), reactor=self.clock), clock=self.clock
+        )
 
     def test_reload_swaps_for_new_connections(self) -> None:
         """
@@ -257,5 +259,5 @@ class CertificateTests(SynchronousTestCase):
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, backlog, interface), (8443, 7, "127.0.0.2"))
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
-        self.assertIs(factory.wrappedFactory, site)
+        self.assertIs(factory.wrappedFactory.site, site)
         service.stopService()

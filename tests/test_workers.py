@@ -208,7 +208,7 @@ class WorkerCertificateTests(TestCase):
         [port] = list(ports)
         factory = port._factory  # type: ignore[attr-defined]
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
-        self.assertIs(factory.wrappedFactory, tree.site)
+        self.assertIs(factory.wrappedFactory.site, tree.site)
         context = tree.certificates[listen].context
         self.assertEqual(context.options.certificate.get_serial_number(), serial_of(pki.server_cert))
         self.assertIsNone(tree.reloader.certificates)
@@ -301,7 +301,7 @@ class SocketTests(TestCase):
         self.assertIs(children[0]._factory, site)  # type: ignore[attr-defined]
         tls = children[1]._factory  # type: ignore[attr-defined]
         self.assertIsInstance(tls, TLSMemoryBIOFactory)
-        self.assertIs(tls.wrappedFactory, site)
+        self.assertIs(tls.wrappedFactory.site, site)
         self.assertIs(children[2]._factory, site)  # type: ignore[attr-defined]
 
     async def test_adopted_tls_port_offers_h2(self) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.trial.unittest import TestCase
 
@@ -336,8 +336,17 @@ class TlsWorkersReloadTests(TlsReloadTests):
         # what the parent read (the same as its sibling), not these files.
         self.renew()
         os.kill(first, signal.SIGKILL)
-        self.wait_for(lambda: len(self.worker_pids()) == 2 and first not in self.worker_pids(), "the restart")
-        [restarted] = [p for p in self.worker_pids() if p != second]
+
+        def restarted_pid() -> Optional[int]:
+            # One /healthz read: the new worker, once both slots run again.
+            pids = self.worker_pids()
+            new = [p for p in pids if p not in (first, second)]
+            return new[0] if len(pids) == 2 and len(new) == 1 else None
+
+        self.wait_for(lambda: restarted_pid() is not None, "the restart")
+        restarted = restarted_pid()
+        self.assertIsNotNone(restarted, self.log()[-3000:])
+        assert restarted is not None
         with self.alone(restarted):
             self.assertEqual(self.serial_unverified(), new)
 
