@@ -173,27 +173,8 @@ def text_line(r: CallRecord) -> str:
     q = _quote
     query = r.query_string
     request = q(f"{r.method} {r.path}?{query}" if query else f"{r.method} {r.path}")
-    if r.is_stream:
-        first = r.first_event_ms
-        return _TEXT_STREAM % (
-            _iso(r.created_at), _bare(r.client_ip), request, r.status_code, r.latency_ms,
-            "-" if first is None else "%.3fms" % first,
-            "-" if r.event_count is None else r.event_count,
-            r.end_reason or "-",
-            _bare(r.route),
-            "-" if r.tenant_id is None else q(r.tenant_id),
-            "-" if r.user_id is None else q(r.user_id),
-            "-" if r.agent_id is None else q(r.agent_id),
-            "-" if r.source is None else q(r.source),
-            "-" if r.caller_type is None else q(r.caller_type),
-            "-" if r.user_agent is None else q(r.user_agent),
-            r.id,
-            "-" if r.trace_id is None else q(r.trace_id),
-        )
-    return _TEXT_CALL % (
-        _iso(r.created_at), _bare(r.client_ip), request, r.status_code, r.latency_ms,
-        "-" if r.request_size_bytes is None else r.request_size_bytes,
-        "-" if r.response_size_bytes is None else r.response_size_bytes,
+    head = (_iso(r.created_at), _bare(r.client_ip), request, r.status_code, r.latency_ms)
+    tail = (
         _bare(r.route),
         "-" if r.tenant_id is None else q(r.tenant_id),
         "-" if r.user_id is None else q(r.user_id),
@@ -204,6 +185,17 @@ def text_line(r: CallRecord) -> str:
         r.id,
         "-" if r.trace_id is None else q(r.trace_id),
     )
+    if r.is_stream:
+        first = r.first_event_ms
+        return _TEXT_STREAM % (head + (
+            "-" if first is None else "%.3fms" % first,
+            "-" if r.event_count is None else r.event_count,
+            r.end_reason or "-",
+        ) + tail)
+    return _TEXT_CALL % (head + (
+        "-" if r.request_size_bytes is None else r.request_size_bytes,
+        "-" if r.response_size_bytes is None else r.response_size_bytes,
+    ) + tail)
 
 
 def line_format(name: str) -> LineFormat:
