@@ -175,6 +175,29 @@ def twistd_ini(
     )
 
 
+class TwistdLog:
+    """
+    For tests of a twistd gateway in C{self.gateway} (from
+    L{tests.integration.upstreams.start_process}): its log, and waiting on a
+    condition with the log's tail in the failure.
+    """
+
+    gateway: Any
+
+    def log(self) -> str:
+        """What the gateway has logged so far."""
+        with open(self.gateway.log_path) as f:
+            return f.read()
+
+    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+        """Poll C{condition} until true; fail (naming C{what}) after C{timeout} seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}; log:\n{self.log()[-3000:]}")  # type: ignore[attr-defined]
+            time.sleep(0.05)
+
+
 class Tracking:
     """Factory mixin: knows its open connections, can close them all."""
 

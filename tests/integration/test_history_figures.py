@@ -27,7 +27,7 @@ from aura_proxy.history.schema import COLUMNS, load_migrations, to_row
 from tests.history_helpers import make_stream_record
 from tests.integration.test_history_gateway import TWISTD, GatewayHistory, wait_for
 from tests.integration.test_history_gateway import gateway_config as history_gateway_config
-from tests.integration.upstreams import free_port, start_fastapi_upstream, start_process
+from tests.integration.upstreams import free_port, start_process
 
 
 def gateway_config(listen: int, admin: int, upstream: int, dsn: str, table: str, spool: str) -> str:
@@ -103,13 +103,7 @@ class StreamFiguresTests(GatewayHistory, SynchronousTestCase):
     """Streams and refusals through a twistd gateway, rows read from its SQLite file."""
 
     def setUp(self) -> None:
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.db = os.path.join(self.workdir, "history.db")
-        self.dsn = "sqlite:///" + self.db
-        self.table = "sys_api_call_histories"
-        self.spool = os.path.join(self.workdir, "spool")
-        self.upstream = start_fastapi_upstream(self)
+        self.use_sqlite()
 
     def start(self) -> int:
         """A twistd gateway with L{gateway_config}; stopped at cleanup."""

@@ -83,6 +83,16 @@ class GatewayHistory:
         )
         return process, listen
 
+    def use_sqlite(self: Any) -> None:
+        """A work directory with the history in its SQLite file and its spool, and a FastAPI upstream."""
+        self.workdir = os.path.abspath(self.mktemp())
+        os.makedirs(self.workdir)
+        self.db = os.path.join(self.workdir, "history.db")
+        self.dsn = "sqlite:///" + self.db
+        self.table = "sys_api_call_histories"
+        self.spool = os.path.join(self.workdir, "spool")
+        self.upstream = start_fastapi_upstream(self)
+
     def stop_gateway(self, process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=20)
@@ -92,13 +102,7 @@ class SqliteHistoryTests(GatewayHistory, SynchronousTestCase):
     """The default backend: an SQLite file next to the gateway."""
 
     def setUp(self) -> None:
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.db = os.path.join(self.workdir, "history.db")
-        self.dsn = "sqlite:///" + self.db
-        self.table = "sys_api_call_histories"
-        self.spool = os.path.join(self.workdir, "spool")
-        self.upstream = start_fastapi_upstream(self)
+        self.use_sqlite()
 
     def rows(self) -> list[sqlite3.Row]:
         conn = sqlite3.connect(self.db)

@@ -14,11 +14,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
 
 from twisted.trial.unittest import TestCase
 
-from tests.integration.gateway import twistd_ini
+from tests.integration.gateway import TwistdLog, twistd_ini
 from tests.integration.sse_threads import SseClient, request
 from tests.integration.test_limits_redis import closed_port
 from tests.integration.test_workers import Freezer
@@ -29,7 +28,7 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 ENDLESS = "/api/aura/endless?interval=0.1"
 
 
-class LimitsBase(TestCase):
+class LimitsBase(TwistdLog, TestCase):
     """One twistd gateway per test with max_streams_per_tenant = 2."""
 
     timeout = 90
@@ -61,16 +60,6 @@ class LimitsBase(TestCase):
             self.wait_for(lambda: sum(w["alive"] for w in get_json(
                 f"http://127.0.0.1:{self.admin}/healthz")["workers"]) == self.workers, "the workers up")
         self.tenant = f"tenant-{uuid.uuid4().hex[:8]}"
-
-    def log(self) -> str:
-        return Path(self.gateway.log_path).read_text()  # type: ignore[attr-defined]
-
-    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}; log:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
 
     def stream(self) -> SseClient:
         """A stream of the test's tenant, started; once its head has come."""

@@ -11,13 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.trial.unittest import TestCase
 
-from tests.integration.gateway import twistd_ini
+from tests.integration.gateway import TwistdLog, twistd_ini
 from tests.integration.sse_threads import SseClient, post_json, request
 from tests.integration.upstreams import free_port, start_fastapi_upstream, start_process
 
@@ -31,7 +30,7 @@ EVENTS, INTERVAL = 80, 0.05
 NEW_ROUTE = "[route:new]\npath = /api/new/**\nupstream = http://127.0.0.1:{upstream}/api/aura\nstrip_prefix = 2\n\n"
 
 
-class ReloadBase(TestCase):
+class ReloadBase(TwistdLog, TestCase):
     """One twistd gateway per test, with a pid file."""
 
     timeout = 120
@@ -64,16 +63,6 @@ class ReloadBase(TestCase):
         gateway = "drain_timeout = 0\n" + (f"workers = {self.workers}\n" if self.workers > 1 else "")
         return twistd_ini(self.listen, self.admin, self.upstream, gateway=gateway,
                           sections=extra + self.sections())
-
-    def log(self) -> str:
-        return Path(self.gateway.log_path).read_text()  # type: ignore[attr-defined]
-
-    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}; log:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
 
     def status(self, path: str) -> int:
         return request(self.listen, "GET", path, {"X-Tenant-ID": "t1"})[0]
