@@ -102,35 +102,14 @@ def json_line(r: CallRecord) -> str:
     C{request_id}), every key always present (null when not set).
     """
     q = _quote
-    if r.is_stream:
-        first = r.first_event_ms
-        return _JSON_STREAM % (
-            _iso(r.created_at), r.id,
-            "null" if r.trace_id is None else q(r.trace_id),
-            "null" if r.client_ip is None else q(r.client_ip),
-            q(r.method), q(r.path),
-            "null" if r.route is None else q(r.route),
-            r.status_code, r.latency_ms,
-            "null" if first is None else "%.3f" % first,
-            "null" if r.event_count is None else r.event_count,
-            "null" if r.end_reason is None else q(r.end_reason),
-            "null" if r.tenant_id is None else q(r.tenant_id),
-            "null" if r.user_id is None else q(r.user_id),
-            "null" if r.agent_id is None else q(r.agent_id),
-            "null" if r.source is None else q(r.source),
-            "null" if r.caller_type is None else q(r.caller_type),
-            "null" if r.user_agent is None else q(r.user_agent),
-        )
-    return _JSON_CALL % (
+    head = (
         _iso(r.created_at), r.id,
         "null" if r.trace_id is None else q(r.trace_id),
         "null" if r.client_ip is None else q(r.client_ip),
         q(r.method), q(r.path),
-        "null" if r.query_string is None else q(r.query_string),
-        "null" if r.route is None else q(r.route),
-        r.status_code, r.latency_ms,
-        "null" if r.request_size_bytes is None else r.request_size_bytes,
-        "null" if r.response_size_bytes is None else r.response_size_bytes,
+    )
+    route = "null" if r.route is None else q(r.route)
+    tail = (
         "null" if r.tenant_id is None else q(r.tenant_id),
         "null" if r.user_id is None else q(r.user_id),
         "null" if r.agent_id is None else q(r.agent_id),
@@ -138,6 +117,20 @@ def json_line(r: CallRecord) -> str:
         "null" if r.caller_type is None else q(r.caller_type),
         "null" if r.user_agent is None else q(r.user_agent),
     )
+    if r.is_stream:
+        first = r.first_event_ms
+        return _JSON_STREAM % (head + (
+            route, r.status_code, r.latency_ms,
+            "null" if first is None else "%.3f" % first,
+            "null" if r.event_count is None else r.event_count,
+            "null" if r.end_reason is None else q(r.end_reason),
+        ) + tail)
+    return _JSON_CALL % (head + (
+        "null" if r.query_string is None else q(r.query_string),
+        route, r.status_code, r.latency_ms,
+        "null" if r.request_size_bytes is None else r.request_size_bytes,
+        "null" if r.response_size_bytes is None else r.response_size_bytes,
+    ) + tail)
 
 
 #: What may stand unquoted in a text line (an IP address, a route name).
